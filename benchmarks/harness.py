@@ -1,0 +1,299 @@
+"""Shared benchmark harness: every bench_<op>.py builds on it.
+
+How a benchmark script uses it::
+
+    from harness import Case, main
+
+    def build_cases(args):            # args: the parsed argparse namespace
+        def make_naive():
+            ...build inputs on args.device...
+            def step():               # one forward+backward (or whatever is timed)
+                ...
+            return step, leaves       # leaves: tensors whose .grad the step fills (may be [])
+        return [Case("naive", make_naive, flops=6 * N * V * d, notes="...")]
+
+    if __name__ == "__main__":
+        main(build_cases, description="...", add_args=lambda p: p.add_argument("--N", type=int, default=2048))
+
+``main`` adds the common flags (``--device``, ``--dtype``, ``--iters``, ``--warmup``, ``--json``, ``--md``,
+``--cases``) and runs every case side by side in one run:
+
+* time: median over ``--iters`` timed steps after ``--warmup`` untimed ones, with device synchronisation;
+* peak extra memory, beyond the inputs and their gradients:
+  - CUDA: ``torch.cuda.max_memory_allocated`` during a step minus what was allocated before it
+    (gradients already exist from the warm-up step, so they are part of the baseline);
+  - CPU: each case runs in its own subprocess with glibc told to ``mmap`` every large block
+    (``MALLOC_MMAP_THRESHOLD_``) so freed memory leaves the resident set; the peak resident set of one
+    step (``VmHWM`` after resetting it through ``/proc/self/clear_refs``) minus the resident set before it;
+* fraction of the floor: the case's FLOPs over the GEMM rate measured in the same run on the same
+  device and dtype (``gemm_rate``), divided by the measured time.
+
+Results print as a markdown table (last, so a truncated log still ends with it) and, with ``--json``,
+are written atomically together with the machine description.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+_MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    make: Callable  # () -> (step, leaves)
+    flops: Optional[float] = None
+    notes: str = ""
+
+
+def sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def gemm_rate(device: str, dtype: torch.dtype, m: int = 2048, n: int = 2048, k: int = 2048, iters: int = 5) -> float:
+    """FLOP/s of one [m,k]x[k,n] product measured now (random data, median of ``iters``)."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    if str(device).startswith("cuda"):
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(iters):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            a @ b
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+    else:
+        a @ b
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+    return 2.0 * m * n * k / statistics.median(times)
+
+
+def _zero_grads(leaves) -> None:
+    for t in leaves:
+        if t.grad is not None:
+            t.grad.zero_()
+
+
+def measure_case(case: Case, device: str, warmup: int, iters: int) -> dict:
+    """Run one case in this process; returns time (s) and peak extra memory (bytes)."""
+    gc.collect()
+    step, leaves = case.make()
+    is_cuda = str(device).startswith("cuda")
+    for _ in range(max(1, warmup)):  # at least one: gradients then exist before the memory baseline
+        step()
+        _zero_grads(leaves)
+    sync(device)
+    gc.collect()
+    if is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        sync(device)
+        peak_extra = torch.cuda.max_memory_allocated() - base
+    else:
+        ok = _reset_peak_rss()
+        base = _rss_bytes("VmRSS")
+        step()
+        peak_extra = (_rss_bytes("VmHWM") - base) if ok else float("nan")
+    _zero_grads(leaves)
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        _zero_grads(leaves)
+    return {"time_s": statistics.median(times), "times_s": times, "peak_extra_bytes": peak_extra}
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        pass
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def atomic_write(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fmt_bytes(b) -> str:
+    if b is None or b != b:
+        return "n/a"
+    return f"{b / 2**20:,.1f} MiB"
+
+
+def markdown_table(rows: List[dict], baseline: Optional[str] = None) -> str:
+    base = next((r for r in rows if r["case"] == baseline and "time_s" in r), None)
+    head = "| case | fwd+bwd time | vs " + (baseline or "-") + " | peak extra memory | vs " + (baseline or "-") + " | % of GEMM floor | notes |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | error | | | | | {r['error'][:120]} |")
+            continue
+        t = r["time_s"]
+        rel_t = f"{t / base['time_s']:.2f}x" if base else ""
+        mem = r["peak_extra_bytes"]
+        rel_m = f"{100 * mem / base['peak_extra_bytes']:.1f}%" if base and base["peak_extra_bytes"] else ""
+        floor = f"{100 * r['floor_fraction']:.0f}%" if r.get("floor_fraction") else ""
+        lines.append(f"| {r['case']} | {t * 1e3:,.1f} ms | {rel_t} | {fmt_bytes(mem)} | {rel_m} | {floor} | {r.get('notes', '')} |")
+    return "\n".join(lines)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def main(build_cases: Callable, description: str = "", add_args: Optional[Callable] = None, baseline: str = "naive",
+         gemm_shape: Optional[Callable] = None) -> List[dict]:
+    """Parse the common flags, run every case side by side, print and optionally save the table.
+
+    ``gemm_shape(args) -> (m, n, k)`` picks the shape at which the GEMM rate is measured (default 2048³).
+    """
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--json", default=None, help="write results + machine info here (atomic)")
+    p.add_argument("--md", default=None, help="write the markdown table here (atomic)")
+    p.add_argument("--cases", default=None, help="comma-separated subset of case names")
+    p.add_argument("--no-isolate", action="store_true", help="CPU: run cases in this process (memory numbers then unreliable)")
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    if add_args is not None:
+        add_args(p)
+    args = p.parse_args()
+    if args.dtype is None:
+        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
+    args.torch_dtype = _dtype(args.dtype)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    cases = build_cases(args)
+    if args.cases:
+        keep = set(args.cases.split(","))
+        cases = [c for c in cases if c.name in keep]
+
+    if args._child is not None:  # child mode: one case, one JSON line on stdout
+        case = next(c for c in cases if c.name == args._child)
+        try:
+            res = measure_case(case, args.device, args.warmup, args.iters)
+        except Exception as exc:  # reported in the table, never hidden
+            res = {"error": f"{type(exc).__name__}: {exc}"}
+        print("@@RESULT@@" + json.dumps(res))
+        return []
+
+    isolate = args.device == "cpu" and not args.no_isolate
+    m, n, k = gemm_shape(args) if gemm_shape else (2048, 2048, 2048)
+    rate = gemm_rate(args.device, args.torch_dtype, m, n, k)
+    rows = []
+    for case in cases:
+        print(f"[bench] {case.name} ...", file=sys.stderr, flush=True)
+        if isolate:
+            argv = [sys.executable] + sys.argv + ["--_child", case.name]
+            env = dict(os.environ, **_MMAP_ENV)
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")), None)
+            if line is None:
+                res = {"error": f"child exited {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+            else:
+                res = json.loads(line[len("@@RESULT@@"):])
+        else:
+            try:
+                res = measure_case(case, args.device, args.warmup, args.iters)
+            except Exception as exc:
+                res = {"error": f"{type(exc).__name__}: {exc}"}
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        res["case"] = case.name
+        res["notes"] = case.notes
+        if case.flops and "time_s" in res:
+            res["flops"] = case.flops
+            res["floor_fraction"] = case.flops / rate / res["time_s"]
+        rows.append(res)
+        print(f"[bench] {case.name}: {res.get('time_s', res.get('error'))}", file=sys.stderr, flush=True)
+
+    info = machine_info(args.device)
+    info["gemm_rate_flops"] = rate
+    info["gemm_shape"] = [m, n, k]
+    info["command"] = " ".join([os.path.basename(sys.executable)] + sys.argv)
+    table = markdown_table(rows, baseline)
+    header = (f"{description}\n\nmachine: {info.get('gpu', info['cpu'])}, {info['threads']} threads, torch {info['torch']}"
+              f"{', triton ' + info['triton'] if 'triton' in info else ''}; date: {info['date']}; "
+              f"GEMM rate measured in this run ({args.dtype}, {m}x{n}x{k}): {rate / 1e12:.3f} TFLOP/s\n"
+              f"command: `{info['command']}`\n")
+    print(header)
+    print(table)
+    if args.json:
+        atomic_write(args.json, json.dumps({"machine": info, "args": {k_: v for k_, v in vars(args).items() if k_ != "torch_dtype"},
+                                            "rows": rows}, indent=2, default=str))
+    if args.md:
+        atomic_write(args.md, header + "\n" + table + "\n")
+    return rows

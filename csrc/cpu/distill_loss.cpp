@@ -1,0 +1,387 @@
+// CPU kernels of the core op fused_distill_loss: the two vocabulary-wide passes of the `cpu` backend.
+//
+// Math (see docs/ARCHITECTURE.md, "The core op").  For a row chunk h [c, d] of hidden states and the
+// lm_head weight W [V, d] (bias b [V] optional):
+//
+//   l      = h Wᵀ + b                       raw logits, fp32 [c, V]   (the one chunk buffer)
+//   lse_T  = log Σ_v exp(l_v / T)           per row, fp32 [c]
+//   lse_1  = log Σ_v exp(l_v)               per row, only when the CE term needs it (ce_weight > 0)
+//
+//   g      = s_q · exp(l/T − lse_T) + s_1 · exp(l − lse_1)        (= dLoss/dl minus the sparse part)
+//   dH     = g W                  [c, d]    returned
+//   dW    += gᵀ h                 [V, d]    accumulated into the caller's fp32 buffer
+//   db    += Σ_rows g             [V]       accumulated into the caller's fp32 buffer
+//
+// How it is computed:
+// * The GEMMs are ATen's (MKL sgemm on this build) in fp32; bf16/fp16 inputs are upcast first (the
+//   caller may hand an fp32 copy of W so the upcast is done once per step, not once per chunk).
+// * distill_logits_lse: one GEMM into the buffer, then ONE pass per row (OpenMP over rows) that adds
+//   the bias and produces both log-sum-exps.  The row is walked in L1-sized blocks: block max first,
+//   then both exponential sums of the block (block-wise online log-sum-exp: a new running max rescales
+//   the running sums once per block, so each element costs exactly one exp per sum and the row is read
+//   from memory once).  Per-block sums are fp32, the running sums across blocks are double.
+//   With z = l·(1/T): lse_T = m_T + log Σ exp(fma(l, 1/T, −m_T)), m_T = max(l)·(1/T) — the same fused
+//   form the gradient pass uses, so Σ_v exp(l_v/T − lse_T) = 1 up to rounding.  T = 1 needs one sum.
+// * distill_dense_grad: one pass per row forms g in place (one or two exps per element; one when T = 1
+//   and lse_1 == lse_T) and adds the row into a per-thread column-sum buffer for db; then the two
+//   gradient GEMMs read g from the same buffer (dW += gᵀ h with the transpose folded into the GEMM).
+// * exp: std::exp does not vectorize without -ffast-math, so fast_expf below is a branch-free
+//   polynomial exp the compiler vectorizes inside `#pragma omp simd` loops (AVX2: 8 lanes).
+//     x = k·ln2 + r, k = round(x·log2 e), |r| ≤ ln2/2 (Cody–Waite split of ln2 into hi + lo, FMA);
+//     exp(r) by its degree-7 Taylor polynomial (truncation ≤ r⁸/8! ≈ 5e-9 relative, far below
+//     ½ ulp = 6e-8), Horner with FMA;  2^k built from exponent bits as 2^(k>>1) · 2^(k−(k>>1)) so
+//     results down to the subnormal range are formed with a single final rounding.
+//     Inputs are clamped to [−104, 88.8]: below −104 the true result rounds to 0 (−inf → 0, never
+//     NaN); above, 2^k overflows to +inf as it should.  NaN propagates.  Measured error ≤ 2 ulp
+//     (tests/test_cpu_distill_kernels.py checks it against float64 exp through _vexp).
+#include "common.h"
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace distill_engine {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Block of a row processed at once by the log-sum-exp pass: 8 KB, stays in L1 between its two sweeps.
+constexpr int64_t kLseBlock = 2048;
+// Below this many elements a pass runs on one thread (thread start-up would dominate).
+constexpr int64_t kParallelGrain = 1 << 15;
+
+inline __attribute__((always_inline)) float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline __attribute__((always_inline)) uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// Branch-free exp(x) for fp32, vectorizable when inlined into an `omp simd` loop (math at file top).
+inline __attribute__((always_inline)) float fast_expf(float x) {
+  constexpr float kLo = -104.0f;  // exp(-104) = 6.8e-46 < half the smallest subnormal: rounds to 0
+  constexpr float kHi = 88.8f;    // > log(FLT_MAX) = 88.7228: the result overflows to +inf
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693145751953125f;     // ln2 with trailing zero bits: k·kLn2Hi is exact
+  constexpr float kLn2Lo = 1.42860682030941723e-6f;  // ln2 − kLn2Hi
+  // 1.5·2^23: adding it rounds a float of magnitude < 2^22 to an integer held in the low mantissa bits.
+  constexpr float kShifter = 12582912.0f;
+  x = x < kLo ? kLo : x;  // written so that NaN passes through both clamps
+  x = x > kHi ? kHi : x;
+  const float t = std::fma(x, kLog2e, kShifter);
+  const float kf = t - kShifter;  // k = round(x·log2 e), as a float
+  float r = std::fma(kf, -kLn2Hi, x);
+  r = std::fma(kf, -kLn2Lo, r);
+  // exp(r) = Σ_{i≤7} r^i / i!
+  float p = 1.0f / 5040.0f;
+  p = std::fma(p, r, 1.0f / 720.0f);
+  p = std::fma(p, r, 1.0f / 120.0f);
+  p = std::fma(p, r, 1.0f / 24.0f);
+  p = std::fma(p, r, 1.0f / 6.0f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.0f);
+  p = std::fma(p, r, 1.0f);
+  // k from the bits of t (no float→int conversion, so a NaN input is no undefined behaviour).
+  const int32_t k = static_cast<int32_t>(float_to_bits(t) - float_to_bits(kShifter));
+  const int32_t k1 = k >> 1;
+  const int32_t k2 = k - k1;
+  const float s1 = bits_to_float(static_cast<uint32_t>(k1 + 127) << 23);
+  const float s2 = bits_to_float(static_cast<uint32_t>(k2 + 127) << 23);
+  return (p * s1) * s2;
+}
+
+inline int num_threads_for(int64_t work) { return work >= kParallelGrain ? at::get_num_threads() : 1; }
+
+// Adds bias to row l [V] in place and computes its log-sum-exps (block-wise online; see file top).
+// out_1 is written only when need1.
+void row_logsumexp(float* __restrict l, const float* __restrict bias, int64_t V, float inv_t, bool t_is_one,
+                   bool need1, float* out_t, float* out_1) {
+  float m = kNegInf;       // running max of l
+  float m_t = kNegInf;     // m · inv_t, the shift of the T-sum
+  double sum_t = 0.0;      // Σ exp(l·inv_t − m_t)
+  double sum_1 = 0.0;      // Σ exp(l − m)
+  const bool two_sums = need1 && !t_is_one;
+  for (int64_t v0 = 0; v0 < V; v0 += kLseBlock) {
+    const int64_t n = std::min(kLseBlock, V - v0);
+    float* __restrict x = l + v0;
+    float bm = kNegInf;
+    if (bias != nullptr) {
+      const float* __restrict b = bias + v0;
+#pragma omp simd reduction(max : bm)
+      for (int64_t i = 0; i < n; ++i) {
+        const float y = x[i] + b[i];
+        x[i] = y;
+        bm = y > bm ? y : bm;
+      }
+    } else {
+#pragma omp simd reduction(max : bm)
+      for (int64_t i = 0; i < n; ++i) bm = x[i] > bm ? x[i] : bm;
+    }
+    if (bm > m) {
+      const float new_m_t = bm * inv_t;
+      if (m != kNegInf) {  // rescale the running sums to the new shift
+        sum_t *= std::exp(static_cast<double>(m_t) - static_cast<double>(new_m_t));
+        sum_1 *= std::exp(static_cast<double>(m) - static_cast<double>(bm));
+      }
+      m = bm;
+      m_t = new_m_t;
+    }
+    if (m == kNegInf) continue;  // every logit so far is -inf: nothing to add
+    const float neg_m_t = -m_t;
+    if (two_sums) {
+      const float neg_m = -m;
+      float a_t = 0.0f, a_1 = 0.0f;
+#pragma omp simd reduction(+ : a_t, a_1)
+      for (int64_t i = 0; i < n; ++i) {
+        a_t += fast_expf(std::fma(x[i], inv_t, neg_m_t));
+        a_1 += fast_expf(x[i] + neg_m);
+      }
+      sum_t += a_t;
+      sum_1 += a_1;
+    } else {
+      float a_t = 0.0f;
+#pragma omp simd reduction(+ : a_t)
+      for (int64_t i = 0; i < n; ++i) a_t += fast_expf(std::fma(x[i], inv_t, neg_m_t));
+      sum_t += a_t;
+    }
+  }
+  if (std::isinf(m)) {  // all -inf (or empty row): -inf;  a +inf logit: +inf
+    *out_t = m;
+    if (need1) *out_1 = m;
+    return;
+  }
+  *out_t = static_cast<float>(static_cast<double>(m_t) + std::log(sum_t));
+  if (need1) *out_1 = t_is_one ? *out_t : static_cast<float>(static_cast<double>(m) + std::log(sum_1));
+}
+
+void check_float_input(const at::Tensor& t, const char* name) {
+  DE_CHECK_CPU(t);
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
+              " must be float32, bfloat16 or float16, got ", dt);
+}
+
+void check_f32_vec(const at::Tensor& t, const char* name, int64_t n) {
+  DE_CHECK_CPU_INPUT(t);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must have shape [", n, "], got ", t.sizes());
+}
+
+// fp32 contiguous view of a float tensor (a copy only when needed).
+at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+void check_temperature(double temperature) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, "temperature must be a finite positive number, got ",
+              temperature);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// distill_logits_lse(h [c,d], weight [V,d], bias [V]?, T, need_lse1) -> (buf [c,V], lse_T [c], lse_1 [c] | [0])
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_logits_lse(const at::Tensor& h, const at::Tensor& weight,
+                                                                   const c10::optional<at::Tensor>& bias,
+                                                                   double temperature, bool need_lse1) {
+  at::NoGradGuard no_grad;
+  check_float_input(h, "h");
+  check_float_input(weight, "weight");
+  DE_CHECK_DIM(h, 2);
+  DE_CHECK_DIM(weight, 2);
+  TORCH_CHECK(h.size(1) == weight.size(1), "h [c, d] and weight [V, d] must share d, got ", h.sizes(), " and ",
+              weight.sizes());
+  check_temperature(temperature);
+  const int64_t c = h.size(0);
+  const int64_t V = weight.size(0);
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    check_float_input(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, "bias must have shape [", V, "], got ", bias->sizes());
+    bias_f = as_f32(*bias);
+  }
+  const auto f32 = h.options().dtype(at::kFloat);
+  at::Tensor buf = at::empty({c, V}, f32);
+  at::Tensor lse_t = at::empty({c}, f32);
+  at::Tensor lse_1 = at::empty({need_lse1 ? c : 0}, f32);
+  if (c == 0) return {buf, lse_t, lse_1};
+  // [c, V] = [c, d] @ [d, V]; the transpose is folded into the sgemm call, no copy of W.
+  at::mm_out(buf, as_f32(h), as_f32(weight).t());
+
+  float* pbuf = buf.data_ptr<float>();
+  const float* pb = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  float* plt = lse_t.data_ptr<float>();
+  float* pl1 = need_lse1 ? lse_1.data_ptr<float>() : nullptr;
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const bool t_is_one = temperature == 1.0;
+#pragma omp parallel for schedule(static) num_threads(num_threads_for(c* V))
+  for (int64_t r = 0; r < c; ++r) {
+    row_logsumexp(pbuf + r * V, pb, V, inv_t, t_is_one, need_lse1, plt + r, need_lse1 ? pl1 + r : nullptr);
+  }
+  return {buf, lse_t, lse_1};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// distill_dense_grad: g in place in buf, dW_acc += gᵀ h, db_acc += Σ_rows g; returns dH = g W [c, d] fp32.
+at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Tensor& weight, double temperature,
+                              const at::Tensor& lse_t, const c10::optional<at::Tensor>& lse_1,
+                              const at::Tensor& s_q, const c10::optional<at::Tensor>& s_1, at::Tensor& dW_acc,
+                              const c10::optional<at::Tensor>& db_acc) {
+  at::NoGradGuard no_grad;
+  check_float_input(h, "h");
+  check_float_input(weight, "weight");
+  DE_CHECK_DIM(h, 2);
+  DE_CHECK_DIM(weight, 2);
+  check_temperature(temperature);
+  const int64_t c = h.size(0);
+  const int64_t d = h.size(1);
+  const int64_t V = weight.size(0);
+  TORCH_CHECK(weight.size(1) == d, "h [c, d] and weight [V, d] must share d, got ", h.sizes(), " and ",
+              weight.sizes());
+  DE_CHECK_CPU_INPUT(buf);
+  TORCH_CHECK(buf.scalar_type() == at::kFloat, "buf must be float32, got ", buf.scalar_type());
+  TORCH_CHECK(buf.dim() == 2 && buf.size(0) == c && buf.size(1) == V, "buf must have shape [", c, ", ", V,
+              "], got ", buf.sizes());
+  check_f32_vec(lse_t, "lse_T", c);
+  const bool has_ce = s_1.has_value() && s_1->defined();
+  TORCH_CHECK(!has_ce || (lse_1.has_value() && lse_1->defined()), "s_1 given without lse_1");
+  if (has_ce) check_f32_vec(*lse_1, "lse_1", c);
+  check_float_input(s_q, "s_q");
+  TORCH_CHECK(s_q.dim() == 1 && s_q.size(0) == c, "s_q must have shape [", c, "], got ", s_q.sizes());
+  at::Tensor s_q_f = as_f32(s_q);
+  at::Tensor s_1_f;
+  if (has_ce) {
+    check_float_input(*s_1, "s_1");
+    TORCH_CHECK(s_1->dim() == 1 && s_1->size(0) == c, "s_1 must have shape [", c, "], got ", s_1->sizes());
+    s_1_f = as_f32(*s_1);
+  }
+  DE_CHECK_CPU_INPUT(dW_acc);
+  TORCH_CHECK(dW_acc.scalar_type() == at::kFloat, "dW_acc must be float32, got ", dW_acc.scalar_type());
+  TORCH_CHECK(dW_acc.dim() == 2 && dW_acc.size(0) == V && dW_acc.size(1) == d, "dW_acc must have shape [", V, ", ",
+              d, "], got ", dW_acc.sizes());
+  const bool has_db = db_acc.has_value() && db_acc->defined();
+  if (has_db) check_f32_vec(*db_acc, "db_acc", V);
+
+  const at::Tensor h_f = as_f32(h);
+  const at::Tensor w_f = as_f32(weight);
+  if (c == 0) return at::zeros({0, d}, h.options().dtype(at::kFloat));
+
+  float* pbuf = buf.data_ptr<float>();
+  const float* plt = lse_t.data_ptr<float>();
+  const float* pl1 = has_ce ? lse_1->data_ptr<float>() : nullptr;
+  const float* psq = s_q_f.data_ptr<float>();
+  const float* ps1 = has_ce ? s_1_f.data_ptr<float>() : nullptr;
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const bool t_is_one = temperature == 1.0;
+  const int nt = num_threads_for(c * V);
+  // One column-sum row per thread, reduced into db_acc after the pass (no atomics, no false sharing
+  // beyond the row ends).
+  std::vector<float> col(has_db ? static_cast<size_t>(nt) * V : 0);
+  int used_threads = 1;
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+#pragma omp single
+    used_threads = omp_get_num_threads();
+    float* __restrict acc = has_db ? col.data() + static_cast<size_t>(tid) * V : nullptr;
+    if (acc != nullptr) std::fill(acc, acc + V, 0.0f);  // first touch by the owning thread
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < c; ++r) {
+      float* __restrict g = pbuf + r * V;
+      const float sq = psq[r];
+      const float neg_lt = -plt[r];
+      // T = 1 and equal log-sum-exps: both terms share one exp.
+      const bool fold = has_ce && t_is_one && pl1[r] == plt[r];
+      const float s_fold = fold ? sq + ps1[r] : sq;
+      if (!has_ce || fold) {
+        if (acc != nullptr) {
+#pragma omp simd
+          for (int64_t v = 0; v < V; ++v) {
+            const float y = s_fold * fast_expf(std::fma(g[v], inv_t, neg_lt));
+            g[v] = y;
+            acc[v] += y;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t v = 0; v < V; ++v) g[v] = s_fold * fast_expf(std::fma(g[v], inv_t, neg_lt));
+        }
+      } else {
+        const float s1 = ps1[r];
+        const float neg_l1 = -pl1[r];
+        if (acc != nullptr) {
+#pragma omp simd
+          for (int64_t v = 0; v < V; ++v) {
+            const float x = g[v];
+            const float y = sq * fast_expf(std::fma(x, inv_t, neg_lt)) + s1 * fast_expf(x + neg_l1);
+            g[v] = y;
+            acc[v] += y;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t v = 0; v < V; ++v) {
+            const float x = g[v];
+            g[v] = sq * fast_expf(std::fma(x, inv_t, neg_lt)) + s1 * fast_expf(x + neg_l1);
+          }
+        }
+      }
+    }
+  }
+  if (has_db) {
+    float* pdb = db_acc->data_ptr<float>();
+    const float* pc = col.data();
+    const int nrows = used_threads;
+#pragma omp parallel for simd schedule(static) num_threads(num_threads_for(V * nrows))
+    for (int64_t v = 0; v < V; ++v) {
+      float s = 0.0f;
+      for (int t = 0; t < nrows; ++t) s += pc[static_cast<size_t>(t) * V + v];
+      pdb[v] += s;
+    }
+  }
+  // dW [V, d] += gᵀ [V, c] @ h [c, d];  dH [c, d] = g [c, V] @ W [V, d].
+  dW_acc.addmm_(buf.t(), h_f);
+  return at::mm(buf, w_f);
+}
+
+// _vexp(x) -> fast_expf applied elementwise (fp32); exported only so the tests can check its accuracy.
+at::Tensor vexp(const at::Tensor& x) {
+  DE_CHECK_CPU(x);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
+  at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  const float* px = xc.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t n = xc.numel();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) po[i] = fast_expf(px[i]);
+  return out;
+}
+
+}  // namespace
+
+void register_distill_loss(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("distill_logits_lse", &distill_logits_lse,
+        "distill_logits_lse(h [c,d], weight [V,d], bias [V] | None, temperature, need_lse1) -> "
+        "(buf fp32 [c,V] raw logits h Wᵀ + b, lse_T fp32 [c] = logsumexp(l/T), lse_1 fp32 [c] = logsumexp(l) "
+        "or an empty tensor when need_lse1 is False)",
+        py::arg("h"), py::arg("weight"), py::arg("bias"), py::arg("temperature"), py::arg("need_lse1"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("distill_dense_grad", &distill_dense_grad,
+        "distill_dense_grad(buf, h, weight, temperature, lse_T, lse_1 | None, s_q, s_1 | None, dW_acc, "
+        "db_acc | None) -> dH fp32 [c,d].  Overwrites buf with g = s_q·exp(l/T − lse_T) + s_1·exp(l − lse_1), "
+        "adds gᵀ h to dW_acc and the column sums of g to db_acc.",
+        py::arg("buf"), py::arg("h"), py::arg("weight"), py::arg("temperature"), py::arg("lse_T"),
+        py::arg("lse_1"), py::arg("s_q"), py::arg("s_1"), py::arg("dW_acc"), py::arg("db_acc"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("_vexp", &vexp, "the vectorized polynomial exp used by the kernels, elementwise on fp32 (for tests)",
+        py::arg("x"), py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace distill_engine

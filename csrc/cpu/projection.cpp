@@ -1,0 +1,181 @@
+// CPU kernel of the projection loss (the `cpu` backend of fused_projection_loss).
+//
+// One row chunk per call (ops/projection_loss.py drives the chunks):
+//   buf = h Pᵀ                        ATen GEMM into the chunk's one fp32 [c, d_t] buffer
+//   per row, one fused OpenMP pass:   y = buf + b, the loss reductions, and (when a gradient is wanted)
+//                                     g = s·dL/dy written back into buf in place (no recompute)
+//   dh = g P, dW += gᵀ h, db += Σ g   ATen GEMMs on the same buffer
+//
+// Per row (s = row_scale[n]):
+//   mse:    L = Σ (y − t)² / d_t                       g = s·2(y − t)/d_t
+//   cosine: L = 1 − ⟨y,t⟩/(||y|| ||t||)                 g = s·(cos·y/||y||² − t/(||y|| ||t||))
+//           a row with ||y||² or ||t||² ≤ zero_norm_sq: L = 1, g = 0
+// A non-finite teacher value is detected in the same pass through Σ t·0 (NaN exactly then).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+
+namespace distill_engine {
+namespace {
+
+constexpr int64_t kMse = 0;
+constexpr int64_t kCosine = 1;
+
+// One row of the fused pass. `y` is the GEMM row (bias not yet added); it is overwritten with g
+// when `grad`. Returns the row loss; sets *bad when the teacher row holds a non-finite value.
+template <typename tT, bool HAS_BIAS, bool GRAD>
+inline float row_pass(float* __restrict y, const tT* __restrict t, const float* __restrict b, int64_t d_t,
+                      int64_t kind, float zero_norm_sq, float scale, bool* bad) {
+  if (kind == kMse) {
+    const float coef = 2.0f * scale / static_cast<float>(d_t);
+    float ss = 0.f, chk = 0.f;
+    if (GRAD) {
+#pragma omp simd reduction(+ : ss, chk)
+      for (int64_t j = 0; j < d_t; ++j) {
+        const float tj = static_cast<float>(t[j]);
+        const float r = (HAS_BIAS ? y[j] + b[j] : y[j]) - tj;
+        ss += r * r;
+        chk += tj * 0.f;
+        y[j] = r * coef;
+      }
+    } else {
+#pragma omp simd reduction(+ : ss, chk)
+      for (int64_t j = 0; j < d_t; ++j) {
+        const float tj = static_cast<float>(t[j]);
+        const float r = (HAS_BIAS ? y[j] + b[j] : y[j]) - tj;
+        ss += r * r;
+        chk += tj * 0.f;
+      }
+    }
+    *bad = !(chk == 0.f);
+    return ss / static_cast<float>(d_t);
+  }
+  // cosine: the three dot products first (y keeps its bias from here on when a gradient follows)
+  float dot = 0.f, yy = 0.f, tt = 0.f, chk = 0.f;
+#pragma omp simd reduction(+ : dot, yy, tt, chk)
+  for (int64_t j = 0; j < d_t; ++j) {
+    const float tj = static_cast<float>(t[j]);
+    const float yj = HAS_BIAS ? y[j] + b[j] : y[j];
+    if (HAS_BIAS && GRAD) y[j] = yj;
+    dot += yj * tj;
+    yy += yj * yj;
+    tt += tj * tj;
+    chk += tj * 0.f;
+  }
+  *bad = !(chk == 0.f);
+  const bool zero = !(yy > zero_norm_sq) || !(tt > zero_norm_sq);
+  const float inv_y = zero ? 0.f : 1.0f / std::sqrt(yy);
+  const float inv_t = zero ? 0.f : 1.0f / std::sqrt(tt);
+  const float cos = dot * inv_y * inv_t;
+  if (GRAD) {
+    const float alpha = scale * cos * inv_y * inv_y;
+    const float beta = -scale * inv_y * inv_t;
+#pragma omp simd
+    for (int64_t j = 0; j < d_t; ++j) y[j] = alpha * y[j] + beta * static_cast<float>(t[j]);
+  }
+  return 1.0f - cos;
+}
+
+template <typename tT>
+void fused_pass(at::Tensor& buf, const at::Tensor& t, const c10::optional<at::Tensor>& bias, int64_t kind,
+                float zero_norm_sq, const c10::optional<at::Tensor>& row_scale, at::Tensor& loss,
+                at::Tensor& bad) {
+  const int64_t c = buf.size(0), d_t = buf.size(1);
+  float* yb = buf.data_ptr<float>();
+  const tT* tb = t.data_ptr<tT>();
+  const float* bb = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const float* sb = row_scale.has_value() ? row_scale->data_ptr<float>() : nullptr;
+  float* lb = loss.data_ptr<float>();
+  bool* badb = bad.data_ptr<bool>();
+  const bool grad = sb != nullptr;
+  // A row is ~d_t·12 bytes of traffic; a few rows per task keeps the scheduling cost negligible.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d_t, 1));
+  at::parallel_for(0, c, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const float s = grad ? sb[i] : 0.f;
+      bool row_bad = false;
+      float* y = yb + i * d_t;
+      const tT* tr = tb + i * d_t;
+      if (bb) {
+        lb[i] = grad ? row_pass<tT, true, true>(y, tr, bb, d_t, kind, zero_norm_sq, s, &row_bad)
+                     : row_pass<tT, true, false>(y, tr, bb, d_t, kind, zero_norm_sq, s, &row_bad);
+      } else {
+        lb[i] = grad ? row_pass<tT, false, true>(y, tr, bb, d_t, kind, zero_norm_sq, s, &row_bad)
+                     : row_pass<tT, false, false>(y, tr, bb, d_t, kind, zero_norm_sq, s, &row_bad);
+      }
+      badb[i] = row_bad;
+    }
+  });
+}
+
+// Returns (loss [c] fp32, nonfinite_teacher [c] bool). h [c, d_s] fp32, weight [d_t, d_s] fp32,
+// bias [d_t] fp32, t [c, d_t] fp32/bf16/fp16, row_scale [c] fp32 (absent: forward only).
+// dW_acc [d_t, d_s] and db_acc [d_t] (fp32) accumulate; dh_out [c, d_s] (any float dtype) is written.
+std::tuple<at::Tensor, at::Tensor> projection_chunk(
+    const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& t,
+    int64_t kind, double zero_norm_sq, const c10::optional<at::Tensor>& row_scale,
+    c10::optional<at::Tensor> dW_acc, c10::optional<at::Tensor> db_acc, c10::optional<at::Tensor> dh_out) {
+  DE_CHECK_CPU_INPUT(h);
+  DE_CHECK_CPU_INPUT(weight);
+  DE_CHECK_CPU_INPUT(t);
+  DE_CHECK_DTYPE(h, at::kFloat);
+  DE_CHECK_DTYPE(weight, at::kFloat);
+  DE_CHECK_DIM(h, 2);
+  DE_CHECK_DIM(weight, 2);
+  DE_CHECK_DIM(t, 2);
+  TORCH_CHECK(kind == kMse || kind == kCosine, "kind must be 0 (mse) or 1 (cosine)");
+  const int64_t c = h.size(0), d_t = weight.size(0);
+  TORCH_CHECK(h.size(1) == weight.size(1), "h and weight disagree on d_s");
+  TORCH_CHECK(t.size(0) == c && t.size(1) == d_t, "t must be [c, d_t]");
+  if (bias.has_value()) {
+    DE_CHECK_CPU_INPUT(*bias);
+    DE_CHECK_DTYPE(*bias, at::kFloat);
+    TORCH_CHECK(bias->numel() == d_t, "bias must have d_t entries");
+  }
+  if (row_scale.has_value()) {
+    DE_CHECK_CPU_INPUT(*row_scale);
+    DE_CHECK_DTYPE(*row_scale, at::kFloat);
+    TORCH_CHECK(row_scale->numel() == c, "row_scale must have c entries");
+  }
+  at::Tensor buf = at::mm(h, weight.t());  // [c, d_t] fp32: the chunk's only [c, d_t] buffer
+  at::Tensor loss = at::empty({c}, h.options());
+  at::Tensor bad = at::empty({c}, h.options().dtype(at::kBool));
+  const float zn = static_cast<float>(zero_norm_sq);
+  switch (t.scalar_type()) {
+    case at::kFloat: fused_pass<float>(buf, t, bias, kind, zn, row_scale, loss, bad); break;
+    case at::kBFloat16: fused_pass<c10::BFloat16>(buf, t, bias, kind, zn, row_scale, loss, bad); break;
+    case at::kHalf: fused_pass<c10::Half>(buf, t, bias, kind, zn, row_scale, loss, bad); break;
+    default: TORCH_CHECK(false, "t must be float32, bfloat16 or float16");
+  }
+  if (row_scale.has_value()) {
+    // buf now holds g = s·dL/dy
+    if (dh_out.has_value()) {
+      at::Tensor& dh = *dh_out;
+      TORCH_CHECK(dh.size(0) == c && dh.size(1) == h.size(1), "dh_out must be [c, d_s]");
+      if (dh.scalar_type() == at::kFloat && dh.is_contiguous()) {
+        at::mm_out(dh, buf, weight);
+      } else {
+        dh.copy_(at::mm(buf, weight));
+      }
+    }
+    if (dW_acc.has_value()) dW_acc->addmm_(buf.t(), h);
+    if (db_acc.has_value()) db_acc->add_(buf.sum(0));
+  }
+  return {loss, bad};
+}
+
+}  // namespace
+
+void register_projection(pybind11::module_& m) {
+  m.def("projection_chunk", &projection_chunk,
+        "Fused projection loss of one row chunk: (loss [c], nonfinite_teacher [c]); accumulates the gradients",
+        pybind11::arg("h"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("t"),
+        pybind11::arg("kind"), pybind11::arg("zero_norm_sq"), pybind11::arg("row_scale"),
+        pybind11::arg("dW_acc"), pybind11::arg("db_acc"), pybind11::arg("dh_out"));
+}
+
+}  // namespace distill_engine

@@ -1,0 +1,62 @@
+"""Argument checks shared by every op. Each raises ValueError naming the argument."""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: Optional[int] = None,
+    dtypes: Optional[Iterable[torch.dtype]] = None,
+    shape: Optional[Sequence[Optional[int]]] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Check type, rank, dtype, shape (None = any size on that axis) and device."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if shape is not None:
+        for axis, want in enumerate(shape):
+            if want is not None and t.shape[axis] != want:
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)}, expected size {want} on axis {axis} "
+                    f"(expected shape {tuple('*' if s is None else s for s in shape)})"
+                )
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; move it with .to({str(device)!r})")
+    return t
+
+
+def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; cast one of them")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Non-finite values raise, naming the first offending row."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        row = int(bad.reshape(t.shape[0], -1).any(dim=1).nonzero()[0, 0]) if t.dim() > 0 else 0
+        raise ValueError(f"{name} contains non-finite values (first at row {row})")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

@@ -1,0 +1,223 @@
+"""Exact per-token comparison of a teacher and a student from their final hidden states.
+
+No [N, V] tensor is formed. Rows are taken ``chunk_rows`` at a time and the vocabulary ``vocab_tile``
+columns at a time; the largest buffers alive are three fp32 tiles of [chunk_rows, vocab_tile]
+(teacher logits, student logits, and the teacher's exponentials), each ≤ 16 MB by default.
+
+Math, for one row with teacher logits t and student logits s (both at temperature 1) over V entries,
+lse_t = log Σ_v exp(t_v), lse_s = log Σ_v exp(s_v), p = softmax(t), q = softmax(s):
+
+* forward KL(p‖q) = Σ_v p_v (log p_v − log q_v) = Σ_v p_v (t_v − s_v) − lse_t + lse_s.
+  The expectation E_p[t − s] is accumulated online across vocabulary tiles with the same running
+  maximum m as the teacher's log-sum-exp:  A ← A·e^{m−m'} + Σ_tile e^{t−m'}(t − s),
+  S ← S·e^{m−m'} + Σ_tile e^{t−m'};  E_p[t − s] = A / S.  Exact — no top-k truncation.
+* negative log-likelihood of the label y: lse − logit_y, with logit_y = h·W_y (+ b_y) computed from
+  the gathered row of W (a [chunk, d] product, not a vocabulary pass).
+* top-1 agreement: argmax t == argmax s.  top-5 agreement: argmax t ∈ the student's 5 most probable
+  ids. Both from a running top-k merged tile by tile.
+
+Accumulators are float64; the tile GEMMs run in float32 (bf16/fp16 weights are upcast tile by tile).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .._validate import check_tensor, FLOAT_DTYPES, INDEX_DTYPES
+
+# One fp32 [chunk, tile] buffer per model stays at or below this many elements (16 MB).
+_TILE_ELEMS = 1 << 22
+
+
+@dataclass(frozen=True)
+class TokenMetrics:
+    """Per-row metrics, each a float64 (or bool) tensor of shape [N]."""
+
+    teacher_nll: torch.Tensor  # [N] −log p_teacher(label)
+    student_nll: torch.Tensor  # [N] −log q_student(label)
+    kl: torch.Tensor           # [N] exact KL(teacher ‖ student) over the full vocabulary
+    top1: torch.Tensor         # [N] bool: argmax teacher == argmax student
+    topk: torch.Tensor         # [N] bool: argmax teacher ∈ student's top-`top` ids
+
+
+def _tile_sizes(n: int, v: int, chunk_rows: Optional[int], vocab_tile: Optional[int]):
+    tile = v if vocab_tile is None else max(1, min(int(vocab_tile), v))
+    if vocab_tile is None and v > 32768:
+        tile = 32768
+    rows = max(1, _TILE_ELEMS // tile) if chunk_rows is None else max(1, int(chunk_rows))
+    return min(rows, max(n, 1)), tile
+
+
+def _tile_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], v0: int, v1: int) -> torch.Tensor:
+    # [c, d] @ [d, v1-v0] -> [c, v1-v0] in float32
+    wt = w[v0:v1].to(torch.float32)
+    if b is None:
+        return h @ wt.t()
+    return torch.addmm(b[v0:v1].to(torch.float32), h, wt.t())
+
+
+def _merge_topk(vals: Optional[torch.Tensor], ids: Optional[torch.Tensor], tile: torch.Tensor, v0: int, k: int):
+    kk = min(k, tile.shape[1])
+    tv, ti = torch.topk(tile, kk, dim=1)  # [c, kk]
+    ti = ti + v0
+    if vals is None:
+        return tv, ti
+    cat_v = torch.cat([vals, tv], dim=1)
+    cat_i = torch.cat([ids, ti], dim=1)
+    kk = min(k, cat_v.shape[1])
+    best_v, pos = torch.topk(cat_v, kk, dim=1)
+    return best_v, torch.gather(cat_i, 1, pos)
+
+
+@torch.no_grad()
+def token_metrics(
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_bias: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    top: int = 5,
+    chunk_rows: Optional[int] = None,
+    vocab_tile: Optional[int] = None,
+) -> TokenMetrics:
+    """Exact teacher/student comparison for N rows (see the module docstring for the math).
+
+    teacher_hidden [N, d_t], teacher_weight [V, d_t], student_hidden [N, d_s], student_weight [V, d_s],
+    labels [N] in [0, V) (drop ignored positions before calling).
+    """
+    check_tensor("teacher_hidden", teacher_hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    n = teacher_hidden.shape[0]
+    device = teacher_hidden.device
+    check_tensor("teacher_weight", teacher_weight, ndim=2, dtypes=FLOAT_DTYPES, shape=(None, teacher_hidden.shape[1]), device=device)
+    v = teacher_weight.shape[0]
+    check_tensor("student_hidden", student_hidden, ndim=2, dtypes=FLOAT_DTYPES, shape=(n, None), device=device)
+    check_tensor("student_weight", student_weight, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    if student_weight.shape[0] != v:
+        raise ValueError(
+            f"student_weight has {student_weight.shape[0]} vocabulary rows but teacher_weight has {v}: teacher and "
+            f"student must share one tokenizer and vocabulary to be compared token by token"
+        )
+    check_tensor("student_weight", student_weight, shape=(v, student_hidden.shape[1]))
+    check_tensor("labels", labels, ndim=1, dtypes=INDEX_DTYPES, shape=(n,), device=device)
+    if teacher_bias is not None:
+        check_tensor("teacher_bias", teacher_bias, ndim=1, shape=(v,), device=device)
+    if student_bias is not None:
+        check_tensor("student_bias", student_bias, ndim=1, shape=(v,), device=device)
+    if not isinstance(top, int) or top < 1 or top > v:
+        raise ValueError(f"top must be an int in [1, {v}], got {top!r}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= v):
+        raise ValueError(f"labels must lie in [0, {v}); drop ignored positions before calling token_metrics")
+
+    f64 = torch.float64
+    out_t_nll = torch.empty(n, dtype=f64, device=device)
+    out_s_nll = torch.empty(n, dtype=f64, device=device)
+    out_kl = torch.empty(n, dtype=f64, device=device)
+    out_top1 = torch.empty(n, dtype=torch.bool, device=device)
+    out_topk = torch.empty(n, dtype=torch.bool, device=device)
+    rows, tile = _tile_sizes(n, v, chunk_rows, vocab_tile)
+
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        ht = teacher_hidden[r0:r1].to(torch.float32)  # [c, d_t]
+        hs = student_hidden[r0:r1].to(torch.float32)  # [c, d_s]
+        c = r1 - r0
+        mt = torch.full((c,), -float("inf"), dtype=f64, device=device)  # running max, teacher
+        st = torch.zeros(c, dtype=f64, device=device)                   # Σ e^{t−m}
+        at = torch.zeros(c, dtype=f64, device=device)                   # Σ e^{t−m} (t − s)
+        ms = torch.full((c,), -float("inf"), dtype=f64, device=device)
+        ss = torch.zeros(c, dtype=f64, device=device)
+        t_top_v = t_top_i = s_top_v = s_top_i = None
+        for v0 in range(0, v, tile):
+            v1 = min(v, v0 + tile)
+            zt = _tile_logits(ht, teacher_weight, teacher_bias, v0, v1)  # [c, tile] fp32
+            zs = _tile_logits(hs, student_weight, student_bias, v0, v1)  # [c, tile] fp32
+            t_top_v, t_top_i = _merge_topk(t_top_v, t_top_i, zt, v0, 1)
+            s_top_v, s_top_i = _merge_topk(s_top_v, s_top_i, zs, v0, top)
+
+            new_mt = torch.maximum(mt, zt.max(dim=1).values.to(f64))
+            scale = torch.exp(mt - new_mt)  # e^{-inf} = 0 on the first tile
+            e = torch.exp(zt - new_mt.to(torch.float32)[:, None])  # [c, tile] the third and last buffer
+            st = st * scale + e.sum(dim=1, dtype=f64)
+            zt.sub_(zs).mul_(e)  # zt now holds e^{t−m} (t − s)
+            at = at * scale + zt.sum(dim=1, dtype=f64)
+            mt = new_mt
+            del e, zt
+
+            new_ms = torch.maximum(ms, zs.max(dim=1).values.to(f64))
+            zs.sub_(new_ms.to(torch.float32)[:, None]).exp_()
+            ss = ss * torch.exp(ms - new_ms) + zs.sum(dim=1, dtype=f64)
+            ms = new_ms
+            del zs
+
+        lse_t = mt + torch.log(st)
+        lse_s = ms + torch.log(ss)
+        y = labels[r0:r1].long()
+        # logit of the label: h · W_y (+ b_y), a [c, d] product
+        zt_y = (ht.to(f64) * teacher_weight[y].to(f64)).sum(dim=1)
+        zs_y = (hs.to(f64) * student_weight[y].to(f64)).sum(dim=1)
+        if teacher_bias is not None:
+            zt_y = zt_y + teacher_bias[y].to(f64)
+        if student_bias is not None:
+            zs_y = zs_y + student_bias[y].to(f64)
+        out_t_nll[r0:r1] = lse_t - zt_y
+        out_s_nll[r0:r1] = lse_s - zs_y
+        # KL ≥ 0 mathematically; clamp the float round-off of a near-identical pair.
+        out_kl[r0:r1] = (at / st - lse_t + lse_s).clamp_min(0.0)
+        t_arg = t_top_i[:, 0]
+        out_top1[r0:r1] = s_top_i[:, 0] == t_arg
+        out_topk[r0:r1] = (s_top_i == t_arg[:, None]).any(dim=1)
+    return TokenMetrics(out_t_nll, out_s_nll, out_kl, out_top1, out_topk)
+
+
+@torch.no_grad()
+def objective_kl(
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    *,
+    k: int,
+    teacher_bias: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-row forward KL over the teacher's top-k plus one tail bucket, through the engine's own ops.
+
+    This is what a top-k distillation run optimizes (``de.teacher_targets`` → ``de.fused_distill_loss``
+    with ``tail="bucket"``). Merging the tail into one category can only lose information, so it is a
+    lower bound of the exact KL from :func:`token_metrics` (the log-sum inequality); the gap between the
+    two shows how much of the teacher's distribution the top-k targets leave out. Returns [N] float64.
+    """
+    import distill_engine as de  # the ops sit below eval; imported lazily to keep eval importable alone
+
+    v = teacher_weight.shape[0]
+    if not isinstance(k, int) or k < 1 or k > v:
+        raise ValueError(f"objective_k must be an int in [1, {v}], got {k!r}")
+    targets = de.teacher_targets(teacher_hidden, teacher_weight, k, bias=teacher_bias, backend=backend)
+    dtype = student_weight.dtype
+    kl = de.fused_distill_loss(
+        student_hidden.to(dtype),
+        student_weight,
+        targets.ids,
+        targets.logprobs,
+        bias=student_bias,
+        divergence="forward_kl",
+        tail="bucket",
+        reduction="none",
+        backend=backend,
+    )
+    return kl.detach().to(torch.float64)
+
+
+def engine_ops_available() -> bool:
+    """True when the package exports the two ops :func:`objective_kl` needs."""
+    try:
+        import distill_engine as de
+    except Exception:  # pragma: no cover - the package itself failed to import
+        return False
+    return hasattr(de, "teacher_targets") and hasattr(de, "fused_distill_loss")

@@ -1,0 +1,179 @@
+"""Loading Hugging Face causal LMs for evaluation and generation, with the checks that make a wrong
+input fail loudly: a path that holds no model, and a teacher/student pair with different vocabularies.
+
+Evaluation never asks a model for logits: :func:`final_hidden` runs the model's base (decoder stack plus
+final norm) and returns its last hidden states together with the lm_head weight and bias, which the
+chunked metrics and the engine's ops consume.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+# Config attributes that put a transform between h·Wᵀ and the softmax; the hidden-state path would miss it.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+def _subdirs_with_model(path: str):
+    found = []
+    for name in sorted(os.listdir(path)):
+        sub = os.path.join(path, name)
+        if os.path.isdir(sub) and os.path.isfile(os.path.join(sub, "config.json")):
+            found.append(sub)
+    return found
+
+
+def check_model_dir(path: str, role: str) -> str:
+    """Raise ValueError unless ``path`` is a directory written by ``save_pretrained`` (config + weights)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{role} must be a path to a Hugging Face model directory or a torch.nn.Module, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{role}: {path!r} does not exist; pass a directory written by save_pretrained")
+    if not os.path.isdir(path):
+        raise ValueError(f"{role}: {path!r} is a file, not a model directory; pass the directory that holds config.json and the weights")
+    has_config = os.path.isfile(os.path.join(path, "config.json"))
+    has_weights = any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES)
+    if has_config and has_weights:
+        return path
+    hints = []
+    if os.path.isfile(os.path.join(path, "latest")) or any(n.startswith("global_step") for n in os.listdir(path)):
+        hints.append("it looks like a DeepSpeed checkpoint (training state), not a saved model")
+    subs = _subdirs_with_model(path)
+    if subs:
+        hints.append("model directories inside it: " + ", ".join(repr(s) for s in subs[:5]))
+    missing = "config.json" if not has_config else "model weights (" + " / ".join(WEIGHT_FILES[::2]) + ")"
+    hint = ("; " + "; ".join(hints)) if hints else ""
+    raise ValueError(
+        f"{role}: checkpoint path {path!r} holds no model: {missing} missing{hint}. Pass the directory the "
+        f"trainer's final save_pretrained wrote (or any Hugging Face model directory)"
+    )
+
+
+def has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str, role: str = "tokenizer"):
+    """AutoTokenizer from a local directory, with a pad token (eos when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    if not os.path.isdir(path) or not has_tokenizer(path):
+        raise ValueError(f"{role}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {path!r}; pass --tokenizer DIR")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ValueError(f"{role}: the tokenizer in {path!r} has neither a pad nor an eos token; add a pad token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)} or 'auto', got {dtype!r}")
+    return table[dtype]
+
+
+def load_causal_lm(model, role: str, *, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A path (checked) or an already-built module → a frozen eval-mode model on ``device``."""
+    if isinstance(model, torch.nn.Module):
+        m = model
+    else:
+        from transformers import AutoModelForCausalLM
+
+        path = check_model_dir(model, role)
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    m = m.to(device=device)
+    if not isinstance(model, torch.nn.Module):
+        m = m.to(dtype=dtype)
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    check_logit_path(m, role)
+    return m
+
+
+def check_logit_path(model: torch.nn.Module, role: str) -> None:
+    cfg = getattr(model, "config", None)
+    for attr in _LOGIT_TRANSFORMS:
+        val = getattr(cfg, attr, None)
+        if val not in (None, 1, 1.0, 0, 0.0, False):
+            raise ValueError(
+                f"{role}: config.{attr}={val!r} transforms the logits after the lm_head; evaluation from final "
+                f"hidden states does not model that transform yet"
+            )
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise ValueError(f"{role}: model {type(model).__name__} has no output embedding (lm_head); pass a causal LM")
+    if not hasattr(model, "base_model_prefix") or not hasattr(model, getattr(model, "base_model_prefix", "")):
+        raise ValueError(f"{role}: model {type(model).__name__} exposes no base model to take final hidden states from")
+
+
+def lm_head(model: torch.nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    return int(lm_head(model)[0].shape[0])
+
+
+def check_same_vocab(teacher: torch.nn.Module, student: torch.nn.Module, student_role: str = "student",
+                     teacher_tok_dir: Optional[str] = None, student_tok_dir: Optional[str] = None) -> None:
+    """Refuse a pair whose next-token distributions are not over the same ids."""
+    vt, vs = vocab_size(teacher), vocab_size(student)
+    if vt != vs:
+        raise ValueError(
+            f"teacher and {student_role} have different vocabularies: the teacher's lm_head has {vt} rows, the "
+            f"{student_role}'s {vs}. Distillation and evaluation compare the two next-token distributions id by "
+            f"id, so both must use the same tokenizer (train the {student_role} with the teacher's tokenizer)"
+        )
+    if teacher_tok_dir and student_tok_dir and has_tokenizer(teacher_tok_dir) and has_tokenizer(student_tok_dir):
+        vocab_t = _tokenizer_vocab(teacher_tok_dir)
+        vocab_s = _tokenizer_vocab(student_tok_dir)
+        if vocab_t is not None and vocab_s is not None and vocab_t != vocab_s:
+            diff = sorted(set(vocab_t.items()) ^ set(vocab_s.items()))[:3]
+            raise ValueError(
+                f"teacher and {student_role} tokenizers differ (same size {vt}, but e.g. {diff} are mapped "
+                f"differently); use the teacher's tokenizer for the {student_role}"
+            )
+
+
+def _tokenizer_vocab(path: str):
+    f = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(f):
+        return None
+    with open(f, encoding="utf-8") as fh:
+        data = json.load(fh)
+    vocab = dict((data.get("model") or {}).get("vocab") or {})
+    for tok in data.get("added_tokens") or []:
+        vocab[tok["content"]] = tok["id"]
+    return vocab
+
+
+def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L, d] last hidden states of the base model (after its final norm), no logits."""
+    base = getattr(model, model.base_model_prefix)
+    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def model_source(model) -> str:
+    return os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__

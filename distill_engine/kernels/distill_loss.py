@@ -1,0 +1,594 @@
+"""Triton backend of ``fused_distill_loss``: the two vocabulary-wide passes of a row chunk.
+
+The chunk driver (``ops/distill_loss.py``) calls, per chunk of c rows:
+
+* :func:`logits_lse` -- logits l = h Wᵀ + b (temperature 1), their log-sum-exp at temperature T
+  and (optionally) at temperature 1, and optionally the fp32 [c, V] logits buffer;
+* :func:`dense_grad` -- the dense part of dL/dl, g = s_q·softmax(l/T) + s_1·softmax(l), and from it
+  dH = g W (returned), dW += gᵀ h and db += Σ_rows g (accumulated in fp32).
+
+Kernels:
+
+* ``_logits_lse_kernel`` -- tile GEMM over d with fp32 accumulation + online log-sum-exp over the
+  vocabulary tiles of a row block; grid (row blocks, vocabulary splits); each split writes its
+  running (max, sum) pair and a tiny combine in PyTorch merges the splits. With ``FROM_BUF`` it reads
+  the logits from a buffer that cuBLAS filled instead of computing them (the ``cublas`` logits mode).
+* ``_dense_grad_kernel`` -- elementwise: g from the stored logits, in place in fp32, plus a copy in
+  the input dtype for the tensor-core gradient GEMMs, plus per-row-block column sums for db.
+* ``_recompute_grad_kernel`` -- buffer-free mode: recomputes a logits tile (same tile GEMM as the
+  forward) and writes g for it, so no fp32 [c, V] buffer is ever kept between the passes.
+
+The two gradient GEMMs (dH = g W, dW += gᵀ h) run in cuBLAS through ``torch.mm``/``torch.addmm``
+with fp32 outputs (``out_dtype``) when the installed torch supports it.
+
+Precision: fp32 inputs use IEEE fp32 dots (no TF32) so CPU interpreter tests match a float64
+reference at ~1e-5; bf16/fp16 inputs use tensor-core dots accumulating in fp32.
+
+Environment knobs (read at every call; for benchmarks and debugging):
+
+* ``DISTILL_ENGINE_TRITON_LOGITS=cublas`` -- when the buffer is stored, form it with cuBLAS and run
+  the log-sum-exp kernel over it (``FROM_BUF``) instead of the fused Triton tile GEMM.
+* ``DISTILL_ENGINE_TRITON_AUTOTUNE=0`` -- on CUDA use the first (heuristic) config, no autotuning.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["logits_lse", "dense_grad"]
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr,
+    offs_n, offs_v, D,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+    HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """acc[i, j] = Σ_d h[offs_n[i], d] · W[offs_v[j], d] + b[offs_v[j]]  (fp32 accumulation).
+
+    ``offs_n``/``offs_v`` must already be clamped into range (the callers wrap them with ``%``), so
+    only the d edge needs a mask; out-of-range rows/columns compute harmless duplicates that the
+    callers mask out of every store and reduction.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    # int64 row offsets: c·d and V·d can exceed 2^31 elements.
+    h_ptrs = h_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + offs_d[None, :] * stride_hd   # [BN, BD]
+    w_ptrs = w_ptr + offs_d[:, None] * stride_wd + offs_v.to(tl.int64)[None, :] * stride_wv   # [BD, BV]
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        mask_d = offs_d < D - d0
+        hh = tl.load(h_ptrs, mask=mask_d[None, :], other=0.0)
+        ww = tl.load(w_ptrs, mask=mask_d[:, None], other=0.0)
+        if DOT_IEEE:
+            acc = tl.dot(hh, ww, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(hh, ww, acc)
+        h_ptrs += BLOCK_D * stride_hd
+        w_ptrs += BLOCK_D * stride_wd
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_v * stride_b).to(tl.float32)   # [BV]
+        acc += bias[None, :]
+    return acc
+
+
+@triton.jit
+def _logits_lse_kernel(
+    h_ptr, w_ptr, b_ptr, buf_ptr, part_ptr,
+    C, V, D, v_per_split, inv_t,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_buf,
+    HAS_BIAS: tl.constexpr, STORE: tl.constexpr, FROM_BUF: tl.constexpr,
+    NEED_LSE1: tl.constexpr, DOT_IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Logits and online log-sum-exp of one row block over one vocabulary split.
+
+    Program (i, s) owns rows [i·BLOCK_N, (i+1)·BLOCK_N) and vocabulary columns
+    [s·v_per_split, min((s+1)·v_per_split, V)). For each vocabulary tile it forms the raw logits
+    l = h Wᵀ + b with a tile GEMM over d (or loads them from ``buf`` when ``FROM_BUF``), stores them to
+    ``buf`` when ``STORE``, and updates, per row and per temperature, the running pair (m, s):
+
+        z     = l · inv_t                        (masked columns: z = -inf)
+        m'    = max(m, max_j z_j)
+        s     = s · exp(m - m') + Σ_j exp(z_j - m')
+        m     = m'
+
+    so that at the end logsumexp_split(z) = m + log s. m starts at -inf; every tile holds at least
+    one valid column, so m' is finite from the first tile on and exp(m - m') = exp(-inf) = 0 — no
+    inf - inf anywhere. The pairs go to ``part`` [4, n_split, C] = (m_T, s_T, m_1, s_1); the launcher
+    merges splits: lse = M + log Σ_s s_s · exp(m_s - M), M = max_s m_s.
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)      # [BN]
+    mask_n = offs_n < C
+    offs_n_ld = offs_n % C                                 # clamped rows for unmasked loads
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+
+    m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m_1 = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s_1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)                # [BV]
+        mask_v = offs_v < v_end
+        buf_ptrs = buf_ptr + offs_n.to(tl.int64)[:, None] * stride_buf + offs_v[None, :]
+        if FROM_BUF:
+            acc = tl.load(buf_ptrs, mask=mask_n[:, None] & mask_v[None, :], other=0.0)
+        else:
+            acc = _logits_tile(
+                h_ptr, w_ptr, b_ptr, offs_n_ld, offs_v % V, D,
+                stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+                HAS_BIAS, DOT_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
+            )                                              # [BN, BV] fp32
+            if STORE:
+                tl.store(buf_ptrs, acc, mask=mask_n[:, None] & mask_v[None, :])
+
+        z = tl.where(mask_v[None, :], acc * inv_t, float("-inf"))
+        m_new = tl.maximum(m_t, tl.max(z, axis=1))
+        s_t = s_t * tl.exp(m_t - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_t = m_new
+        if NEED_LSE1:
+            z1 = tl.where(mask_v[None, :], acc, float("-inf"))
+            m1_new = tl.maximum(m_1, tl.max(z1, axis=1))
+            s_1 = s_1 * tl.exp(m_1 - m1_new) + tl.sum(tl.exp(z1 - m1_new[:, None]), axis=1)
+            m_1 = m1_new
+
+    part = part_ptr + pid_s * C + offs_n                   # part[q, s, n] at (q·n_split + s)·C + n
+    plane = n_split * C
+    tl.store(part, m_t, mask=mask_n)
+    tl.store(part + plane, s_t, mask=mask_n)
+    if NEED_LSE1:
+        tl.store(part + 2 * plane, m_1, mask=mask_n)
+        tl.store(part + 3 * plane, s_1, mask=mask_n)
+
+
+@triton.jit
+def _dense_grad_kernel(
+    buf_ptr, glp_ptr, dbp_ptr, lse_t_ptr, lse_1_ptr, sq_ptr, s1_ptr,
+    C, V, inv_t, g_scale, stride_buf, stride_glp,
+    HAS_LSE1: tl.constexpr, WRITE_F32: tl.constexpr, WRITE_LP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Dense gradient with respect to the raw logits, from the stored logits l (elementwise).
+
+        g[n, v] = s_q[n] · exp(l[n, v] · inv_t - lse_T[n])  +  s_1[n] · exp(l[n, v] - lse_1[n])
+
+    i.e. s_q·softmax(l/T) + s_1·softmax(l). The exponents are ≤ ~0 because lse ≥ max (up to fp32
+    rounding), so nothing overflows even for |l| ~ 1e4. Writes g over l in place (fp32) when
+    ``WRITE_F32``, g · g_scale in the input dtype to ``glp`` when ``WRITE_LP`` (the operand of the
+    tensor-core GEMMs; g_scale is a power of two that keeps fp16 from underflowing), and the column
+    sums of this program's row block to ``dbp[pid_r, :]`` for the bias gradient (deterministic:
+    the launcher sums the row blocks).
+    """
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)       # [BR]
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)       # [BC]
+    mask_r = offs_r < C
+    mask_c = offs_c < V
+    mask = mask_r[:, None] & mask_c[None, :]
+    rows = offs_r.to(tl.int64)[:, None]
+
+    l = tl.load(buf_ptr + rows * stride_buf + offs_c[None, :], mask=mask, other=0.0)
+    lse_t = tl.load(lse_t_ptr + offs_r, mask=mask_r, other=0.0)
+    sq = tl.load(sq_ptr + offs_r, mask=mask_r, other=0.0)
+    g = sq[:, None] * tl.exp(l * inv_t - lse_t[:, None])
+    if HAS_LSE1:
+        lse_1 = tl.load(lse_1_ptr + offs_r, mask=mask_r, other=0.0)
+        s1 = tl.load(s1_ptr + offs_r, mask=mask_r, other=0.0)
+        g += s1[:, None] * tl.exp(l - lse_1[:, None])
+    g = tl.where(mask, g, 0.0)
+
+    if WRITE_F32:
+        tl.store(buf_ptr + rows * stride_buf + offs_c[None, :], g, mask=mask)
+    if WRITE_LP:
+        tl.store(glp_ptr + rows * stride_glp + offs_c[None, :],
+                 (g * g_scale).to(glp_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        tl.store(dbp_ptr + pid_r.to(tl.int64) * V + offs_c, tl.sum(g, axis=0), mask=mask_c)
+
+
+@triton.jit
+def _recompute_grad_kernel(
+    h_ptr, w_ptr, b_ptr, g_ptr, dbp_ptr, lse_t_ptr, lse_1_ptr, sq_ptr, s1_ptr,
+    C, V, D, inv_t, g_scale,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_g,
+    HAS_BIAS: tl.constexpr, HAS_LSE1: tl.constexpr, WANT_DB: tl.constexpr, DOT_IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Buffer-free dense gradient: recompute one logits tile, then form g for it.
+
+        l = h Wᵀ + b                     (same tile GEMM as ``_logits_lse_kernel``)
+        g = s_q · exp(l · inv_t - lse_T) + s_1 · exp(l - lse_1)
+
+    writes g · g_scale to ``g`` (input dtype, the operand of the gradient GEMMs) and the column sums
+    of g over this row block to ``dbp[pid_n, :]`` when ``WANT_DB``.
+    """
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < C
+    mask_v = offs_v < V
+    mask = mask_n[:, None] & mask_v[None, :]
+
+    l = _logits_tile(
+        h_ptr, w_ptr, b_ptr, offs_n % C, offs_v % V, D,
+        stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+        HAS_BIAS, DOT_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
+    )                                                      # [BN, BV] fp32
+    lse_t = tl.load(lse_t_ptr + offs_n, mask=mask_n, other=0.0)
+    sq = tl.load(sq_ptr + offs_n, mask=mask_n, other=0.0)
+    g = sq[:, None] * tl.exp(l * inv_t - lse_t[:, None])
+    if HAS_LSE1:
+        lse_1 = tl.load(lse_1_ptr + offs_n, mask=mask_n, other=0.0)
+        s1 = tl.load(s1_ptr + offs_n, mask=mask_n, other=0.0)
+        g += s1[:, None] * tl.exp(l - lse_1[:, None])
+    g = tl.where(mask, g, 0.0)
+    tl.store(g_ptr + offs_n.to(tl.int64)[:, None] * stride_g + offs_v[None, :],
+             (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
+    if WANT_DB:
+        tl.store(dbp_ptr + pid_n.to(tl.int64) * V + offs_v, tl.sum(g, axis=0), mask=mask_v)
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------
+
+# Under the interpreter every program runs in Python: tiny tiles keep the CPU tests fast while still
+# exercising several tiles per axis at the test shapes.
+_INTERP_TILE = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16)
+_INTERP_EW = dict(BLOCK_R=16, BLOCK_C=64)
+# Every vocabulary split is a multiple of this, so any autotuned BLOCK_V (≤ 256) divides it.
+_CUDA_V_UNIT = 256
+
+# Tile GEMM configs (first = the heuristic default). bf16/fp16 run on tensor cores (wgmma on
+# Hopper); fp32 runs IEEE FMA dots, where smaller tiles are enough.
+_CUDA_LP_CONFIGS = [
+    dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4),
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=4),
+    dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=3),
+]
+_CUDA_F32_CONFIGS = [
+    dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
+]
+_CUDA_EW = dict(BLOCK_R=16, BLOCK_C=512, num_warps=8)
+
+
+def _as_triton_configs(cfgs):
+    out = []
+    for c in cfgs:
+        meta = {k: v for k, v in c.items() if k.startswith("BLOCK_")}
+        out.append(triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    return out
+
+
+# Autotuned handles on CUDA (the key excludes C: the last, ragged chunk must not retune).
+_lse_tuned_lp = triton.autotune(
+    _as_triton_configs(_CUDA_LP_CONFIGS), key=["V", "D", "STORE", "FROM_BUF", "NEED_LSE1"]
+)(_logits_lse_kernel)
+_lse_tuned_f32 = triton.autotune(
+    _as_triton_configs(_CUDA_F32_CONFIGS), key=["V", "D", "STORE", "FROM_BUF", "NEED_LSE1"]
+)(_logits_lse_kernel)
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("DISTILL_ENGINE_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _logits_mode() -> str:
+    mode = os.environ.get("DISTILL_ENGINE_TRITON_LOGITS", "triton")
+    if mode not in ("triton", "cublas"):
+        raise ValueError(f"DISTILL_ENGINE_TRITON_LOGITS must be 'triton' or 'cublas', got {mode!r}")
+    return mode
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return
+    raise ValueError(
+        f"the triton backend needs CUDA tensors (got {t.device}); for CPU tensors set TRITON_INTERPRET=1 "
+        "before importing triton, or use backend='cpu' / 'torch'"
+    )
+
+
+def _check_inputs(h, weight, bias):
+    _check_device(h)
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"h [c, d] and weight [V, d] shapes do not match: {tuple(h.shape)} vs {tuple(weight.shape)}")
+    if weight.dtype != h.dtype or (bias is not None and bias.dtype != h.dtype):
+        raise ValueError(f"h, weight and bias must share one dtype, got {h.dtype}, {weight.dtype}, "
+                         f"{None if bias is None else bias.dtype}")
+    if h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"h must be float32, bfloat16 or float16, got {h.dtype}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# fp32-output GEMMs for bf16/fp16 operands
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _out_dtype_gemm_ok(device_str: str) -> bool:
+    """Whether ``torch.mm/addmm(..., out_dtype=torch.float32)`` works (and accumulates in place) here.
+
+    Probed once per device on a small problem: the dtype overloads exist only in recent torch and
+    only for CUDA; when missing we fall back to input-dtype GEMM outputs.
+    """
+    dev = torch.device(device_str)
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randn(48, 32, generator=gen).to(dev, torch.bfloat16)
+        b = torch.randn(32, 40, generator=gen).to(dev, torch.bfloat16)
+        ref = a.float() @ b.float()
+        out = torch.mm(a, b, out_dtype=torch.float32)
+        acc = torch.ones(48, 40, device=dev)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return (
+            out.dtype == torch.float32
+            and torch.allclose(out, ref, rtol=1e-3, atol=1e-3)
+            and torch.allclose(acc, ref + 1, rtol=1e-3, atol=1e-3)
+        )
+    except Exception:  # missing overload / unsupported backend
+        return False
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """fp32 [m, n] = scale · (a @ b) for operands in the input dtype."""
+    if a.dtype == torch.float32:
+        out = torch.mm(a, b)
+    elif a.is_cuda and _out_dtype_gemm_ok(str(a.device)):
+        out = torch.mm(a, b, out_dtype=torch.float32)
+    elif a.is_cuda:
+        out = torch.mm(a, b).float()
+    else:  # CPU (interpreter tests): accumulate the rounded operands in fp32
+        out = torch.mm(a.float(), b.float())
+    if scale != 1.0:
+        out.mul_(scale)
+    return out
+
+
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> None:
+    """acc (fp32) += scale · (a @ b) without an fp32 copy of the operands on CUDA."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b, alpha=scale)
+    elif a.is_cuda and _out_dtype_gemm_ok(str(a.device)):
+        torch.addmm(acc, a, b, alpha=scale, out_dtype=torch.float32, out=acc)
+    elif a.is_cuda:
+        acc.add_(torch.mm(a, b), alpha=scale)
+    else:
+        acc.addmm_(a.float(), b.float(), alpha=scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _combine(part_m: torch.Tensor, part_s: torch.Tensor) -> torch.Tensor:
+    """Merge per-split (max, sum) pairs [n_split, c] into logsumexp [c]."""
+    if part_m.shape[0] == 1:
+        return part_m[0] + torch.log(part_s[0])
+    top = part_m.max(dim=0).values                           # [c]
+    return top + torch.log((part_s * torch.exp(part_m - top)).sum(dim=0))
+
+
+def logits_lse(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    temperature: float,
+    need_lse1: bool,
+    store: bool,
+    *,
+    split: Optional[int] = None,
+) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """Logits and log-sum-exp of one row chunk.
+
+    h [c, d], weight [V, d], bias [V] | None, one dtype (fp32 / bf16 / fp16), CUDA (or CPU under
+    ``TRITON_INTERPRET=1``). Returns ``(buf, lse_T, lse_1)``:
+
+    * buf   -- fp32 [c, V] raw logits l = h Wᵀ + b (temperature 1) when ``store``, else None;
+    * lse_T -- fp32 [c] logsumexp(l / T);
+    * lse_1 -- fp32 [c] logsumexp(l) when ``need_lse1``, else None.
+
+    ``split`` (testing/tuning) forces the number of vocabulary splits; by default the launcher picks
+    enough splits to fill the GPU even when c is small.
+    """
+    _check_inputs(h, weight, bias)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    c, d = h.shape
+    V = weight.shape[0]
+    dev = h.device
+    f32 = torch.float32
+    buf = torch.empty((c, V), device=dev, dtype=f32) if store else None
+    if c == 0:
+        empty = torch.empty((0,), device=dev, dtype=f32)
+        return buf, empty, (empty.clone() if need_lse1 else None)
+
+    inv_t = 1.0 / float(temperature)
+    # At T = 1 the two log-sum-exps coincide: compute one.
+    lse1_in_kernel = need_lse1 and inv_t != 1.0
+    from_buf = store and dev.type == "cuda" and _logits_mode() == "cublas"
+    if from_buf:
+        # cuBLAS forms the whole fp32 buffer; the kernel only reads it for the log-sum-exp.
+        torch.mm(h, weight.t(), out=buf) if h.dtype == f32 else buf.copy_(_mm_f32(h, weight.t()))
+        if bias is not None:
+            buf.add_(bias.float())
+
+    interp = dev.type != "cuda"
+    unit = _INTERP_TILE["BLOCK_V"] if interp else _CUDA_V_UNIT
+    n_units = triton.cdiv(V, unit)
+    if split is None:
+        if interp:
+            split = 1
+        else:
+            # Enough (row block, split) programs to cover the SMs a few times over.
+            row_blocks = triton.cdiv(c, 128)
+            split = triton.cdiv(4 * _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()),
+                                row_blocks)
+    split = max(1, min(int(split), n_units))
+    v_per_split = triton.cdiv(n_units, split) * unit
+    split = triton.cdiv(V, v_per_split)                      # no empty split
+    part = torch.empty((4 if lse1_in_kernel else 2, split, c), device=dev, dtype=f32)
+
+    b_arg = bias if bias is not None else h                  # dummy pointer when HAS_BIAS is False
+    buf_arg = buf if buf is not None else part               # dummy pointer when nothing is stored
+    args = (
+        h, weight, b_arg, buf_arg, part,
+        c, V, d, v_per_split, inv_t,
+        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
+        bias.stride(0) if bias is not None else 0, V,
+    )
+    flags = dict(
+        HAS_BIAS=bias is not None, STORE=store and not from_buf, FROM_BUF=from_buf,
+        NEED_LSE1=lse1_in_kernel, DOT_IEEE=h.dtype == f32,
+    )
+    if interp:
+        _logits_lse_kernel[(triton.cdiv(c, _INTERP_TILE["BLOCK_N"]), split)](*args, **flags, **_INTERP_TILE)
+    else:
+        grid = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), split)  # noqa: E731
+        cfgs = _CUDA_F32_CONFIGS if h.dtype == f32 else _CUDA_LP_CONFIGS
+        if _autotune_enabled():
+            (_lse_tuned_f32 if h.dtype == f32 else _lse_tuned_lp)[grid](*args, **flags)
+        else:
+            _logits_lse_kernel[grid](*args, **flags, **cfgs[0])
+
+    lse_T = _combine(part[0], part[1])
+    if not need_lse1:
+        lse_1 = None
+    elif lse1_in_kernel:
+        lse_1 = _combine(part[2], part[3])
+    else:
+        lse_1 = lse_T.clone()
+    return buf, lse_T, lse_1
+
+
+def _fp16_scale(s_q: torch.Tensor, s_1: Optional[torch.Tensor]) -> float:
+    """Power of two making |g| ≤ 1 before the fp16 cast (|g| ≤ |s_q| + |s_1| since both softmaxes ≤ 1)."""
+    amax = s_q.abs()
+    if s_1 is not None:
+        amax = amax + s_1.abs()
+    top = float(amax.max()) if amax.numel() else 0.0
+    if not math.isfinite(top) or top <= 0.0:
+        return 1.0
+    return 2.0 ** (-math.ceil(math.log2(top)))
+
+
+def dense_grad(
+    buf: Optional[torch.Tensor],
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    temperature: float,
+    lse_T: torch.Tensor,
+    lse_1: Optional[torch.Tensor],
+    s_q: torch.Tensor,
+    s_1: Optional[torch.Tensor],
+    dW_acc: Optional[torch.Tensor],
+    db_acc: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Dense gradient pass of one row chunk.
+
+    Forms g = s_q[:, None]·exp(l/T − lse_T[:, None]) + s_1[:, None]·exp(l − lse_1[:, None]) (the s_1
+    term only when both ``s_1`` and ``lse_1`` are given), returns dH = g @ weight as fp32 [c, d] and
+    accumulates dW_acc (fp32 [V, d]) += gᵀ @ h and db_acc (fp32 [V]) += Σ_rows g (each skipped when
+    None).
+
+    With ``buf`` (the fp32 logits from :func:`logits_lse`), ``_dense_grad_kernel`` turns it into g in
+    place and, for bf16/fp16 inputs, writes a copy in the input dtype so both GEMMs run on tensor cores
+    (cuBLAS). Without ``buf``, ``_recompute_grad_kernel`` recomputes the logits tile by tile and writes
+    g into a temporary [c, V] buffer in the input dtype; the GEMMs are the same.
+    """
+    _check_inputs(h, weight, bias)
+    c, d = h.shape
+    V = weight.shape[0]
+    dev = h.device
+    f32 = torch.float32
+    if c == 0:
+        return torch.zeros((0, d), device=dev, dtype=f32)
+    if buf is not None and (buf.shape != (c, V) or buf.dtype != f32 or not buf.is_contiguous()):
+        raise ValueError(f"buf must be a contiguous float32 [{c}, {V}] tensor, got {buf.dtype} {tuple(buf.shape)}")
+    has_lse1 = s_1 is not None and lse_1 is not None
+    lse_T = lse_T.to(f32).contiguous()
+    s_q = s_q.to(f32).contiguous()
+    lse_1 = lse_1.to(f32).contiguous() if has_lse1 else lse_T
+    s_1 = s_1.to(f32).contiguous() if has_lse1 else s_q
+    inv_t = 1.0 / float(temperature)
+    low = h.dtype != f32
+    # fp16 has a small exponent range: scale g into [-1, 1] by a power of two and undo it on the
+    # fp32 GEMM outputs. bf16 shares fp32's range, so it needs none (and skips the host sync).
+    g_scale = _fp16_scale(s_q, s_1 if has_lse1 else None) if h.dtype == torch.float16 else 1.0
+    want_db = db_acc is not None
+    interp = dev.type != "cuda"
+
+    if buf is not None:
+        ew = _INTERP_EW if interp else _CUDA_EW
+        g_lp = torch.empty((c, V), device=dev, dtype=h.dtype) if low else buf
+        n_rb = triton.cdiv(c, ew["BLOCK_R"])
+        dbp = torch.empty((n_rb, V), device=dev, dtype=f32) if want_db else buf
+        grid = (n_rb, triton.cdiv(V, ew["BLOCK_C"]))
+        launch = dict(BLOCK_R=ew["BLOCK_R"], BLOCK_C=ew["BLOCK_C"])
+        if not interp:
+            launch["num_warps"] = ew["num_warps"]
+        _dense_grad_kernel[grid](
+            buf, g_lp, dbp, lse_T, lse_1, s_q, s_1,
+            c, V, inv_t, g_scale, V, V,
+            HAS_LSE1=has_lse1, WRITE_F32=True, WRITE_LP=low, HAS_BIAS=want_db,
+            **launch,
+        )
+    else:
+        if interp:
+            cfg = dict(_INTERP_TILE)
+        else:
+            cfg = dict((_CUDA_F32_CONFIGS if not low else _CUDA_LP_CONFIGS)[0])
+        g_lp = torch.empty((c, V), device=dev, dtype=h.dtype)
+        n_rb = triton.cdiv(c, cfg["BLOCK_N"])
+        dbp = torch.empty((n_rb, V), device=dev, dtype=f32) if want_db else g_lp
+        grid = (n_rb, triton.cdiv(V, cfg["BLOCK_V"]))
+        b_arg = bias if bias is not None else h
+        _recompute_grad_kernel[grid](
+            h, weight, b_arg, g_lp, dbp, lse_T, lse_1, s_q, s_1,
+            c, V, d, inv_t, g_scale,
+            h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
+            bias.stride(0) if bias is not None else 0, V,
+            HAS_BIAS=bias is not None, HAS_LSE1=has_lse1, WANT_DB=want_db, DOT_IEEE=not low,
+            **cfg,
+        )
+
+    unscale = 1.0 / g_scale
+    dH = _mm_f32(g_lp, weight, unscale)                      # [c, d]
+    if dW_acc is not None:
+        _addmm_f32_(dW_acc, g_lp.t(), h, unscale)            # [V, d] += [V, c] @ [c, d]
+    if want_db:
+        db_acc.add_(dbp[0] if n_rb == 1 else dbp.sum(dim=0))
+    return dH
