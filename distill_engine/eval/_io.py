@@ -9,62 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import Callable, Iterable, List, Tuple
+from typing import Iterable, List, Tuple
 
-
-def _fsync_dir(path: str) -> None:
-    # The rename itself lives in the directory entry; fsync the directory so it survives a crash.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, writer: Callable[[str], None]) -> None:
-    """Call ``writer(tmp_path)`` to produce the file, then move it over ``path`` atomically."""
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
-    os.close(fd)
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    def _w(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    atomic_write(path, _w)
+from ..data.io import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
 
 
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
-
-
-def atomic_write_jsonl(path: str, rows: Iterable[dict]) -> None:
+def atomic_write_jsonl(path: str, rows: Iterable[dict]) -> int:
+    """Write rows as JSON lines atomically; returns their count."""
+    rows = list(rows)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return len(rows)
 
 
 def read_jsonl_repairing(path: str) -> Tuple[List[dict], int]:

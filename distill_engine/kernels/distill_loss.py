@@ -54,7 +54,7 @@ def _logits_tile(
     h_ptr, w_ptr, b_ptr,
     offs_n, offs_v, D,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-    HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """acc[i, j] = Σ_d h[offs_n[i], d] · W[offs_v[j], d] + b[offs_v[j]]  (fp32 accumulation).
@@ -72,9 +72,11 @@ def _logits_tile(
         mask_d = offs_d < D - d0
         hh = tl.load(h_ptrs, mask=mask_d[None, :], other=0.0)
         ww = tl.load(w_ptrs, mask=mask_d[:, None], other=0.0)
-        if DOT_IEEE:
+        if DOT_MODE == 1:    # fp32 inputs: IEEE fp32 products, no TF32
             acc = tl.dot(hh, ww, acc, input_precision="ieee")
-        else:
+        elif DOT_MODE == 2:  # interpreter + bf16/fp16: its low-precision dot is wrong; upcast (exact)
+            acc = tl.dot(hh.to(tl.float32), ww.to(tl.float32), acc, input_precision="ieee")
+        else:                # bf16/fp16 on tensor cores, fp32 accumulation
             acc = tl.dot(hh, ww, acc)
         h_ptrs += BLOCK_D * stride_hd
         w_ptrs += BLOCK_D * stride_wd
@@ -85,12 +87,25 @@ def _logits_tile(
 
 
 @triton.jit
+def _rtne_bf16(x):
+    """Round fp32 to the nearest bf16 value (ties to even), kept in fp32.
+
+    Only for the interpreter, whose fp32 -> bf16 cast truncates (compiled Triton rounds to nearest
+    even already): add half an ulp of bf16 (0x7FFF, +1 when the kept lsb is odd) to the bits and
+    clear the 16 dropped bits; the truncating cast that follows is then exact. g is finite here.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _logits_lse_kernel(
     h_ptr, w_ptr, b_ptr, buf_ptr, part_ptr,
     C, V, D, v_per_split, inv_t,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_buf,
     HAS_BIAS: tl.constexpr, STORE: tl.constexpr, FROM_BUF: tl.constexpr,
-    NEED_LSE1: tl.constexpr, DOT_IEEE: tl.constexpr,
+    NEED_LSE1: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Logits and online log-sum-exp of one row block over one vocabulary split.
@@ -135,7 +150,7 @@ def _logits_lse_kernel(
             acc = _logits_tile(
                 h_ptr, w_ptr, b_ptr, offs_n_ld, offs_v % V, D,
                 stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-                HAS_BIAS, DOT_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
+                HAS_BIAS, DOT_MODE, BLOCK_N, BLOCK_V, BLOCK_D,
             )                                              # [BN, BV] fp32
             if STORE:
                 tl.store(buf_ptrs, acc, mask=mask_n[:, None] & mask_v[None, :])
@@ -164,7 +179,7 @@ def _dense_grad_kernel(
     buf_ptr, glp_ptr, dbp_ptr, lse_t_ptr, lse_1_ptr, sq_ptr, s1_ptr,
     C, V, inv_t, g_scale, stride_buf, stride_glp,
     HAS_LSE1: tl.constexpr, WRITE_F32: tl.constexpr, WRITE_LP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    RTNE_FIX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Dense gradient with respect to the raw logits, from the stored logits l (elementwise).
 
@@ -199,8 +214,10 @@ def _dense_grad_kernel(
     if WRITE_F32:
         tl.store(buf_ptr + rows * stride_buf + offs_c[None, :], g, mask=mask)
     if WRITE_LP:
-        tl.store(glp_ptr + rows * stride_glp + offs_c[None, :],
-                 (g * g_scale).to(glp_ptr.dtype.element_ty), mask=mask)
+        g_lp = g * g_scale
+        if RTNE_FIX:
+            g_lp = _rtne_bf16(g_lp)
+        tl.store(glp_ptr + rows * stride_glp + offs_c[None, :], g_lp.to(glp_ptr.dtype.element_ty), mask=mask)
     if HAS_BIAS:
         tl.store(dbp_ptr + pid_r.to(tl.int64) * V + offs_c, tl.sum(g, axis=0), mask=mask_c)
 
@@ -210,8 +227,8 @@ def _recompute_grad_kernel(
     h_ptr, w_ptr, b_ptr, g_ptr, dbp_ptr, lse_t_ptr, lse_1_ptr, sq_ptr, s1_ptr,
     C, V, D, inv_t, g_scale,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_g,
-    HAS_BIAS: tl.constexpr, HAS_LSE1: tl.constexpr, WANT_DB: tl.constexpr, DOT_IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LSE1: tl.constexpr, WANT_DB: tl.constexpr, DOT_MODE: tl.constexpr,
+    RTNE_FIX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Buffer-free dense gradient: recompute one logits tile, then form g for it.
 
@@ -232,7 +249,7 @@ def _recompute_grad_kernel(
     l = _logits_tile(
         h_ptr, w_ptr, b_ptr, offs_n % C, offs_v % V, D,
         stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-        HAS_BIAS, DOT_IEEE, BLOCK_N, BLOCK_V, BLOCK_D,
+        HAS_BIAS, DOT_MODE, BLOCK_N, BLOCK_V, BLOCK_D,
     )                                                      # [BN, BV] fp32
     lse_t = tl.load(lse_t_ptr + offs_n, mask=mask_n, other=0.0)
     sq = tl.load(sq_ptr + offs_n, mask=mask_n, other=0.0)
@@ -242,8 +259,11 @@ def _recompute_grad_kernel(
         s1 = tl.load(s1_ptr + offs_n, mask=mask_n, other=0.0)
         g += s1[:, None] * tl.exp(l - lse_1[:, None])
     g = tl.where(mask, g, 0.0)
+    g_lp = g * g_scale
+    if RTNE_FIX:
+        g_lp = _rtne_bf16(g_lp)
     tl.store(g_ptr + offs_n.to(tl.int64)[:, None] * stride_g + offs_v[None, :],
-             (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
+             g_lp.to(g_ptr.dtype.element_ty), mask=mask)
     if WANT_DB:
         tl.store(dbp_ptr + pid_n.to(tl.int64) * V + offs_v, tl.sum(g, axis=0), mask=mask_v)
 
@@ -305,6 +325,16 @@ def _logits_mode() -> str:
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _dot_mode(h: torch.Tensor) -> int:
+    """1: IEEE fp32 dot (fp32 inputs); 0: native tensor-core dot (bf16/fp16 on CUDA);
+    2: bf16/fp16 upcast to fp32 before an IEEE dot -- only under the interpreter, whose
+    low-precision tl.dot returns garbage (Triton 3.9); the upcast is exact, so the products and the
+    fp32 accumulation match what tensor cores compute."""
+    if h.dtype == torch.float32:
+        return 1
+    return 0 if h.device.type == "cuda" else 2
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -471,7 +501,7 @@ def logits_lse(
     )
     flags = dict(
         HAS_BIAS=bias is not None, STORE=store and not from_buf, FROM_BUF=from_buf,
-        NEED_LSE1=lse1_in_kernel, DOT_IEEE=h.dtype == f32,
+        NEED_LSE1=lse1_in_kernel, DOT_MODE=_dot_mode(h),
     )
     if interp:
         _logits_lse_kernel[(triton.cdiv(c, _INTERP_TILE["BLOCK_N"]), split)](*args, **flags, **_INTERP_TILE)
@@ -550,6 +580,7 @@ def dense_grad(
     g_scale = _fp16_scale(s_q, s_1 if has_lse1 else None) if h.dtype == torch.float16 else 1.0
     want_db = db_acc is not None
     interp = dev.type != "cuda"
+    rtne_fix = interp and h.dtype == torch.bfloat16
 
     if buf is not None:
         ew = _INTERP_EW if interp else _CUDA_EW
@@ -563,7 +594,7 @@ def dense_grad(
         _dense_grad_kernel[grid](
             buf, g_lp, dbp, lse_T, lse_1, s_q, s_1,
             c, V, inv_t, g_scale, V, V,
-            HAS_LSE1=has_lse1, WRITE_F32=True, WRITE_LP=low, HAS_BIAS=want_db,
+            HAS_LSE1=has_lse1, WRITE_F32=True, WRITE_LP=low, HAS_BIAS=want_db, RTNE_FIX=rtne_fix,
             **launch,
         )
     else:
@@ -581,7 +612,8 @@ def dense_grad(
             c, V, d, inv_t, g_scale,
             h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
             bias.stride(0) if bias is not None else 0, V,
-            HAS_BIAS=bias is not None, HAS_LSE1=has_lse1, WANT_DB=want_db, DOT_IEEE=not low,
+            HAS_BIAS=bias is not None, HAS_LSE1=has_lse1, WANT_DB=want_db, DOT_MODE=_dot_mode(h),
+            RTNE_FIX=rtne_fix,
             **cfg,
         )
 

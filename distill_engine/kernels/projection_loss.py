@@ -34,6 +34,7 @@ def _proj_fwd_kernel(
     stride_hm, stride_hk, stride_wn, stride_wk, stride_tm, stride_tn, stride_om, stride_on,
     grad_coef,
     KIND: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Projected tile and its per-row partial reductions.
@@ -43,6 +44,7 @@ def _proj_fwd_kernel(
                      (grad_coef = 2/d_t, so out is the row-scaled gradient dL/dy in out's dtype)
     KIND 1 (cosine): part[j, 0..2, m] = Σ y·t, Σ y², Σ t²;      WRITE: out = y (fp32)
     part[j, 3, m] = Σ t·0, which is NaN exactly when the teacher tile holds a non-finite value.
+    UPCAST (interpreter only) multiplies 16-bit inputs in fp32: the same products, exactly.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -69,6 +71,9 @@ def _proj_fwd_kernel(
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
         wt = tl.load(w_ptr + offs_n[None, :] * stride_wn + k[:, None] * stride_wk,
                      mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # [BK, BN] = Pᵀ tile
+        if UPCAST:  # the interpreter multiplies 16-bit floats as their integer bit patterns
+            a = a.to(tl.float32)
+            wt = wt.to(tl.float32)
         acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION)
     y = acc
     if HAS_BIAS:
@@ -171,6 +176,7 @@ def projection_chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         out.stride(0) if grad else 0, out.stride(1) if grad else 0,
         2.0 / d_t,
         KIND=k_id, HAS_BIAS=bias is not None, WRITE=grad, DOT_PRECISION=precision,
+        UPCAST=triton_interpret() and h.dtype != torch.float32,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, num_warps=warps, num_stages=stages,
     )
     stats = part.sum(0)  # [4, c], summed over d_t tiles in a fixed order

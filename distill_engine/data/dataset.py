@@ -1,0 +1,113 @@
+"""Local text data → token samples: loading (JSONL / text / parquet through ``datasets``), tokenization with
+the shared tokenizer, sequence packing, and the dataset fingerprint a teacher cache is keyed on.
+
+A :class:`TokenSamples` is the whole tokenized training set of one run, held as one flat int32 array plus
+offsets (sample ``i`` is ``tokens[offsets[i]:offsets[i+1]]``). With packing, documents (each followed by eos)
+are concatenated and cut into blocks of exactly ``seq_len`` tokens; without it, each document is one sample,
+truncated to ``seq_len``. Sample ids are positions in this list, and are what the teacher cache indexes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+_FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text", ".md": "text", ".parquet": "parquet"}
+
+
+def _format_of(path: str, fmt: str, key: str) -> str:
+    if fmt != "auto":
+        return fmt
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _FORMATS:
+        raise ValueError(f"{key}: cannot tell the format of {path!r} from its extension; set data.format to "
+                         f"'json', 'text' or 'parquet'")
+    return _FORMATS[ext]
+
+
+def load_texts(files: Sequence[str], *, fmt: str = "auto", text_field: str = "text", sample_by: str = "document",
+               cache_dir: Optional[str] = None, key: str = "data.train_files") -> List[str]:
+    """Documents of local files, in file order, through ``datasets.load_dataset`` (json / text / parquet)."""
+    if not files:
+        raise ValueError(f"{key} is empty; list at least one .jsonl, .txt or .parquet file")
+    for f in files:
+        if not os.path.isfile(f):
+            raise ValueError(f"{key}: file {f!r} does not exist")
+    kinds = {_format_of(f, fmt, key) for f in files}
+    if len(kinds) != 1:
+        raise ValueError(f"{key} mixes formats {sorted(kinds)}; use one format per run")
+    kind = kinds.pop()
+    import datasets
+
+    datasets.disable_progress_bars()
+    kwargs = {"sample_by": sample_by} if kind == "text" else {}
+    ds = datasets.load_dataset(kind, data_files=list(files), split="train", cache_dir=cache_dir, **kwargs)
+    field = "text" if kind == "text" else text_field
+    if field not in ds.column_names:
+        raise ValueError(f"data.text_field: column {field!r} not found in {files[0]!r} (columns: {ds.column_names})")
+    texts = [t for t in ds[field] if isinstance(t, str) and t]
+    if not texts:
+        raise ValueError(f"{key}: no non-empty text in column {field!r}")
+    return texts
+
+
+@dataclass
+class TokenSamples:
+    tokens: np.ndarray    # [T] int32, all samples back to back
+    offsets: np.ndarray   # [M + 1] int64
+    seq_len: int
+    packing: bool
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def sample(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def rows(self, i: int) -> int:
+        """Number of next-token predictions (loss rows) of sample ``i``."""
+        return int(self.offsets[i + 1] - self.offsets[i]) - 1
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(f"seq_len={self.seq_len};packing={self.packing};".encode())
+        h.update(np.ascontiguousarray(self.offsets, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(self.tokens, dtype=np.int32).tobytes())
+        return h.hexdigest()
+
+
+def tokenize(texts: Sequence[str], tokenizer, *, seq_len: int, packing: bool = True, add_eos: bool = True,
+             max_samples: Optional[int] = None, batch: int = 1000) -> TokenSamples:
+    if seq_len < 2:
+        raise ValueError(f"data.seq_len must be >= 2 (one input and one target token), got {seq_len}")
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is None:
+        raise ValueError("data.add_eos is true but the tokenizer has no eos token; set data.add_eos: false")
+    docs: List[np.ndarray] = []
+    for s in range(0, len(texts), batch):
+        for ids in tokenizer(list(texts[s:s + batch]), add_special_tokens=True)["input_ids"]:
+            if add_eos and (not ids or ids[-1] != eos):
+                ids = list(ids) + [eos]
+            if len(ids) >= 2 or packing:
+                docs.append(np.asarray(ids, dtype=np.int32))
+    if packing:
+        flat = np.concatenate(docs) if docs else np.zeros(0, np.int32)
+        m = len(flat) // seq_len
+        if max_samples is not None:
+            m = min(m, max_samples)
+        flat = flat[: m * seq_len]
+        offsets = np.arange(m + 1, dtype=np.int64) * seq_len
+    else:
+        docs = [d[:seq_len] for d in docs if len(d) >= 2]
+        if max_samples is not None:
+            docs = docs[:max_samples]
+        flat = np.concatenate(docs) if docs else np.zeros(0, np.int32)
+        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(d) for d in docs])
+    if len(offsets) < 2:
+        raise ValueError(f"the data yields no training sample of seq_len={seq_len} tokens "
+                         f"({sum(len(d) for d in docs)} tokens in all); add data or lower data.seq_len")
+    return TokenSamples(tokens=flat, offsets=offsets, seq_len=seq_len, packing=packing)

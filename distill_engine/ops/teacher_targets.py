@@ -1,0 +1,366 @@
+"""teacher_targets: sparse teacher targets (top-k or sampled ids with log-probabilities) straight from the
+teacher's final hidden states and lm_head weight, without the teacher's [N, V] logits.
+
+Math. With l = h Wᵀ + b, z = l / T and lse_T = log Σ_v exp(z_v) over the FULL vocabulary, every returned
+log-probability is z_v − lse_T (method "topk") so ``tail="bucket"`` in ``fused_distill_loss`` sees the
+true tail mass 1 − Σ_S p.
+
+* ``method="topk"``: the k ids with the largest z (exact; ties may be broken either way), sorted by
+  log-probability descending.
+* ``method="sample"`` (random-sampling KD, Anshumann et al. 2025): k draws with replacement from
+  softmax(z); duplicates merged; each distinct id gets log(count / k); sorted by count descending, then
+  id ascending; empty slots (-1, -inf) pad the row. E[count_v / k] = p_v, so the sparse target is an
+  unbiased estimate of the teacher distribution (use it with ``tail="renormalize"``).
+  The draws are exact inverse-CDF draws of the full-vocabulary distribution: a row gets k uniforms
+  u ~ U[0, 1) from ``generator`` (drawn as one [N, k] float64 tensor, so chunking does not change them),
+  sorted, and draw j is the smallest v with u_j < Σ_{w ≤ v} p_w. The backends resolve the sorted
+  uniforms while streaming the vocabulary (torch: float64 block cumsums + searchsorted; cpu: a float64
+  walk per row; triton: per-split masses → split of each draw → per-row draw pointers advanced tile by
+  tile). The same generator state gives the same targets within one backend and device; across
+  backends the same uniforms land on the same ids except where a uniform falls within float rounding
+  (~1e-6) of a CDF boundary, so results agree almost always but are not guaranteed identical.
+
+Memory: O(N·k) outputs plus one fp32 [chunk, V] buffer (torch, cpu) or, for triton, per-split candidate
+tensors of [chunk, n_splits, k] (no [chunk, V] buffer at all). Never [N, V].
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import _backend
+from .._validate import FLOAT_DTYPES, check_choice, check_tensor
+from ..reference import teacher_targets as _torch_impl
+
+METHODS = ("topk", "sample")
+_CPU_SYMBOL = "teacher_topk_chunk"
+
+
+# ----------------------------------------------------------------------------------------------
+# the result type
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TeacherTargets:
+    """Sparse teacher targets, the input format of ``fused_distill_loss``.
+
+    ids:        [N, k] int32 token ids; -1 marks an empty slot (empty slots come last in a row).
+    logprobs:   [N, k] float32 log-probabilities over the full vocabulary; -inf in empty slots.
+    vocab_size: V of the teacher when known (needed by the bit-packed cache format).
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    vocab_size: Optional[int] = None
+
+    def __post_init__(self):
+        check_tensor("ids", self.ids, ndim=2, dtypes=(torch.int32, torch.int64))
+        check_tensor("logprobs", self.logprobs, ndim=2, shape=tuple(self.ids.shape), device=self.ids.device)
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
+            raise ValueError(f"vocab_size must be a positive int or None, got {self.vocab_size!r}")
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.ids.device
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[N, k] bool: True where a slot holds a target."""
+        return self.ids >= 0
+
+    def to(self, device=None, non_blocking: bool = False) -> "TeacherTargets":
+        return TeacherTargets(self.ids.to(device, non_blocking=non_blocking),
+                              self.logprobs.to(device, non_blocking=non_blocking), self.vocab_size)
+
+    def cpu(self) -> "TeacherTargets":
+        return self.to("cpu")
+
+    def pin_memory(self) -> "TeacherTargets":
+        return TeacherTargets(self.ids.pin_memory(), self.logprobs.pin_memory(), self.vocab_size)
+
+    def __getitem__(self, rows) -> "TeacherTargets":
+        """Row selection (int, slice, index tensor); an int keeps the row dimension."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1) if rows != -1 else slice(-1, None)
+        return TeacherTargets(self.ids[rows], self.logprobs[rows], self.vocab_size)
+
+    @staticmethod
+    def cat(parts: Sequence["TeacherTargets"]) -> "TeacherTargets":
+        """Concatenate along rows; all parts must share k (and vocab_size when set)."""
+        if not parts:
+            raise ValueError("parts must hold at least one TeacherTargets")
+        ks = {p.k for p in parts}
+        if len(ks) != 1:
+            raise ValueError(f"parts have different k {sorted(ks)}; targets of one batch must share k")
+        vs = {p.vocab_size for p in parts if p.vocab_size is not None}
+        if len(vs) > 1:
+            raise ValueError(f"parts have different vocab_size {sorted(vs)}")
+        return TeacherTargets(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]),
+                              vs.pop() if vs else None)
+
+    def validate(self) -> "TeacherTargets":
+        """Value checks (ids in [-1, V), unique per row, log-probs <= 0 and not NaN, -inf in empty slots)."""
+        ids, lp = self.ids, self.logprobs.float()
+        V = self.vocab_size
+        if V is not None and bool(((ids < -1) | (ids >= V)).any()):
+            raise ValueError(f"ids must lie in [-1, vocab_size={V})")
+        if bool((ids < -1).any()):
+            raise ValueError("ids must be >= -1 (-1 marks an empty slot)")
+        if self.k > 1:
+            srt = ids.sort(dim=1).values
+            if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
+                raise ValueError("ids must be unique within a row")
+        slot = ids >= 0
+        if bool(torch.isnan(lp).any()):
+            raise ValueError("logprobs contains NaN")
+        if bool(((lp > 1e-4) & slot).any()):
+            raise ValueError("logprobs must be log-probabilities (<= 0)")
+        if bool((~slot & (lp != float("-inf"))).any()):
+            raise ValueError("logprobs must be -inf in empty slots (ids == -1)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# options and validation
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TeacherTargetsOptions:
+    k: int = 64
+    temperature: float = 1.0
+    method: str = "topk"
+    backend: str = "auto"
+    chunk_rows: Optional[int] = None
+    validate: bool = True
+
+    def check(self, V: int) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int):
+            raise ValueError(f"k must be an int, got {self.k!r}")
+        if not 1 <= self.k <= V:
+            raise ValueError(f"k must lie in [1, V={V}] (V = weight.shape[0]), got k={self.k}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        check_choice("method", self.method, METHODS)
+        check_choice("backend", self.backend, _backend.BACKENDS)
+        if self.chunk_rows is not None and (isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int)
+                                            or self.chunk_rows < 1):
+            raise ValueError(f"chunk_rows must be a positive int or None, got {self.chunk_rows!r}")
+
+
+def _check_finite_rows(name: str, t: torch.Tensor) -> None:
+    """Non-finite values raise ValueError naming the first offending row; temporaries bounded by blocks."""
+    if t.numel() == 0:
+        return
+    rows = max(1, (1 << 22) // max(1, t.shape[1]))
+    flags = []
+    for s in range(0, t.shape[0], rows):
+        flags.append(torch.isfinite(t[s:s + rows]).all(dim=1))  # [block] bool
+    ok = torch.cat(flags)
+    if not bool(ok.all()):  # one host sync for the whole tensor
+        row = int((~ok).nonzero()[0, 0])
+        raise ValueError(f"{name} contains non-finite values (first at row {row}); the teacher's "
+                         f"{'hidden states' if name == 'hidden' else name} must be finite")
+
+
+def _validate_inputs(hidden, weight, bias, generator, opts: TeacherTargetsOptions) -> None:
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    if hidden.dim() != 2:
+        raise ValueError("hidden must be [N, d_t]; flatten batch and sequence dims first (hidden.flatten(0, -2))")
+    dev = hidden.device
+    d = hidden.shape[1]
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=(None, d), device=dev)
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}; cast one of them")
+    V = weight.shape[0]
+    if V < 1:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    opts.check(V)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(V,), device=dev)
+        if bias.dtype != hidden.dtype:
+            raise ValueError(f"bias has dtype {bias.dtype} but hidden has {hidden.dtype}; cast one of them")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if opts.method != "sample":
+            raise ValueError("generator is only used by method='sample'; drop it for method='topk'")
+    if opts.validate:
+        _check_finite_rows("hidden", hidden)
+        _check_finite_rows("weight", weight)
+        if bias is not None:
+            _check_finite_rows("bias", bias[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# backends: topk(h_c, ...) -> (ids [c,k] int32, logprobs [c,k] fp32, lse [c]);
+#           sample(h_c, ..., u_c) -> (draws [c,k] int64 non-decreasing, lse [c])
+# ----------------------------------------------------------------------------------------------
+class _TorchBackend:
+    needs_buffer = True
+
+    topk = staticmethod(_torch_impl.topk_chunk)
+    sample = staticmethod(_torch_impl.sample_chunk)
+
+
+class _CpuBackend:
+    needs_buffer = True
+
+    @staticmethod
+    def topk(h, weight, bias, k, inv_t, buf):
+        ids, lp, lse = _backend.cpu_extension().teacher_topk_chunk(h, weight, bias, int(k), float(inv_t), buf)
+        return ids, lp, lse
+
+    @staticmethod
+    def sample(h, weight, bias, inv_t, u, buf):
+        draws, lse = _backend.cpu_extension().teacher_sample_chunk(h, weight, bias, float(inv_t), u, buf)
+        return draws, lse
+
+
+def _backend_impl(name: str):
+    if name == "torch":
+        return _TorchBackend
+    if name == "cpu":
+        return _CpuBackend
+    from ..kernels import teacher_targets as _triton_impl  # lazily: triton is optional
+
+    return _triton_impl.TritonBackend
+
+
+def _default_chunk_rows(V: int, device: torch.device, needs_buffer: bool) -> int:
+    """Rows per chunk: one fp32 [chunk, V] buffer within a budget (env DISTILL_ENGINE_TT_CHUNK_ELEMS)."""
+    if not needs_buffer:
+        return 8192  # triton: per-chunk tensors are [chunk, n_splits, k], no [chunk, V] buffer
+    default = 2**27 if device.type == "cuda" else 2**23  # elements: 512 MB on GPU, 32 MB on CPU
+    budget = int(os.environ.get("DISTILL_ENGINE_TT_CHUNK_ELEMS", default))
+    rows = max(1, budget // max(V, 1))
+    rows = 1 << (rows.bit_length() - 1)  # a power of two, GEMM-friendly
+    return max(8, min(rows, 8192))
+
+
+# ----------------------------------------------------------------------------------------------
+# draws -> targets
+# ----------------------------------------------------------------------------------------------
+def merge_draws(draws: torch.Tensor, V: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """k draws per row → (ids [c, k] int32, logprobs [c, k] fp32) with log(count / k).
+
+    Distinct ids first, sorted by count descending then id ascending; the rest of the row is (-1, -inf).
+    """
+    c, k = draws.shape
+    dev = draws.device
+    d = torch.sort(draws, dim=1).values  # [c, k], equal ids now adjacent
+    start = torch.ones_like(d, dtype=torch.bool)
+    start[:, 1:] = d[:, 1:] != d[:, :-1]
+    pos = torch.arange(k, device=dev).expand(c, k)
+    run = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), dim=1).values  # run start of each draw
+    counts = torch.zeros(c, k, dtype=torch.int64, device=dev).scatter_add_(1, run, torch.ones_like(run))
+    big = (k + 1) * (V + 1)
+    key = torch.where(counts > 0, (k - counts) * (V + 1) + d, torch.full_like(d, big))
+    order = torch.argsort(key, dim=1)
+    cnt = counts.gather(1, order)
+    ids = torch.where(cnt > 0, d.gather(1, order), torch.full_like(d, -1))
+    lp = torch.where(cnt > 0, torch.log(cnt.double() / k), torch.full((), float("-inf"), dtype=torch.float64,
+                                                                      device=dev))
+    return ids.to(torch.int32), lp.float()
+
+
+def draw_uniforms(N: int, k: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """[N, k] float64 uniforms in [0, 1), sorted per row, drawn in one call (chunking does not change them)."""
+    gdev = generator.device if generator is not None else device
+    u = torch.rand(N, k, dtype=torch.float64, generator=generator, device=gdev)
+    return torch.sort(u.to(device), dim=1).values
+
+
+# ----------------------------------------------------------------------------------------------
+# the op
+# ----------------------------------------------------------------------------------------------
+def _run(hidden, weight, bias, opts: TeacherTargetsOptions, generator, backend: str) -> TeacherTargets:
+    impl = _backend_impl(backend)
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    dev = hidden.device
+    k = opts.k
+    inv_t = 1.0 / float(opts.temperature)
+    needs_buf = getattr(impl, "needs_buffer", False)
+    chunk = opts.chunk_rows or _default_chunk_rows(V, dev, needs_buf)
+    chunk = min(chunk, max(N, 1))
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    buf = torch.empty(chunk, V, dtype=torch.float32, device=dev) if needs_buf else None  # the one [chunk, V]
+    ids = torch.empty(N, k, dtype=torch.int32, device=dev)
+    lps = torch.empty(N, k, dtype=torch.float32, device=dev)
+    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    u = draw_uniforms(N, k, generator, dev) if opts.method == "sample" else None
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        h_c = hidden[s:e]
+        if opts.method == "topk":
+            ids[s:e], lps[s:e], lse[s:e] = impl.topk(h_c, weight, bias, k, inv_t, buf)
+        else:
+            draws, lse[s:e] = impl.sample(h_c, weight, bias, inv_t, u[s:e].contiguous(), buf)
+            ids[s:e], lps[s:e] = merge_draws(draws, V)
+    del buf
+    # a non-finite log-sum-exp means overflowing logits (finite but huge inputs): never return garbage
+    bad = ~torch.isfinite(lse)
+    if opts.method == "topk":
+        bad = bad | ~torch.isfinite(lps).all(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"teacher logits of row {row} are not finite (hidden/weight too large or non-finite); "
+                         f"check the teacher's hidden states and lm_head weight, or run with validate=True")
+    return TeacherTargets(ids, lps, V)
+
+
+def teacher_targets(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    k: int = 64,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    method: str = "topk",
+    generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
+    chunk_rows: Optional[int] = None,
+    validate: bool = True,
+) -> TeacherTargets:
+    """Top-k or sampled teacher targets from the teacher's final hidden states, never forming [N, V].
+
+    Args:
+        hidden: [N, d_t] teacher final hidden states (float32 | bfloat16 | float16; no gradient flows).
+        weight: [V, d_t] teacher lm_head weight, same dtype.
+        k: slots per row, 1 <= k <= V.
+        bias: [V] optional lm_head bias.
+        temperature: log-probabilities are of softmax(logits / temperature) over the full vocabulary.
+        method: "topk" (exact k most probable ids) | "sample" (k draws with replacement, merged, log(count/k)).
+        generator: torch.Generator for method="sample" (same state → same targets on one backend/device).
+        backend: "auto" | "triton" | "cpu" | "torch".
+        chunk_rows: rows per chunk (default: one fp32 [chunk, V] buffer ≤ 32 MB on CPU, 512 MB on GPU).
+        validate: check hidden/weight/bias for non-finite values first (one pass over them; one host sync).
+
+    Returns:
+        TeacherTargets(ids [N, k] int32 (-1 empty), logprobs [N, k] float32 (-inf empty), vocab_size=V).
+    """
+    opts = TeacherTargetsOptions(k=k, temperature=temperature, method=method, backend=backend,
+                                 chunk_rows=chunk_rows, validate=validate)
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+        raise ValueError(f"hidden must be [N, d_t], got shape {tuple(hidden.shape)}; flatten it with hidden.flatten(0, 1)")
+    _validate_inputs(hidden, weight, bias, generator, opts)
+    which = _backend.resolve_backend(backend, hidden.device, "teacher_targets", _CPU_SYMBOL)
+    with torch.no_grad():
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
+        if hidden.shape[0] == 0:
+            return TeacherTargets(torch.empty(0, k, dtype=torch.int32, device=hidden.device),
+                                  torch.empty(0, k, dtype=torch.float32, device=hidden.device), weight.shape[0])
+        return _run(hidden, weight, bias, opts, generator, which)

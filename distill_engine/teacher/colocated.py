@@ -1,0 +1,92 @@
+"""The frozen teacher on every student rank.
+
+:class:`TeacherHead` runs the teacher's base model to its final hidden states and hands them with the
+lm_head weight to ``teacher_targets`` — the teacher's [N, V] logits never exist. It runs under
+``torch.no_grad()`` (not ``inference_mode``: inference tensors cannot enter the autograd graph of the
+student's feature losses and break ZeRO-3's parameter hooks) in eval mode, and is never handed to an
+optimizer. Under ZeRO-3 inference it is the module of a DeepSpeed engine; its forward is then collective,
+and every rank calls it for every micro-batch (the data plan gives every rank the same number of them).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..data.loader import Batch
+from .base import TeacherBatch, TeacherSource, sample_generator
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The decoder stack plus final norm of a Hugging Face causal LM (everything but the lm_head)."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise ValueError(f"{type(model).__name__} exposes no base model (base_model_prefix) to take final hidden "
+                         f"states from; distill-engine needs a *ForCausalLM model with a separate lm_head")
+    return base
+
+
+def lm_head_of(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) weight")
+    return head
+
+
+def rows(x: torch.Tensor, valid_index: torch.Tensor) -> torch.Tensor:
+    """[B, L, d] states → [n, d]: positions 0..L-2 (each predicts the next token), loss rows only."""
+    d = x.shape[-1]
+    return x[:, :-1].reshape(-1, d).index_select(0, valid_index)
+
+
+class TeacherHead(nn.Module):
+    def __init__(self, model: nn.Module, *, k: int, temperature: float, method: str, backend: str = "auto",
+                 feature_layers: Optional[Sequence[int]] = None):
+        super().__init__()
+        self.model = model
+        self.k, self.temperature, self.method, self.backend = k, temperature, method, backend
+        self.feature_layers = list(feature_layers) if feature_layers else None
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    def train(self, mode: bool = True):  # the teacher never leaves eval mode (dropout off)
+        return super().train(False)
+
+    def forward(self, input_ids, attention_mask, valid_index, generator=None):
+        from ..ops.teacher_targets import teacher_targets
+
+        out = base_model_of(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                        output_hidden_states=self.feature_layers is not None, use_cache=False,
+                                        return_dict=True)
+        head = lm_head_of(self.model)
+        h = rows(out.last_hidden_state, valid_index)  # [n, d_t]
+        t = teacher_targets(h, head.weight, self.k, bias=getattr(head, "bias", None), temperature=self.temperature,
+                            method=self.method, generator=generator, backend=self.backend)
+        hidden: Optional[List[torch.Tensor]] = None
+        if self.feature_layers is not None:
+            hidden = [rows(out.hidden_states[i], valid_index) for i in self.feature_layers]
+        return t.ids, t.logprobs, hidden
+
+
+class ColocatedTeacher(TeacherSource):
+    """``runner`` is a :class:`TeacherHead` or the DeepSpeed ZeRO-3 inference engine wrapping one."""
+
+    name = "colocated"
+
+    def __init__(self, runner, *, device, seed: int, dp_rank: int, method: str):
+        self.runner, self.device = runner, device
+        self.seed, self.dp_rank, self.method = seed, dp_rank, method
+
+    @torch.no_grad()
+    def compute(self, batch: Batch, dp_rank: Optional[int] = None) -> TeacherBatch:
+        b = batch.to(self.device)
+        gen = None
+        if self.method == "sample":
+            gen = sample_generator(self.seed, self.dp_rank if dp_rank is None else dp_rank, batch.micro_step,
+                                   self.device)
+        ids, lps, hidden = self.runner(b.input_ids, b.attention_mask, b.valid_index, gen)
+        return TeacherBatch(ids, lps, batch.micro_step, hidden)
+
+    def get(self, batch: Batch) -> TeacherBatch:
+        return self.compute(batch)

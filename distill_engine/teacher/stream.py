@@ -1,0 +1,208 @@
+"""Dedicated teacher ranks streaming packed targets to the student ranks (``--teacher-ranks R``).
+
+Layout (see :mod:`.topology`): global ranks ``0..S-1`` are students, ``S..S+R-1`` teachers; teacher rank ``t``
+serves the students ``s`` with ``s % R == t``, in micro-step order, round-robin over its students. Teacher
+ranks build the same deterministic data plan as the students, so they know every student's micro-batches
+without being told; they run the frozen teacher (plain, or ZeRO-3 partitioned over the teacher ranks only),
+pack each micro-batch's targets with ``de.pack_targets`` and send them over the bridge process group
+(gloo on CPU, NCCL on GPU).
+
+Overlap and bounded prefetch. On a teacher rank, the main thread computes and a sender thread sends, with at
+most ``prefetch`` packed micro-batches queued between them; on a student rank a receiver thread receives into
+a queue of at most ``prefetch`` micro-batches. Teacher compute of micro-batch ``t + 1 .. t + prefetch`` thus
+overlaps the student's step on ``t``, and neither side ever holds more than ``prefetch`` micro-batches ahead.
+
+Wire format per micro-batch: a header (int64 [8]: magic, micro-step, rows, packed-target bytes, number of
+hidden-state tensors, their width, dtype code, payload bytes), then one uint8 payload: the packed targets
+followed by the raw bytes of the mapped teacher hidden states (feature losses only). A dead peer is caught by
+the heartbeat watchdog of :mod:`.topology`; every wait here also has a timeout.
+"""
+from __future__ import annotations
+
+import datetime
+import queue
+import threading
+import time
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from ..data.loader import Batch, MicroBatchStream
+from .base import TeacherBatch, TeacherSource
+from .codec import decode, encode
+
+MAGIC = 0x44495354  # "DIST"
+_HDR = 8
+_DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}
+_CODES = {v: k for k, v in _DTYPES.items()}
+_TAG_HDR, _TAG_PAY = 0, 1
+
+
+def _wait(work, timeout_s: float, what: str) -> None:
+    if not work.wait(datetime.timedelta(seconds=timeout_s)):
+        raise TimeoutError(f"{what} did not complete within {timeout_s:.0f} s")
+
+
+class _Link:
+    def __init__(self, topo, timeout_s: float):
+        self.pg = topo.bridge
+        self.cuda = topo.bridge_backend == "nccl"
+        self.device = topo.device() if self.cuda else torch.device("cpu")
+        self.timeout = timeout_s
+
+    def send(self, t: torch.Tensor, dst: int, tag: int) -> None:
+        if self.cuda:
+            t = t.to(self.device)
+        _wait(self.pg.send([t], dst, tag), self.timeout, f"sending teacher targets to global rank {dst}")
+
+    def recv(self, numel: int, dtype, src: int, tag: int) -> torch.Tensor:
+        t = torch.empty(numel, dtype=dtype, device=self.device)
+        _wait(self.pg.recv([t], src, tag), self.timeout, f"receiving teacher targets from global rank {src}")
+        return t.cpu() if self.cuda else t
+
+
+def _message(tb: TeacherBatch, logprob_dtype: str):
+    packed = encode(tb.ids, tb.logprobs, logprob_dtype)
+    parts = [np.frombuffer(packed, dtype=np.uint8)]
+    n_h, width, code = 0, 0, 0
+    if tb.hidden:
+        n_h = len(tb.hidden)
+        width = int(tb.hidden[0].shape[1])
+        code = _CODES[tb.hidden[0].dtype]
+        for h in tb.hidden:
+            h = h.detach().contiguous().cpu()
+            parts.append(h.view(torch.uint8).reshape(-1).numpy() if h.numel() else np.zeros(0, np.uint8))
+    payload = torch.from_numpy(np.concatenate(parts))
+    hdr = torch.tensor([MAGIC, tb.micro_step, tb.ids.shape[0], len(packed), n_h, width, code, payload.numel()],
+                       dtype=torch.int64)
+    return hdr, payload
+
+
+def serve(topo, teacher, stream: MicroBatchStream, first: int, last: int, *, prefetch: int,
+          logprob_dtype: str, timeout_s: float = 600.0) -> int:
+    """Teacher-rank main loop: targets for micro-steps [first, last) of every served student. Returns the count."""
+    link = _Link(topo, timeout_s)
+    students = topo.students_of(topo.rank)
+    q: "queue.Queue" = queue.Queue(maxsize=max(1, prefetch))
+    failure: List[BaseException] = []
+
+    def sender():
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                dst, hdr, payload = item
+                link.send(hdr, dst, _TAG_HDR)
+                link.send(payload, dst, _TAG_PAY)
+        except BaseException as exc:
+            failure.append(exc)
+
+    th = threading.Thread(target=sender, name="teacher-stream-sender", daemon=True)
+    th.start()
+    sent = 0
+    try:
+        for t in range(first, last):
+            for s in students:
+                batch = stream.batch(t, dp_rank=s)
+                tb = teacher.compute(batch, dp_rank=s)
+                hdr, payload = _message(tb, logprob_dtype)
+                while True:
+                    if failure:
+                        raise failure[0]
+                    try:
+                        q.put((s, hdr, payload), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                sent += 1
+        q.put(None)
+        while th.is_alive():
+            th.join(timeout=0.5)
+            if failure:
+                raise failure[0]
+        if failure:
+            raise failure[0]
+    finally:
+        if th.is_alive():
+            try:
+                q.put_nowait(None)
+            except queue.Full:
+                pass
+    return sent
+
+
+class StreamTeacher(TeacherSource):
+    """Student side: a receiver thread fills a bounded queue with the targets of the coming micro-batches."""
+
+    name = "stream"
+
+    def __init__(self, topo, *, prefetch: int, logprob_dtype: str, timeout_s: float = 600.0):
+        self.topo = topo
+        self.src = topo.teacher_of(topo.rank)
+        self.link = _Link(topo, timeout_s)
+        self.prefetch = prefetch
+        self._q: "queue.Queue" = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _recv_one(self, expect_step: int) -> TeacherBatch:
+        hdr = self.link.recv(_HDR, torch.int64, self.src, _TAG_HDR)
+        magic, step, rows, nbytes, n_h, width, code, total = (int(x) for x in hdr)
+        if magic != MAGIC:
+            raise RuntimeError(f"stream from teacher (global rank {self.src}): bad message header {hdr.tolist()}")
+        payload = self.link.recv(total, torch.uint8, self.src, _TAG_PAY)
+        if step != expect_step:
+            raise RuntimeError(f"stream from teacher (global rank {self.src}): got micro-step {step}, expected "
+                               f"{expect_step}; teacher and student data plans diverged")
+        raw = payload.numpy()
+        ids, lps = decode(raw[:nbytes].tobytes(), where=f"stream from global rank {self.src}")
+        hidden = None
+        if n_h:
+            dt = _DTYPES[code]
+            per = rows * width * torch.empty(0, dtype=dt).element_size()
+            hidden = []
+            for j in range(n_h):
+                chunk = raw[nbytes + j * per: nbytes + (j + 1) * per]
+                hidden.append(torch.from_numpy(chunk.copy()).view(dt).reshape(rows, width))
+        return TeacherBatch(ids, lps, step, hidden)
+
+    def start(self, first_micro_step: int, last_micro_step: Optional[int] = None) -> None:
+        last = last_micro_step
+
+        def work():
+            try:
+                t = first_micro_step
+                while not self._stop.is_set() and (last is None or t < last):
+                    item = self._recv_one(t)
+                    while not self._stop.is_set():
+                        try:
+                            self._q.put(item, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    t += 1
+            except BaseException as exc:
+                self._q.put(exc)
+
+        self._thread = threading.Thread(target=work, name="teacher-stream-receiver", daemon=True)
+        self._thread.start()
+
+    def get(self, batch: Batch) -> TeacherBatch:
+        while True:
+            try:
+                item = self._q.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if self._thread is not None and not self._thread.is_alive() and self._q.empty():
+                    raise RuntimeError("the teacher stream receiver stopped without delivering micro-step "
+                                       f"{batch.micro_step}")
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)

@@ -1,0 +1,403 @@
+"""``train(config)``: the distillation run.
+
+One optimizer step = ``grad_accum`` micro-batches per student rank. For each micro-batch the teacher source
+provides sparse targets for its loss rows, the student runs to its final hidden states, and the fused loss
+(plus feature losses) is backpropagated through the engine.
+
+Normalization. Every valid token of an optimizer step weighs the same, whichever micro-batch or rank it is
+in: before the step's first backward, the step's valid-token count is summed over micro-batches and ranks
+(one all-reduce of a scalar), and each micro-batch backpropagates ``loss_sum · dp_size / tokens``. The data
+parallel gradient average (÷ dp_size) then leaves Σ_tokens loss / tokens — not the mean of per-micro-batch
+means, which would over-weight short micro-batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data import MicroBatchPlan, MicroBatchStream, check_shared_vocab, load_texts, load_tokenizer, tokenize
+from ..data.tokenizer import tokenizer_fingerprint, tokenizer_for_model
+from ..teacher import topology
+from ..teacher.base import NoTeacher, TeacherSource, check_alignment
+from ..teacher.colocated import ColocatedTeacher, TeacherHead
+from . import checkpoint as ckpt
+from .config import Config, load_config
+from .engine import DeepSpeedEngine, TorchEngine, deepspeed_config, quiet_deepspeed
+from .metrics import MetricsLogger, format_summary
+from .models import load_model, resolve_attn, verify_weights, zero3_loading
+from .student import DistillStudent, FusedHeadLoss
+
+
+# ---------------------------------------------------------------------------------------------- set-up helpers
+def _deepspeed_available() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_engine(cfg: Config, world: int) -> str:
+    e = cfg.train.engine
+    if e == "auto":
+        e = "deepspeed" if _deepspeed_available() else "torch"
+    if e == "torch":
+        if world > 1:
+            raise ValueError("train.engine='torch' runs a single process; multi-process training needs DeepSpeed "
+                             "(pip install deepspeed)")
+        if cfg.train.zero_stage != 0:
+            cfg.train.zero_stage = 0  # the torch engine is the ZeRO-0 equivalent
+    elif not _deepspeed_available():
+        raise ValueError("train.engine='deepspeed' but DeepSpeed is not installed; pip install deepspeed or set "
+                         "train.engine: torch (single process)")
+    return e
+
+
+def resolve_device(cfg: Config, topo) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device='cuda' but CUDA is not available; use train.device: cpu")
+        return torch.device("cuda", topo.local_rank)
+    return torch.device("cpu")
+
+
+def teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    d = cfg.teacher.dtype
+    if d == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, d)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def build_data(cfg: Config, tokenizer):
+    d = cfg.data
+    texts = load_texts(d.train_files, fmt=d.format, text_field=d.text_field, sample_by=d.text_sample_by,
+                       cache_dir=d.cache_dir)
+    return tokenize(texts, tokenizer, seq_len=d.seq_len, packing=d.packing, add_eos=d.add_eos,
+                    max_samples=d.max_samples)
+
+
+def resolve_tokenizer(cfg: Config):
+    spec = cfg.data.tokenizer or cfg.student.path
+    if spec is None:
+        raise ValueError("data.tokenizer is not set and the student is built from student.init; set data.tokenizer "
+                         "(a tokenizer directory, or 'byte')")
+    return load_tokenizer(spec, key="data.tokenizer" if cfg.data.tokenizer else "student.path")
+
+
+def teacher_feature_layers(cfg: Config, student_cfg, teacher_cfg):
+    """Sorted teacher layers the feature map uses (indices into hidden_states: layer + 1)."""
+    if cfg.loss.features is None:
+        return None
+    from ..distiller import HiddenStateDistiller
+
+    f = cfg.loss.features
+    probe = HiddenStateDistiller(1, 1, student_cfg.num_hidden_layers, teacher_cfg.num_hidden_layers,
+                                 layer_map=f.layer_map if isinstance(f.layer_map, str) else [tuple(p) for p in f.layer_map],
+                                 weights=f.layer_weights, kind=f.kind)
+    return sorted({t + 1 for _, t in probe.layer_pairs})
+
+
+def load_teacher_runner(cfg: Config, device: torch.device, *, student_config=None, zero3_world: bool = False):
+    """The frozen teacher as a :class:`TeacherHead`, or the ZeRO-3 inference engine that wraps one."""
+    t = cfg.teacher
+    dtype = teacher_dtype(cfg, device)
+    attn = resolve_attn(t.attn_implementation, device)
+    ds_cfg = None
+    if t.zero3:
+        ds_cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+                  "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 1 << 30}
+        ds_cfg["zero_optimization"].update(cfg.train.deepspeed.get("zero_optimization", {}) if t.zero3 else {})
+        ds_cfg["zero_optimization"]["stage"] = 3
+    # Loaded plainly unless the teacher itself is ZeRO-3 partitioned: never under the student's switch.
+    with zero3_loading(ds_cfg):
+        model = load_model(t.path, t.init, key="teacher", dtype=dtype, attn=attn, init_seed=t.init_seed)
+    if ds_cfg is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    layers = teacher_feature_layers(cfg, student_config, model.config) if student_config is not None else None
+    head = TeacherHead(model, k=t.k, temperature=cfg.loss.temperature, method=t.method, backend=cfg.loss.backend,
+                       feature_layers=layers)
+    if ds_cfg is not None:
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(head, model.get_output_embeddings().weight)
+        engine, _, _, _ = deepspeed.initialize(model=head, config=ds_cfg)  # no optimizer: inference only
+        engine.eval()
+        if t.verify_weights:
+            verify_weights(model, t.path, key="teacher.path")
+        return engine, model
+    if t.verify_weights:
+        verify_weights(model, t.path, key="teacher.path")
+    return head, model
+
+
+def _dp_sum(values, device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def train(config: Any, overrides=None) -> Dict[str, Any]:
+    """Run a distillation job; returns a summary dict (see README). ``config`` is a YAML path, a dict or a
+    :class:`Config`; ``overrides`` are ``"key=value"`` strings (as ``--set``)."""
+    cfg = load_config(config, overrides)
+    topo = topology.setup(teacher_ranks=cfg.teacher.ranks if cfg.teacher.source == "stream" else 0,
+                          timeout_s=cfg.train.dist_timeout_s, heartbeat_timeout_s=cfg.train.heartbeat_timeout_s,
+                          bridge_backend=cfg.teacher.stream_backend)
+    try:
+        return _train(cfg, topo)
+    except BaseException as exc:
+        topology.report_failure(exc)
+        raise
+
+
+def _train(cfg: Config, topo) -> Dict[str, Any]:
+    t0 = time.time()
+    seed_everything(cfg.run.seed)
+    device = resolve_device(cfg, topo)
+    rank, world = topo.rank, topo.role_world_size
+    tr = cfg.train
+    tokenizer = resolve_tokenizer(cfg)
+    samples = build_data(cfg, tokenizer)
+    plan = MicroBatchPlan(len(samples), micro_batch_size=tr.micro_batch_size, dp_size=topo.student_ranks,
+                          dp_rank=rank if topo.role == "student" else 0, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    stream = MicroBatchStream(samples, plan, tokenizer.pad_token_id)
+
+    start_step = 0
+    if cfg.run.resume:
+        tag = ckpt.latest_tag(cfg.run.output_dir)
+        if tag is None and cfg.run.resume is True:
+            raise ValueError(f"run.resume is set but {ckpt.checkpoint_root(cfg.run.output_dir)!r} holds no "
+                             f"complete checkpoint")
+        if tag is not None:
+            with open(os.path.join(ckpt.checkpoint_root(cfg.run.output_dir), tag, ckpt.STATE_FILE)) as f:
+                start_step = int(json.load(f)["step"])
+    end_step = min(tr.max_steps, cfg.run.stop_at_step or tr.max_steps)
+
+    if topo.role == "teacher":
+        return _serve_teacher(cfg, topo, stream, device, start_step, end_step, tokenizer)
+
+    engine_kind = resolve_engine(cfg, world)
+    if engine_kind == "deepspeed":
+        quiet_deepspeed()
+    zero3 = engine_kind == "deepspeed" and tr.zero_stage == 3
+    ds_cfg = deepspeed_config(cfg, world) if engine_kind == "deepspeed" else None
+
+    # --- the student (partitioned at load under ZeRO-3: the only place the transformers switch is on)
+    s_dtype = torch.bfloat16 if tr.precision == "bf16" and engine_kind == "deepspeed" else torch.float32
+    attn = resolve_attn(cfg.student.attn_implementation, device)
+    with zero3_loading(ds_cfg if zero3 and cfg.student.zero_init else None):
+        student = load_model(cfg.student.path, cfg.student.init, key="student", dtype=s_dtype, attn=attn,
+                             init_seed=cfg.student.init_seed)
+    if cfg.student.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.config.use_cache = False
+
+    # --- the teacher source
+    teacher_model_cfg = None
+    source: TeacherSource
+    if cfg.teacher.source == "colocated":
+        runner, tmodel = load_teacher_runner(cfg, device, student_config=student.config)
+        teacher_model_cfg = tmodel.config
+        check_shared_vocab(tokenizer, student.config, tmodel.config, tokenizer_for_model(cfg.teacher.path))
+        source = ColocatedTeacher(runner, device=device, seed=cfg.run.seed, dp_rank=rank, method=cfg.teacher.method)
+    elif cfg.teacher.source == "cache":
+        from ..teacher.cache import CacheTeacher, expected_manifest
+
+        check_shared_vocab(tokenizer, student.config)
+        source = CacheTeacher(cfg.teacher.cache_dir, expect=expected_manifest(cfg, tokenizer, samples),
+                              samples=samples, plan=plan, prefetch=cfg.teacher.prefetch, verify=cfg.teacher.cache_verify)
+    elif cfg.teacher.source == "stream":
+        from ..teacher.stream import StreamTeacher
+
+        check_shared_vocab(tokenizer, student.config)
+        teacher_model_cfg = _teacher_config(cfg)
+        source = StreamTeacher(topo, prefetch=cfg.teacher.prefetch, logprob_dtype=cfg.teacher.logprob_dtype)
+    else:
+        check_shared_vocab(tokenizer, student.config)
+        source = NoTeacher()
+    ce_weight = 1.0 if cfg.teacher.source == "none" else cfg.loss.ce_weight
+
+    # --- the trained module
+    features = None
+    if cfg.loss.features is not None:
+        from ..distiller import HiddenStateDistiller
+
+        f = cfg.loss.features
+        features = HiddenStateDistiller.from_configs(
+            student.config, teacher_model_cfg, kind=f.kind, backend=cfg.loss.backend, weights=f.layer_weights,
+            layer_map=f.layer_map if isinstance(f.layer_map, str) else [tuple(p) for p in f.layer_map])
+        features.to(s_dtype)
+    lo = cfg.loss
+    head = FusedHeadLoss(student.get_output_embeddings(), divergence=lo.divergence, beta=lo.beta,
+                         temperature=lo.temperature, ce_weight=ce_weight, tail=lo.tail, backend=lo.backend,
+                         zero3=zero3)
+    module = DistillStudent(student, head, features, cfg.loss.features.weight if features is not None else 1.0)
+    if engine_kind == "deepspeed":
+        engine = DeepSpeedEngine(module, cfg, ds_cfg, device)
+    else:
+        engine = TorchEngine(module, cfg, device)
+    engine.train()
+
+    if start_step > 0:
+        state = ckpt.load(engine, cfg.run.output_dir, rank=rank, world=world)
+        start_step = int(state["step"])
+
+    GA = tr.grad_accum
+    source.start(start_step * GA, end_step * GA)
+    is_main = rank == 0
+    logger = MetricsLogger(cfg.run.output_dir, enabled=is_main, total_steps=end_step, start_step=start_step,
+                           progress=cfg.run.progress, tensorboard=cfg.run.tensorboard)
+    if is_main:
+        os.makedirs(cfg.run.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.run.output_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2, default=str)
+
+    first_loss = last_loss = None
+    tokens_total = 0.0
+    acc = torch.zeros(4, dtype=torch.float64)  # loss sum, divergence sum, feature sum, tokens (since last log)
+    wait_s = 0.0
+    t_log = time.time()
+    t_train = time.time()
+    steps_done = 0
+    last_ckpt = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for step in range(start_step, end_step):
+            log_now = (step + 1) % tr.log_every == 0 or step + 1 == end_step
+            batches = [stream.batch(step * GA + a) for a in range(GA)]
+            local_tokens = sum(b.n_valid for b in batches)
+            total_tokens = float(_dp_sum([local_tokens], device)[0])
+            scale = world / max(total_tokens, 1.0)
+            validate = lo.validate == "always" or (lo.validate == "first" and step == start_step)
+            lr_now = engine.lr()
+            for b in batches:
+                tw = time.time()
+                tb = source.get(b)
+                wait_s += time.time() - tw
+                check_alignment(tb, b, cfg.teacher.source)
+                bd, tb = b.to(engine.device), tb.to(engine.device)
+                vi = bd.valid_index
+                labels = bd.labels.reshape(-1).index_select(0, vi)
+                loss, stats = engine(bd.input_ids, bd.attention_mask, vi, labels, tb.ids, tb.logprobs, tb.hidden,
+                                     scale=scale, validate=validate, measure_divergence=log_now)
+                engine.backward(loss)
+                engine.step()
+                acc[:3] += stats.detach().double().cpu()
+                acc[3] += b.n_valid
+            steps_done += 1
+            tokens_total += total_tokens
+            logger.advance()
+            if log_now:
+                sums = _dp_sum(acc.tolist(), device).cpu()
+                n = max(float(sums[3]), 1.0)
+                dt = time.time() - t_log
+                vals = {"loss": float(sums[0]) / n, "tokens_per_s": float(sums[3]) / max(dt, 1e-9),
+                        "lr": lr_now, "teacher_wait_s": wait_s}
+                if ce_weight < 1.0:
+                    vals["kl" if lo.divergence == "forward_kl" else lo.divergence] = float(sums[1]) / n
+                if features is not None:
+                    vals["feature_loss"] = float(sums[2]) / n
+                gn = engine.grad_norm()
+                if gn is not None:
+                    vals["grad_norm"] = gn
+                logger.log(step + 1, vals)
+                if first_loss is None:
+                    first_loss = vals["loss"]
+                last_loss = vals["loss"]
+                acc.zero_()
+                wait_s = 0.0
+                t_log = time.time()
+            stop_here = step + 1 == end_step and end_step < tr.max_steps
+            if (tr.save_every and (step + 1) % tr.save_every == 0) or stop_here:
+                last_ckpt = ckpt.save(engine, cfg.run.output_dir, step + 1, {"max_steps": tr.max_steps},
+                                      rank=rank, world=world, keep=2)
+    finally:
+        source.close()
+        logger.close()
+    elapsed = time.time() - t_train
+
+    final_model = None
+    if end_step == tr.max_steps and tr.save_final:
+        final_model = ckpt.save_final_model(student, tokenizer, os.path.join(cfg.run.output_dir, "final"),
+                                            rank=rank, zero3=zero3)
+    peak = None
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        try:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
+        except Exception:
+            peak = None
+    summary = {
+        "role": "student", "steps": end_step, "steps_this_run": steps_done, "start_step": start_step,
+        "tokens": tokens_total, "first_loss": first_loss, "final_loss": last_loss,
+        "tokens_per_s": tokens_total / elapsed if elapsed > 0 else None, "elapsed_s": time.time() - t0,
+        "train_s": elapsed, "peak_memory_gb": peak, "final_model": final_model, "checkpoint": last_ckpt,
+        "output_dir": cfg.run.output_dir, "engine": engine_kind, "zero_stage": tr.zero_stage,
+        "teacher_source": cfg.teacher.source, "metrics": logger.path,
+    }
+    if is_main and cfg.run.progress != "false":
+        sys.stderr.write(format_summary(summary) + "\n")
+    return summary
+
+
+def _teacher_config(cfg: Config):
+    """The teacher's model config without its weights (feature-map sizes on student ranks in stream mode)."""
+    if cfg.teacher.init is not None:
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**cfg.teacher.init)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(cfg.teacher.path)
+
+
+def _serve_teacher(cfg: Config, topo, stream, device, start_step: int, end_step: int, tokenizer) -> Dict[str, Any]:
+    from ..teacher.stream import serve
+
+    student_cfg = _student_config(cfg)
+    runner, tmodel = load_teacher_runner(cfg, device, student_config=student_cfg if cfg.loss.features else None)
+    check_shared_vocab(tokenizer, student_cfg, tmodel.config, tokenizer_for_model(cfg.teacher.path))
+    colocated = ColocatedTeacher(runner, device=device, seed=cfg.run.seed, dp_rank=0, method=cfg.teacher.method)
+    GA = cfg.train.grad_accum
+    t0 = time.time()
+    n = serve(topo, colocated, stream, start_step * GA, end_step * GA, prefetch=cfg.teacher.prefetch,
+              logprob_dtype=cfg.teacher.logprob_dtype)
+    return {"role": "teacher", "teacher_rank": topo.rank, "micro_batches_sent": n, "elapsed_s": time.time() - t0,
+            "output_dir": cfg.run.output_dir}
+
+
+def _student_config(cfg: Config):
+    if cfg.student.init is not None:
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**cfg.student.init)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(cfg.student.path)

@@ -1,0 +1,167 @@
+"""Loading the student and the frozen teacher (Hugging Face causal LMs from local paths, or tiny models built
+from a config dict), with transformers' ZeRO-3 loading switch kept strictly around the student's load.
+
+The trap. transformers keeps one *process-wide* ZeRO-3 flag (a weak reference set by ``HfDeepSpeedConfig``).
+While it is set, every ``from_pretrained`` builds its model inside ``deepspeed.zero.Init`` and loads the
+weights into partitions. A teacher loaded while it is still set comes back partitioned (its weights are empty
+tensors outside a gathered region — "'weight' must be 2-D"), or, when the loader's partition path does not
+match it, silently at its random initial values. Here the flag is set only inside :func:`zero3_loading`,
+around the student's load, and cleared in a ``finally``; the teacher is loaded plainly (or under its own
+ZeRO-3 inference config), and :func:`verify_weights` compares a loaded teacher tensor with the checkpoint file.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+class _Zero3Switch:
+    """What transformers' loading code asks of its (weakly referenced) DeepSpeed config object."""
+
+    def __init__(self, ds_config: dict):
+        self.config = ds_config
+
+    def is_zero3(self) -> bool:
+        return int(self.config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_config: Optional[dict]):
+    """Within the block, ``from_pretrained`` loads ZeRO-3 partitioned models (``ds_config``); outside, never."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    if ds_config is None:
+        hf_ds.unset_hf_deepspeed_config()
+        yield
+        return
+    switch = _Zero3Switch(ds_config)  # strong reference for the block's lifetime
+    hf_ds.set_hf_deepspeed_config(switch)
+    try:
+        yield
+    finally:
+        hf_ds.unset_hf_deepspeed_config()
+        del switch
+
+
+def zero3_switch_is_on() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def resolve_attn(impl: str, device: torch.device) -> str:
+    if impl != "auto":
+        if impl == "flash_attention_2" and device.type != "cuda":
+            raise ValueError("attn_implementation='flash_attention_2' needs CUDA; use 'auto' or 'sdpa'")
+        return impl
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def check_model_dir(path: str, key: str) -> None:
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{key}: {path!r} is not a Hugging Face model directory (no config.json); pass a "
+                         f"directory written by save_pretrained")
+
+
+def check_logit_path(config, key: str) -> None:
+    for attr in _LOGIT_TRANSFORMS:
+        val = getattr(config, attr, None)
+        if val not in (None, 0, 0.0, 1, 1.0, False):
+            raise ValueError(f"{key}: config.{attr}={val!r} transforms the logits after the lm_head; the fused "
+                             f"loss works from final hidden states and would miss it")
+
+
+def load_model(path: Optional[str], init: Optional[dict], *, key: str, dtype: torch.dtype, attn: str,
+               init_seed: int = 0) -> nn.Module:
+    """A causal LM from ``path`` (local, offline), or built from the ``init`` LlamaConfig dict with ``init_seed``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if init is not None:
+        try:
+            cfg = LlamaConfig(**init)
+        except TypeError as e:
+            raise ValueError(f"{key}.init: not a valid LlamaConfig ({e})") from None
+        cfg._attn_implementation = attn
+        state = torch.random.get_rng_state()
+        torch.manual_seed(init_seed)
+        try:
+            if zero3_switch_is_on():
+                import deepspeed
+                from transformers.integrations import deepspeed_config
+
+                cfg.dtype = dtype
+                with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+                    model = LlamaForCausalLM(cfg)
+            else:
+                model = LlamaForCausalLM(cfg).to(dtype)
+        finally:
+            torch.random.set_rng_state(state)
+    else:
+        check_model_dir(path, f"{key}.path")
+        cfg = AutoConfig.from_pretrained(path)
+        check_logit_path(cfg, f"{key}.path")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                     local_files_only=True)
+    check_logit_path(model.config, key)
+    return model
+
+
+def _checkpoint_tensor(path: str, name: str) -> Optional[torch.Tensor]:
+    from safetensors import safe_open
+
+    files = []
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            wm = json.load(f).get("weight_map", {})
+        if name in wm:
+            files.append(os.path.join(path, wm[name]))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files.append(os.path.join(path, "model.safetensors"))
+    for fp in files:
+        with safe_open(fp, framework="pt") as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    return None
+
+
+def verify_weights(model: nn.Module, path: Optional[str], *, key: str) -> None:
+    """Compare the loaded input embedding with the checkpoint on disk (gathered when ZeRO-3 partitioned).
+
+    Catches a teacher left at its initial values or loaded as empty partitions. Only safetensors
+    checkpoints are checked (reading a .bin needs unpickling the whole file)."""
+    if path is None:
+        return
+    emb = model.get_input_embeddings().weight
+    pname = next((n for n, p in model.named_parameters() if p is emb), None)
+    if pname is None:
+        return
+    ref = _checkpoint_tensor(path, pname)
+    if ref is None:
+        return
+    ctx = contextlib.nullcontext()
+    if hasattr(emb, "ds_id"):
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters([emb], modifier_rank=None)
+    with ctx:
+        got = emb.detach().float().cpu()
+        if got.shape != ref.shape or not torch.allclose(got, ref.float(), rtol=1e-2, atol=1e-3):
+            raise ValueError(
+                f"{key}: the loaded weights differ from the checkpoint at {path!r} (tensor {pname}: shape "
+                f"{tuple(got.shape)} vs {tuple(ref.shape)}): the model was not loaded correctly — e.g. "
+                f"transformers' process-wide ZeRO-3 switch left it partitioned or at its initial values")

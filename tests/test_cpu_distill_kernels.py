@@ -1,0 +1,217 @@
+"""The C++ CPU kernels of the core op (csrc/cpu/distill_loss.cpp) against float64 dense torch.
+
+distill_logits_lse(h, weight, bias, T, need_lse1) -> (buf = h Wᵀ + b, logsumexp(buf/T), logsumexp(buf))
+distill_dense_grad(buf, h, weight, T, lse_T, lse_1, s_q, s_1, dW_acc, db_acc) -> dH; buf := g,
+    g = s_q·exp(l/T − lse_T) + s_1·exp(l − lse_1), dW_acc += gᵀ h, db_acc += Σ_rows g.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+from distill_engine import _backend
+
+if not _backend.cpu_extension_has("distill_logits_lse"):
+    pytest.skip("distill_engine._C is not built (run `make build`)", allow_module_level=True)
+
+_C = _backend.cpu_extension()
+
+SHAPES = [(13, 37, 101), (13, 37, 1009), (5, 8, 4099)]  # (c, d, V); V = 4099 spans several 2048-wide blocks
+
+
+def _gen(*case) -> torch.Generator:
+    """A generator seeded from the test case (stable across runs, different per case)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max abs error over max abs reference (a norm-wise relative error)."""
+    ref = ref.double()
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _inputs(c, d, V, dtype, with_bias, gen, scale=1.0):
+    h = (torch.randn(c, d, generator=gen) * scale).to(dtype)
+    w = (torch.randn(V, d, generator=gen) / math.sqrt(d)).to(dtype)
+    # A rising bias moves the row max from block to block, exercising the online rescale.
+    b = (torch.randn(V, generator=gen) + torch.linspace(-2, 2, V)).to(dtype) if with_bias else None
+    return h, w, b
+
+
+def _ref_logits(h, w, b):
+    l = h.double() @ w.double().T
+    return l + b.double() if b is not None else l
+
+
+def _tol(dtype):
+    # Inputs of any dtype are upcast exactly; the kernel then computes in fp32 like for fp32 inputs.
+    return 1e-5 if dtype == torch.float32 else 2e-5
+
+
+@pytest.mark.parametrize("c,d,V", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("need_lse1", [False, True])
+@pytest.mark.parametrize("T", [1.0, 2.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_lse_matches_float64(c, d, V, with_bias, need_lse1, T, dtype):
+    gen = _gen(c, d, V, with_bias, need_lse1, T, dtype)
+    h, w, b = _inputs(c, d, V, dtype, with_bias, gen, scale=3.0)
+    buf, lse_t, lse_1 = _C.distill_logits_lse(h, w, b, T, need_lse1)
+    assert buf.dtype == lse_t.dtype == lse_1.dtype == torch.float32
+    assert buf.shape == (c, V) and lse_t.shape == (c,)
+    l = _ref_logits(h, w, b)
+    assert _rel_err(buf, l) < _tol(dtype)
+    torch.testing.assert_close(lse_t.double(), torch.logsumexp(l / T, dim=1), rtol=_tol(dtype), atol=_tol(dtype))
+    if need_lse1:
+        assert lse_1.shape == (c,)
+        torch.testing.assert_close(lse_1.double(), torch.logsumexp(l, dim=1), rtol=_tol(dtype), atol=_tol(dtype))
+    else:
+        assert lse_1.numel() == 0
+
+
+def test_logits_lse_accepts_fp32_weight_copy_and_fp16():
+    gen = torch.Generator().manual_seed(7)
+    h, w, b = _inputs(13, 37, 1009, torch.bfloat16, True, gen)
+    got = _C.distill_logits_lse(h, w.float(), b, 2.5, True)  # the driver's fp32 copy of a bf16 weight
+    want = _C.distill_logits_lse(h, w, b, 2.5, True)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    h16, w16, b16 = h.half(), w.half(), b.half()
+    buf, lse_t, lse_1 = _C.distill_logits_lse(h16, w16, b16, 1.0, True)
+    l = _ref_logits(h16, w16, b16)
+    assert _rel_err(buf, l) < 5e-5
+    torch.testing.assert_close(lse_t.double(), torch.logsumexp(l, dim=1), rtol=5e-5, atol=5e-5)
+    torch.testing.assert_close(lse_1, lse_t)
+
+
+def _ref_grad(l, h, w, T, s_q, s_1, dW0, db0):
+    lse_t = torch.logsumexp(l / T, dim=1, keepdim=True)
+    g = s_q.double()[:, None] * torch.exp(l / T - lse_t)
+    if s_1 is not None:
+        g = g + s_1.double()[:, None] * torch.exp(l - torch.logsumexp(l, dim=1, keepdim=True))
+    dH = g @ w.double()
+    dW = dW0.double() + g.T @ h.double()
+    db = db0.double() + g.sum(0) if db0 is not None else None
+    return g, dH, dW, db
+
+
+@pytest.mark.parametrize("c,d,V", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_ce", [False, True])
+@pytest.mark.parametrize("T", [1.0, 2.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_grad_matches_float64(c, d, V, with_bias, with_ce, T, dtype):
+    gen = _gen(c, d, V, with_bias, with_ce, T, dtype, "g")
+    h, w, b = _inputs(c, d, V, dtype, with_bias, gen, scale=3.0)
+    buf, lse_t, lse_1 = _C.distill_logits_lse(h, w, b, T, with_ce)
+    s_q = torch.randn(c, generator=gen)  # signed: the dense scale is α·T·(a_rest − c̄)
+    s_1 = torch.rand(c, generator=gen) if with_ce else None
+    dW = torch.randn(V, d, generator=gen)  # accumulators start non-zero: the kernel must add, not overwrite
+    db = torch.randn(V, generator=gen) if with_bias else None
+    dW0, db0 = dW.clone(), (db.clone() if db is not None else None)
+    dH = _C.distill_dense_grad(buf, h, w, T, lse_t, lse_1 if with_ce else None, s_q, s_1, dW, db)
+    g_ref, dH_ref, dW_ref, db_ref = _ref_grad(_ref_logits(h, w, b), h, w, T, s_q, s_1, dW0, db0)
+    tol = _tol(dtype)
+    assert dH.dtype == torch.float32 and dH.shape == (c, d)
+    assert _rel_err(buf, g_ref) < tol
+    assert _rel_err(dH, dH_ref) < tol
+    assert _rel_err(dW - dW0, dW_ref - dW0.double()) < tol
+    if with_bias:
+        assert _rel_err(db - db0, db_ref - db0.double()) < tol
+
+
+def test_dense_grad_two_threads_column_sums():
+    """The per-thread column-sum rows for db are reduced correctly when two threads split the rows."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        c, d, V = 13, 16, 4099
+        h, w, b = _inputs(c, d, V, torch.float32, True, gen)
+        buf, lse_t, lse_1 = _C.distill_logits_lse(h, w, b, 2.5, True)
+        s_q, s_1 = torch.randn(c, generator=gen), torch.rand(c, generator=gen)
+        dW, db = torch.zeros(V, d), torch.zeros(V)
+        dH = _C.distill_dense_grad(buf, h, w, 2.5, lse_t, lse_1, s_q, s_1, dW, db)
+    finally:
+        torch.set_num_threads(old)
+    g_ref, dH_ref, dW_ref, db_ref = _ref_grad(_ref_logits(h, w, b), h, w, 2.5, s_q, s_1, torch.zeros(V, d), torch.zeros(V))
+    assert _rel_err(db, db_ref) < 2e-5
+    assert _rel_err(dH, dH_ref) < 2e-5
+    assert _rel_err(dW, dW_ref) < 2e-5
+
+
+@pytest.mark.parametrize("T", [1.0, 2.5])
+def test_extreme_logits_stay_finite(T):
+    """Logits of magnitude ~1e4: log-sum-exps and g finite, g's rows sum to s_q + s_1."""
+    gen = torch.Generator().manual_seed(11)
+    c, d, V = 13, 37, 1009
+    h, w, b = _inputs(c, d, V, torch.float32, True, gen)
+    h = h * (1e4 / (h @ w.T).abs().amax(dim=1, keepdim=True))  # every row reaches |l| = 1e4
+    buf, lse_t, lse_1 = _C.distill_logits_lse(h, w, b, T, True)
+    assert buf.abs().max() > 5e3
+    assert torch.isfinite(lse_t).all() and torch.isfinite(lse_1).all()
+    l = buf.double()  # the elementwise math is checked against the kernel's own fp32 logits
+    torch.testing.assert_close(lse_t.double(), torch.logsumexp(l / T, dim=1), rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(lse_1.double(), torch.logsumexp(l, dim=1), rtol=1e-6, atol=1e-3)
+    s_q, s_1 = torch.randn(c, generator=gen), torch.rand(c, generator=gen)
+    dW, db = torch.zeros(V, d), torch.zeros(V)
+    dH = _C.distill_dense_grad(buf, h, w, T, lse_t, lse_1, s_q, s_1, dW, db)
+    for t in (buf, dH, dW, db):
+        assert torch.isfinite(t).all()
+    # fp32 lse of a 1e4-sized logit carries ~1e-3 absolute rounding, so row sums hold to ~1e-3 relative.
+    torch.testing.assert_close(buf.double().sum(1), (s_q + s_1).double(), rtol=3e-3, atol=3e-3)
+
+
+def test_empty_chunk():
+    w = torch.randn(11, 4)
+    buf, lse_t, lse_1 = _C.distill_logits_lse(torch.randn(0, 4), w, None, 1.0, True)
+    assert buf.shape == (0, 11) and lse_t.shape == (0,) and lse_1.shape == (0,)
+    dW = torch.zeros(11, 4)
+    dH = _C.distill_dense_grad(buf, torch.randn(0, 4), w, 1.0, lse_t, lse_1, torch.zeros(0), torch.zeros(0), dW, None)
+    assert dH.shape == (0, 4) and not dW.any()
+
+
+def test_argument_checks():
+    h, w = torch.randn(3, 4), torch.randn(7, 4)
+    with pytest.raises(RuntimeError, match="share d"):
+        _C.distill_logits_lse(h, torch.randn(7, 5), None, 1.0, False)
+    with pytest.raises(RuntimeError, match="bias"):
+        _C.distill_logits_lse(h, w, torch.randn(6), 1.0, False)
+    with pytest.raises(RuntimeError, match="temperature"):
+        _C.distill_logits_lse(h, w, None, 0.0, False)
+    with pytest.raises(RuntimeError, match="h must be"):
+        _C.distill_logits_lse(h.long(), w, None, 1.0, False)
+    buf, lse_t, lse_1 = _C.distill_logits_lse(h, w, None, 1.0, True)
+    s, dW = torch.zeros(3), torch.zeros(7, 4)
+    with pytest.raises(RuntimeError, match="buf"):
+        _C.distill_dense_grad(torch.zeros(3, 8), h, w, 1.0, lse_t, None, s, None, dW, None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _C.distill_dense_grad(torch.zeros(7, 3).T, h, w, 1.0, lse_t, None, s, None, dW, None)
+    with pytest.raises(RuntimeError, match="dW_acc"):
+        _C.distill_dense_grad(buf, h, w, 1.0, lse_t, None, s, None, dW.double(), None)
+    with pytest.raises(RuntimeError, match="lse_1"):
+        _C.distill_dense_grad(buf, h, w, 1.0, lse_t, None, s, s, dW, None)
+    with pytest.raises(RuntimeError, match="db_acc"):
+        _C.distill_dense_grad(buf, h, w, 1.0, lse_t, None, s, None, dW, torch.zeros(6))
+
+
+def test_vexp_accuracy():
+    specials = torch.tensor([float("-inf"), -1e30, -200.0, -110.0, -104.0, -103.9, -100.0, -87.5, -10.0, -1e-30,
+                             0.0, 1e-30, 1.0, 10.0, 80.0, 88.72, 88.7229, 88.73, 1e30, float("inf")])
+    x = torch.cat([torch.linspace(-110.0, 90.0, 400_001), torch.randn(100_000) * 5, specials])
+    y = _C._vexp(x)
+    ref = torch.exp(x.double())
+    ref32 = ref.float()
+    assert not torch.isnan(y).any()  # no NaN for any non-NaN input, -inf included
+    normal = torch.isfinite(ref32) & (ref32 >= torch.finfo(torch.float32).tiny)
+    ulp = (torch.nextafter(ref32[normal], torch.tensor(float("inf"))) - ref32[normal]).double()
+    assert ((y[normal].double() - ref[normal]).abs() / ulp).max().item() <= 2.0
+    sub = ref32 < torch.finfo(torch.float32).tiny  # subnormal or zero: within one subnormal step
+    assert ((y[sub].double() - ref[sub]).abs() / 2.0**-149).max().item() <= 1.0
+    assert torch.equal(torch.isinf(y), torch.isinf(ref32))  # overflow exactly where float32 exp overflows
+    assert y[x == float("-inf")].item() == 0.0 and y[x == -200.0].item() == 0.0
+    assert y[x == 0.0].item() == 1.0
+    assert torch.isnan(_C._vexp(torch.tensor([float("nan")]))).all()
