@@ -26,7 +26,9 @@ How a benchmark script uses it::
     (``MALLOC_MMAP_THRESHOLD_``) so freed memory leaves the resident set; the peak resident set of one
     step (``VmHWM`` after resetting it through ``/proc/self/clear_refs``) minus the resident set before it;
 * fraction of the floor: the case's FLOPs over the GEMM rate measured in the same run on the same
-  device and dtype (``gemm_rate``), divided by the measured time.
+  device and dtype (``gemm_rate``), divided by the measured time;
+* optional sanity check: when ``step()`` returns a scalar (e.g. the loss), the first warm-up value is
+  recorded (``value``) and its relative difference to the baseline case's value is added to the notes.
 
 Results print as a markdown table (last, so a truncated log still ends with it) and, with ``--json``,
 are written atomically together with the machine description.
@@ -83,7 +85,7 @@ def _reset_peak_rss() -> bool:
 
 
 def gemm_rate(device: str, dtype: torch.dtype, m: int = 2048, n: int = 2048, k: int = 2048, iters: int = 5) -> float:
-    """FLOP/s of one [m,k]x[k,n] product measured now (random data, median of ``iters``)."""
+    """FLOP/s of one [m,k]x[k,n] product measured now (random data, best of ``iters``)."""
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
     if str(device).startswith("cuda"):
@@ -104,7 +106,8 @@ def gemm_rate(device: str, dtype: torch.dtype, m: int = 2048, n: int = 2048, k: 
             t0 = time.perf_counter()
             a @ b
             times.append(time.perf_counter() - t0)
-    return 2.0 * m * n * k / statistics.median(times)
+    # best of the runs: the rate the hardware sustains, robust to a busy machine (the floor is a ceiling)
+    return 2.0 * m * n * k / min(times)
 
 
 def _zero_grads(leaves) -> None:
@@ -118,8 +121,14 @@ def measure_case(case: Case, device: str, warmup: int, iters: int) -> dict:
     gc.collect()
     step, leaves = case.make()
     is_cuda = str(device).startswith("cuda")
-    for _ in range(max(1, warmup)):  # at least one: gradients then exist before the memory baseline
-        step()
+    value = None
+    for i in range(max(1, warmup)):  # at least one: gradients then exist before the memory baseline
+        out = step()
+        if i == 0 and out is not None:  # a step may return its result (e.g. the loss) for a sanity check
+            try:
+                value = float(out)
+            except (TypeError, ValueError, RuntimeError):
+                value = None
         _zero_grads(leaves)
     sync(device)
     gc.collect()
@@ -143,7 +152,10 @@ def measure_case(case: Case, device: str, warmup: int, iters: int) -> dict:
         sync(device)
         times.append(time.perf_counter() - t0)
         _zero_grads(leaves)
-    return {"time_s": statistics.median(times), "times_s": times, "peak_extra_bytes": peak_extra}
+    res = {"time_s": statistics.median(times), "times_s": times, "peak_extra_bytes": peak_extra}
+    if value is not None:
+        res["value"] = value
+    return res
 
 
 def machine_info(device: str) -> dict:
@@ -196,7 +208,7 @@ def markdown_table(rows: List[dict], baseline: Optional[str] = None) -> str:
     lines = [head, "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | error | | | | | {r['error'][:120]} |")
+            lines.append(f"| {r['case']} | error | | | | | {' '.join(r['error'].split())[:160].replace('|', '/')} |")
             continue
         t = r["time_s"]
         rel_t = f"{t / base['time_s']:.2f}x" if base else ""
@@ -279,6 +291,15 @@ def main(build_cases: Callable, description: str = "", add_args: Optional[Callab
             res["floor_fraction"] = case.flops / rate / res["time_s"]
         rows.append(res)
         print(f"[bench] {case.name}: {res.get('time_s', res.get('error'))}", file=sys.stderr, flush=True)
+
+    # sanity check across cases: steps that return a scalar (the loss) are compared with the baseline's
+    base_row = next((r for r in rows if r["case"] == baseline and "value" in r), None)
+    if base_row is not None:
+        for r in rows:
+            if "value" in r and r is not base_row:
+                rel = abs(r["value"] - base_row["value"]) / max(abs(base_row["value"]), 1e-30)
+                r["value_rel_diff"] = rel
+                r["notes"] = (r.get("notes") or "") + f"; value vs {baseline}: {rel:.1e}"
 
     info = machine_info(args.device)
     info["gemm_rate_flops"] = rate

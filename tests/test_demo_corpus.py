@@ -154,3 +154,30 @@ def test_tokenizer_vocabulary_round_trip_and_determinism(real_corpus, tmp_path):
 
     loaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert loaded(sample)["input_ids"] == ids
+
+
+@pytest.mark.slow
+def test_demo_smoke_preset_end_to_end(tmp_path, capsys):
+    """`distill-engine demo --preset smoke`: every stage of the demo through the real CLI, trainer and eval,
+    with tiny models and a few steps (too short for the effects; the default preset is run by hand)."""
+    import json
+
+    from distill_engine.cli import main
+    from distill_engine.eval.demo import PRESETS, _prepare_corpus, _prepare_teacher, _prepare_tokenizer
+
+    out = tmp_path / "demo"
+    rc = main(["demo", "--preset", "smoke", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc in (0, 1)  # 1: the smoke run is too short to show both effects, which the demo then says
+    assert "[6/6] eval" in printed and "| `code` | distilled on |" in printed and "(b) coverage warning" in printed
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert [s["name"] for s in report["slices"]] == ["code", "docs_comments", "email", "json", "xml"]
+    assert report["distill_slices"] == ["code"] and report["models"] == ["student", "baseline"]
+    for name in ("report.md", "kl_by_slice.png", "agreement_by_slice.png", "training_curves.png"):
+        assert (out / "report" / name).is_file(), name
+    # the teacher is cached under a key of everything that shapes it: a second preparation is a cache hit
+    p = PRESETS["smoke"]
+    corpus, _ = _prepare_corpus(p, str(out))
+    tok, tok_dir, tok_cached = _prepare_tokenizer(p, corpus, str(out))
+    path, cached = _prepare_teacher(p, corpus, tok, tok_dir, str(out), retrain=False)
+    assert tok_cached and cached and os.path.isfile(os.path.join(path, "config.json"))

@@ -135,3 +135,43 @@ def test_generate_bad_input(teacher, tmp_path):
     other.write_text(json.dumps({"id": "zzz", "prompt": "x", "settings": None}) + "\n")
     with pytest.raises(ValueError, match="other teacher/sampling settings"):
         generate(path, prompts, str(other), progress=False)
+
+
+def test_black_box_distillation_trains_a_student_on_teacher_text(teacher, tmp_path):
+    """generate → train with `teacher: none` on the completions → the student moves toward the teacher."""
+    import distill_engine as de
+    from distill_engine.eval import evaluate
+    from transformers import AutoConfig
+
+    path, prompts, _ = teacher
+    many = tmp_path / "prompts.jsonl"
+    many.write_text("".join(json.dumps({"id": f"{r}-{i}", "prompt": p}) + "\n"
+                            for r in range(4) for i, p in enumerate(PROMPTS)))
+    out = tmp_path / "teacher_text.jsonl"
+    generate(path, str(many), str(out), max_new_tokens=24, temperature=1.0, batch_size=16, progress=False)
+
+    tcfg = AutoConfig.from_pretrained(path)
+    init = {"vocab_size": tcfg.vocab_size, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 128,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False}
+
+    def run(steps, name):
+        summary = de.train({
+            "run": {"output_dir": str(tmp_path / name), "progress": "false", "tensorboard": False, "seed": 0},
+            "student": {"init": init, "init_seed": 3},
+            "teacher": "none",
+            "data": {"train_files": [str(out)], "text_field": "text", "tokenizer": path, "seq_len": 24},
+            "train": {"engine": "torch", "micro_batch_size": 4, "max_steps": steps, "lr": 3e-3, "warmup_steps": 1,
+                      "device": "cpu"},
+        })
+        return summary, str(tmp_path / name / "final")
+
+    _, before = run(1, "init")          # one tiny step: essentially the initial student, saved the same way
+    summary, after = run(40, "trained")
+    assert summary["final_loss"] < summary["first_loss"]
+    held = tmp_path / "held.jsonl"      # fresh teacher text the student never saw
+    generate(path, [{"id": f"h{i}", "prompt": p} for i, p in enumerate(PROMPTS)], str(held), max_new_tokens=24,
+             seed=99, progress=False)
+    ppl = [evaluate(path, s, str(held), progress=False, objective_k=0)["overall"]["student"]["ppl"] for s in (before, after)]
+    # trained on nothing but the teacher's text, the student predicts unseen teacher text far better
+    assert ppl[1] < 0.7 * ppl[0]

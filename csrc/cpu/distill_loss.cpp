@@ -13,18 +13,25 @@
 //   db    += Σ_rows g             [V]       accumulated into the caller's fp32 buffer
 //
 // How it is computed:
-// * The GEMMs are ATen's (MKL sgemm on this build) in fp32; bf16/fp16 inputs are upcast first (the
-//   caller may hand an fp32 copy of W so the upcast is done once per step, not once per chunk).
-// * distill_logits_lse: one GEMM into the buffer, then ONE pass per row (OpenMP over rows) that adds
-//   the bias and produces both log-sum-exps.  The row is walked in L1-sized blocks: block max first,
-//   then both exponential sums of the block (block-wise online log-sum-exp: a new running max rescales
-//   the running sums once per block, so each element costs exactly one exp per sum and the row is read
-//   from memory once).  Per-block sums are fp32, the running sums across blocks are double.
+// * Both functions walk the vocabulary in column tiles of ~1M/c entries (2048 for c = 512: a 4 MB
+//   [c, tile] slab of the buffer, which stays in L3 between the GEMM that writes it and the pass that
+//   reads it, so the elementwise work does not stream the whole 4·c·V-byte buffer from DRAM again).
+//   Measured on this 2-core EPYC, c = 512, d = 512, V = 32000: ~5 % less time than one untiled pass.
+// * The GEMMs are ATen's (MKL sgemm on this build) in fp32, written/read straight through strided
+//   [c, tile] views of the buffer (leading dimension V, no copies; transposes folded into the call).
+//   bf16/fp16 inputs are upcast: h once per call, W one tile at a time (so a low-precision weight
+//   never needs a full fp32 copy; an fp32 copy handed in by the caller is used as is).
+// * distill_logits_lse: per tile, the GEMM, then a pass per row (OpenMP over rows) that adds the bias
+//   and folds the tile into the row's running log-sum-exp state for BOTH temperatures.  Inside a tile
+//   the row is walked in L1-sized blocks: block max, then the block's exponential sums (block-wise
+//   online log-sum-exp: a larger running max rescales the running sums once per block, so each element
+//   costs exactly one exp per sum and is read once).  Per-block sums are fp32, running sums double.
 //   With z = l·(1/T): lse_T = m_T + log Σ exp(fma(l, 1/T, −m_T)), m_T = max(l)·(1/T) — the same fused
 //   form the gradient pass uses, so Σ_v exp(l_v/T − lse_T) = 1 up to rounding.  T = 1 needs one sum.
-// * distill_dense_grad: one pass per row forms g in place (one or two exps per element; one when T = 1
-//   and lse_1 == lse_T) and adds the row into a per-thread column-sum buffer for db; then the two
-//   gradient GEMMs read g from the same buffer (dW += gᵀ h with the transpose folded into the GEMM).
+// * distill_dense_grad: per tile, a pass per row forms g in place (one or two exps per element; one
+//   when T = 1 and lse_1 == lse_T) and adds it into a per-thread column-sum row for db (reduced after
+//   the tile, no atomics); then, while the g tile is in cache, dW[tile] += g_tileᵀ h and
+//   dH += g_tile W[tile].
 // * exp: std::exp does not vectorize without -ffast-math, so fast_expf below is a branch-free
 //   polynomial exp the compiler vectorizes inside `#pragma omp simd` loops (AVX2: 8 lanes).
 //     x = k·ln2 + r, k = round(x·log2 e), |r| ≤ ln2/2 (Cody–Waite split of ln2 into hi + lo, FMA);
@@ -42,6 +49,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -103,21 +111,25 @@ inline __attribute__((always_inline)) float fast_expf(float x) {
 
 inline int num_threads_for(int64_t work) { return work >= kParallelGrain ? at::get_num_threads() : 1; }
 
-// Adds bias to row l [V] in place and computes its log-sum-exps (block-wise online; see file top).
-// out_1 is written only when need1.
-void row_logsumexp(float* __restrict l, const float* __restrict bias, int64_t V, float inv_t, bool t_is_one,
-                   bool need1, float* out_t, float* out_1) {
-  float m = kNegInf;       // running max of l
-  float m_t = kNegInf;     // m · inv_t, the shift of the T-sum
-  double sum_t = 0.0;      // Σ exp(l·inv_t − m_t)
-  double sum_1 = 0.0;      // Σ exp(l − m)
-  const bool two_sums = need1 && !t_is_one;
-  for (int64_t v0 = 0; v0 < V; v0 += kLseBlock) {
-    const int64_t n = std::min(kLseBlock, V - v0);
-    float* __restrict x = l + v0;
+// Running log-sum-exp state of one row (see file top): max m of the logits seen so far, m_t = m·(1/T),
+// sum_t = Σ exp(l·(1/T) − m_t), sum_1 = Σ exp(l − m).
+struct LseState {
+  float m = kNegInf;
+  float m_t = kNegInf;
+  double sum_t = 0.0;
+  double sum_1 = 0.0;
+};
+
+// Adds bias to the row segment x [n] in place and folds it into the row's running state, one
+// L1-sized block at a time: block max, rescale of the running sums if the max grew, then the sums.
+void lse_update(LseState& st, float* __restrict x0, const float* __restrict bias0, int64_t n_total, float inv_t,
+                bool two_sums) {
+  for (int64_t v0 = 0; v0 < n_total; v0 += kLseBlock) {
+    const int64_t n = std::min(kLseBlock, n_total - v0);
+    float* __restrict x = x0 + v0;
     float bm = kNegInf;
-    if (bias != nullptr) {
-      const float* __restrict b = bias + v0;
+    if (bias0 != nullptr) {
+      const float* __restrict b = bias0 + v0;
 #pragma omp simd reduction(max : bm)
       for (int64_t i = 0; i < n; ++i) {
         const float y = x[i] + b[i];
@@ -128,41 +140,54 @@ void row_logsumexp(float* __restrict l, const float* __restrict bias, int64_t V,
 #pragma omp simd reduction(max : bm)
       for (int64_t i = 0; i < n; ++i) bm = x[i] > bm ? x[i] : bm;
     }
-    if (bm > m) {
+    if (bm > st.m) {
       const float new_m_t = bm * inv_t;
-      if (m != kNegInf) {  // rescale the running sums to the new shift
-        sum_t *= std::exp(static_cast<double>(m_t) - static_cast<double>(new_m_t));
-        sum_1 *= std::exp(static_cast<double>(m) - static_cast<double>(bm));
+      if (st.m != kNegInf) {  // rescale the running sums to the new shift
+        st.sum_t *= std::exp(static_cast<double>(st.m_t) - static_cast<double>(new_m_t));
+        st.sum_1 *= std::exp(static_cast<double>(st.m) - static_cast<double>(bm));
       }
-      m = bm;
-      m_t = new_m_t;
+      st.m = bm;
+      st.m_t = new_m_t;
     }
-    if (m == kNegInf) continue;  // every logit so far is -inf: nothing to add
-    const float neg_m_t = -m_t;
+    if (st.m == kNegInf) continue;  // every logit so far is -inf: nothing to add
+    const float neg_m_t = -st.m_t;
     if (two_sums) {
-      const float neg_m = -m;
+      const float neg_m = -st.m;
       float a_t = 0.0f, a_1 = 0.0f;
 #pragma omp simd reduction(+ : a_t, a_1)
       for (int64_t i = 0; i < n; ++i) {
         a_t += fast_expf(std::fma(x[i], inv_t, neg_m_t));
         a_1 += fast_expf(x[i] + neg_m);
       }
-      sum_t += a_t;
-      sum_1 += a_1;
+      st.sum_t += a_t;
+      st.sum_1 += a_1;
     } else {
       float a_t = 0.0f;
 #pragma omp simd reduction(+ : a_t)
       for (int64_t i = 0; i < n; ++i) a_t += fast_expf(std::fma(x[i], inv_t, neg_m_t));
-      sum_t += a_t;
+      st.sum_t += a_t;
     }
   }
-  if (std::isinf(m)) {  // all -inf (or empty row): -inf;  a +inf logit: +inf
-    *out_t = m;
-    if (need1) *out_1 = m;
+}
+
+void lse_finish(const LseState& st, bool t_is_one, bool need1, float* out_t, float* out_1) {
+  if (std::isinf(st.m)) {  // all -inf (or an empty row): -inf;  a +inf logit: +inf
+    *out_t = st.m;
+    if (need1) *out_1 = st.m;
     return;
   }
-  *out_t = static_cast<float>(static_cast<double>(m_t) + std::log(sum_t));
-  if (need1) *out_1 = t_is_one ? *out_t : static_cast<float>(static_cast<double>(m) + std::log(sum_1));
+  *out_t = static_cast<float>(static_cast<double>(st.m_t) + std::log(st.sum_t));
+  if (need1) *out_1 = t_is_one ? *out_t : static_cast<float>(static_cast<double>(st.m) + std::log(st.sum_1));
+}
+
+// Width of the vocabulary tiles the chunk is walked in: each tile's GEMM output (c × width fp32,
+// about 4 MB) is still in cache (L3) when the elementwise pass reads it.  A multiple of 64, ≥ 256.
+int64_t tile_cols(int64_t c, int64_t V) {
+  int64_t w = (int64_t{1} << 20) / std::max<int64_t>(c, 1);
+  // Tuning/testing override (tests use it to walk small vocabularies in several tiles).
+  if (const char* e = std::getenv("DISTILL_ENGINE_CPU_TILE_COLS")) w = std::atoll(e);
+  w = std::max<int64_t>(256, (w / 64) * 64);
+  return std::min(w, std::max<int64_t>(V, 1));
 }
 
 void check_float_input(const at::Tensor& t, const char* name) {
@@ -212,19 +237,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_logits_lse(const at::Tens
   at::Tensor lse_t = at::empty({c}, f32);
   at::Tensor lse_1 = at::empty({need_lse1 ? c : 0}, f32);
   if (c == 0) return {buf, lse_t, lse_1};
-  // [c, V] = [c, d] @ [d, V]; the transpose is folded into the sgemm call, no copy of W.
-  at::mm_out(buf, as_f32(h), as_f32(weight).t());
-
+  const at::Tensor h_f = as_f32(h);
   float* pbuf = buf.data_ptr<float>();
   const float* pb = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  float* plt = lse_t.data_ptr<float>();
-  float* pl1 = need_lse1 ? lse_1.data_ptr<float>() : nullptr;
   const float inv_t = static_cast<float>(1.0 / temperature);
   const bool t_is_one = temperature == 1.0;
-#pragma omp parallel for schedule(static) num_threads(num_threads_for(c* V))
-  for (int64_t r = 0; r < c; ++r) {
-    row_logsumexp(pbuf + r * V, pb, V, inv_t, t_is_one, need_lse1, plt + r, need_lse1 ? pl1 + r : nullptr);
+  const bool two_sums = need_lse1 && !t_is_one;
+  std::vector<LseState> state(c);
+  const int64_t tv = tile_cols(c, V);
+  for (int64_t v0 = 0; v0 < V; v0 += tv) {
+    const int64_t n = std::min(tv, V - v0);
+    // buf[:, v0:v0+n] = h [c, d] @ W[v0:v0+n]ᵀ [d, n]: sgemm straight into the strided tile (ldc = V),
+    // the transpose folded into the call.
+    at::Tensor tile = buf.narrow(1, v0, n);
+    at::mm_out(tile, h_f, as_f32(weight.narrow(0, v0, n)).t());
+#pragma omp parallel for schedule(static) num_threads(num_threads_for(c* n))
+    for (int64_t r = 0; r < c; ++r) {
+      lse_update(state[r], pbuf + r * V + v0, pb != nullptr ? pb + v0 : nullptr, n, inv_t, two_sums);
+    }
   }
+  float* plt = lse_t.data_ptr<float>();
+  float* pl1 = need_lse1 ? lse_1.data_ptr<float>() : nullptr;
+  for (int64_t r = 0; r < c; ++r) lse_finish(state[r], t_is_one, need_lse1, plt + r, need_lse1 ? pl1 + r : nullptr);
   return {buf, lse_t, lse_1};
 }
 
@@ -270,83 +304,88 @@ at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Te
   if (has_db) check_f32_vec(*db_acc, "db_acc", V);
 
   const at::Tensor h_f = as_f32(h);
-  const at::Tensor w_f = as_f32(weight);
-  if (c == 0) return at::zeros({0, d}, h.options().dtype(at::kFloat));
+  at::Tensor dH = at::zeros({c, d}, h.options().dtype(at::kFloat));
+  if (c == 0) return dH;
 
   float* pbuf = buf.data_ptr<float>();
   const float* plt = lse_t.data_ptr<float>();
   const float* pl1 = has_ce ? lse_1->data_ptr<float>() : nullptr;
   const float* psq = s_q_f.data_ptr<float>();
   const float* ps1 = has_ce ? s_1_f.data_ptr<float>() : nullptr;
+  float* pdb = has_db ? db_acc->data_ptr<float>() : nullptr;
   const float inv_t = static_cast<float>(1.0 / temperature);
   const bool t_is_one = temperature == 1.0;
-  const int nt = num_threads_for(c * V);
-  // One column-sum row per thread, reduced into db_acc after the pass (no atomics, no false sharing
-  // beyond the row ends).
-  std::vector<float> col(has_db ? static_cast<size_t>(nt) * V : 0);
-  int used_threads = 1;
+  const int64_t tv = tile_cols(c, V);
+  const int max_threads = at::get_num_threads();
+  // One column-sum row per thread for db, reduced after each tile (no atomics).
+  std::vector<float> col(has_db ? static_cast<size_t>(max_threads) * tv : 0);
+  for (int64_t v0 = 0; v0 < V; v0 += tv) {
+    const int64_t n = std::min(tv, V - v0);
+    const int nt = std::min(num_threads_for(c * n), max_threads);
+    int used_threads = 1;
 #pragma omp parallel num_threads(nt)
-  {
-    const int tid = omp_get_thread_num();
+    {
+      const int tid = omp_get_thread_num();
 #pragma omp single
-    used_threads = omp_get_num_threads();
-    float* __restrict acc = has_db ? col.data() + static_cast<size_t>(tid) * V : nullptr;
-    if (acc != nullptr) std::fill(acc, acc + V, 0.0f);  // first touch by the owning thread
+      used_threads = omp_get_num_threads();
+      float* __restrict acc = has_db ? col.data() + static_cast<size_t>(tid) * tv : nullptr;
+      if (acc != nullptr) std::fill(acc, acc + n, 0.0f);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < c; ++r) {
-      float* __restrict g = pbuf + r * V;
-      const float sq = psq[r];
-      const float neg_lt = -plt[r];
-      // T = 1 and equal log-sum-exps: both terms share one exp.
-      const bool fold = has_ce && t_is_one && pl1[r] == plt[r];
-      const float s_fold = fold ? sq + ps1[r] : sq;
-      if (!has_ce || fold) {
-        if (acc != nullptr) {
+      for (int64_t r = 0; r < c; ++r) {
+        float* __restrict g = pbuf + r * V + v0;
+        const float sq = psq[r];
+        const float neg_lt = -plt[r];
+        // T = 1 and equal log-sum-exps: both terms share one exp.
+        const bool fold = has_ce && t_is_one && pl1[r] == plt[r];
+        if (!has_ce || fold) {
+          const float s = fold ? sq + ps1[r] : sq;
+          if (acc != nullptr) {
 #pragma omp simd
-          for (int64_t v = 0; v < V; ++v) {
-            const float y = s_fold * fast_expf(std::fma(g[v], inv_t, neg_lt));
-            g[v] = y;
-            acc[v] += y;
+            for (int64_t v = 0; v < n; ++v) {
+              const float y = s * fast_expf(std::fma(g[v], inv_t, neg_lt));
+              g[v] = y;
+              acc[v] += y;
+            }
+          } else {
+#pragma omp simd
+            for (int64_t v = 0; v < n; ++v) g[v] = s * fast_expf(std::fma(g[v], inv_t, neg_lt));
           }
         } else {
+          const float s1 = ps1[r];
+          const float neg_l1 = -pl1[r];
+          if (acc != nullptr) {
 #pragma omp simd
-          for (int64_t v = 0; v < V; ++v) g[v] = s_fold * fast_expf(std::fma(g[v], inv_t, neg_lt));
-        }
-      } else {
-        const float s1 = ps1[r];
-        const float neg_l1 = -pl1[r];
-        if (acc != nullptr) {
+            for (int64_t v = 0; v < n; ++v) {
+              const float x = g[v];
+              const float y = sq * fast_expf(std::fma(x, inv_t, neg_lt)) + s1 * fast_expf(x + neg_l1);
+              g[v] = y;
+              acc[v] += y;
+            }
+          } else {
 #pragma omp simd
-          for (int64_t v = 0; v < V; ++v) {
-            const float x = g[v];
-            const float y = sq * fast_expf(std::fma(x, inv_t, neg_lt)) + s1 * fast_expf(x + neg_l1);
-            g[v] = y;
-            acc[v] += y;
-          }
-        } else {
-#pragma omp simd
-          for (int64_t v = 0; v < V; ++v) {
-            const float x = g[v];
-            g[v] = sq * fast_expf(std::fma(x, inv_t, neg_lt)) + s1 * fast_expf(x + neg_l1);
+            for (int64_t v = 0; v < n; ++v) {
+              const float x = g[v];
+              g[v] = sq * fast_expf(std::fma(x, inv_t, neg_lt)) + s1 * fast_expf(x + neg_l1);
+            }
           }
         }
       }
     }
-  }
-  if (has_db) {
-    float* pdb = db_acc->data_ptr<float>();
-    const float* pc = col.data();
-    const int nrows = used_threads;
-#pragma omp parallel for simd schedule(static) num_threads(num_threads_for(V * nrows))
-    for (int64_t v = 0; v < V; ++v) {
-      float s = 0.0f;
-      for (int t = 0; t < nrows; ++t) s += pc[static_cast<size_t>(t) * V + v];
-      pdb[v] += s;
+    if (has_db) {
+      float* __restrict db = pdb + v0;
+      for (int t = 0; t < used_threads; ++t) {
+        const float* __restrict a = col.data() + static_cast<size_t>(t) * tv;
+#pragma omp simd
+        for (int64_t v = 0; v < n; ++v) db[v] += a[v];
+      }
     }
+    // While the g tile is still in cache: dW[v0:v0+n] += g_tileᵀ h  and  dH += g_tile W[v0:v0+n]
+    // (g_tile is a strided [c, n] view with leading dimension V; both GEMMs take it without a copy).
+    const at::Tensor g_tile = buf.narrow(1, v0, n);
+    dW_acc.narrow(0, v0, n).addmm_(g_tile.t(), h_f);
+    dH.addmm_(g_tile, as_f32(weight.narrow(0, v0, n)));
   }
-  // dW [V, d] += gᵀ [V, c] @ h [c, d];  dH [c, d] = g [c, V] @ W [V, d].
-  dW_acc.addmm_(buf.t(), h_f);
-  return at::mm(buf, w_f);
+  return dH;
 }
 
 // _vexp(x) -> fast_expf applied elementwise (fp32); exported only so the tests can check its accuracy.

@@ -4,7 +4,7 @@
 //   buf = h Pᵀ                        ATen GEMM into the chunk's one fp32 [c, d_t] buffer
 //   per row, one fused OpenMP pass:   y = buf + b, the loss reductions, and (when a gradient is wanted)
 //                                     g = s·dL/dy written back into buf in place (no recompute)
-//   dh = g P, dW += gᵀ h, db += Σ g   ATen GEMMs on the same buffer
+//   dh = g P, dW += gᵀ h              ATen GEMMs on the same buffer (db += Σ g is summed in the fused pass)
 //
 // Per row (s = row_scale[n]):
 //   mse:    L = Σ (y − t)² / d_t                       g = s·2(y − t)/d_t
@@ -80,10 +80,12 @@ inline float row_pass(float* __restrict y, const tT* __restrict t, const float* 
   return 1.0f - cos;
 }
 
+// db_part (optional) is [threads, d_t] fp32 zeros: each worker adds the g rows it formed into its own row,
+// so the bias gradient needs no extra pass over the buffer.
 template <typename tT>
 void fused_pass(at::Tensor& buf, const at::Tensor& t, const c10::optional<at::Tensor>& bias, int64_t kind,
                 float zero_norm_sq, const c10::optional<at::Tensor>& row_scale, at::Tensor& loss,
-                at::Tensor& bad) {
+                at::Tensor& bad, float* db_part, int64_t n_part) {
   const int64_t c = buf.size(0), d_t = buf.size(1);
   float* yb = buf.data_ptr<float>();
   const tT* tb = t.data_ptr<tT>();
@@ -108,6 +110,13 @@ void fused_pass(at::Tensor& buf, const at::Tensor& t, const c10::optional<at::Te
                      : row_pass<tT, false, false>(y, tr, bb, d_t, kind, zero_norm_sq, s, &row_bad);
       }
       badb[i] = row_bad;
+      if (db_part != nullptr) {
+        const int64_t tid = at::get_thread_num();
+        TORCH_CHECK(tid >= 0 && tid < n_part, "projection_chunk: thread id outside the bias partials");
+        float* acc = db_part + tid * d_t;
+#pragma omp simd
+        for (int64_t j = 0; j < d_t; ++j) acc[j] += y[j];  // the row is still in L1
+      }
     }
   });
 }
@@ -145,10 +154,19 @@ std::tuple<at::Tensor, at::Tensor> projection_chunk(
   at::Tensor loss = at::empty({c}, h.options());
   at::Tensor bad = at::empty({c}, h.options().dtype(at::kBool));
   const float zn = static_cast<float>(zero_norm_sq);
+  at::Tensor db_part;
+  if (row_scale.has_value() && db_acc.has_value()) {
+    DE_CHECK_CPU_INPUT(*db_acc);
+    DE_CHECK_DTYPE(*db_acc, at::kFloat);
+    TORCH_CHECK(db_acc->numel() == d_t, "db_acc must have d_t entries");
+    db_part = at::zeros({at::get_num_threads(), d_t}, h.options());  // [threads, d_t]
+  }
+  float* dbp = db_part.defined() ? db_part.data_ptr<float>() : nullptr;
+  const int64_t n_part = db_part.defined() ? db_part.size(0) : 0;
   switch (t.scalar_type()) {
-    case at::kFloat: fused_pass<float>(buf, t, bias, kind, zn, row_scale, loss, bad); break;
-    case at::kBFloat16: fused_pass<c10::BFloat16>(buf, t, bias, kind, zn, row_scale, loss, bad); break;
-    case at::kHalf: fused_pass<c10::Half>(buf, t, bias, kind, zn, row_scale, loss, bad); break;
+    case at::kFloat: fused_pass<float>(buf, t, bias, kind, zn, row_scale, loss, bad, dbp, n_part); break;
+    case at::kBFloat16: fused_pass<c10::BFloat16>(buf, t, bias, kind, zn, row_scale, loss, bad, dbp, n_part); break;
+    case at::kHalf: fused_pass<c10::Half>(buf, t, bias, kind, zn, row_scale, loss, bad, dbp, n_part); break;
     default: TORCH_CHECK(false, "t must be float32, bfloat16 or float16");
   }
   if (row_scale.has_value()) {
@@ -163,7 +181,14 @@ std::tuple<at::Tensor, at::Tensor> projection_chunk(
       }
     }
     if (dW_acc.has_value()) dW_acc->addmm_(buf.t(), h);
-    if (db_acc.has_value()) db_acc->add_(buf.sum(0));
+    if (dbp != nullptr) {
+      float* db = db_acc->data_ptr<float>();
+      for (int64_t k = 0; k < n_part; ++k) {
+        const float* part = dbp + k * d_t;
+#pragma omp simd
+        for (int64_t j = 0; j < d_t; ++j) db[j] += part[j];
+      }
+    }
   }
   return {loss, bad};
 }

@@ -49,7 +49,9 @@ void launch_dequantize_u8(const uint8_t* codes, const uint16_t* offset_h, const 
 }  // namespace cuda
 }  // namespace distill_engine
 
-#ifdef DE_CUDA_WITH_PYBIND
+// Host-only: the device compilation pass of a .cu file never parses pybind11 (it is the bulk of the
+// compile time of a bindings file).
+#if defined(DE_CUDA_WITH_PYBIND) && !defined(__CUDA_ARCH__)
 #include <pybind11/pybind11.h>
 
 namespace distill_engine {

@@ -11,6 +11,8 @@
 
 #include <cuda_runtime.h>
 
+// Host code only: skip it in the device pass (pybind11 there would only cost compile time).
+#ifndef __CUDA_ARCH__
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -98,3 +100,4 @@ void register_cuda(pybind11::module_& m) {
 }
 
 }  // namespace distill_engine
+#endif  // __CUDA_ARCH__

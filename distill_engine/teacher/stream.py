@@ -44,26 +44,43 @@ def _wait(work, timeout_s: float, what: str) -> None:
         raise TimeoutError(f"{what} did not complete within {timeout_s:.0f} s")
 
 
+class StreamBroken(RuntimeError):
+    """The peer of a teacher stream is gone (its process died, or failed and closed the connection)."""
+
+
 class _Link:
     def __init__(self, topo, timeout_s: float):
+        self.topo = topo
         self.pg = topo.bridge
         self.cuda = topo.bridge_backend == "nccl"
         self.device = topo.device() if self.cuda else torch.device("cpu")
         self.timeout = timeout_s
 
+    def _who(self, g: int) -> str:
+        S = self.topo.student_ranks
+        return f"teacher rank {g - S} (global rank {g})" if g >= S else f"student rank {g} (global rank {g})"
+
     def send(self, t: torch.Tensor, dst: int, tag: int) -> None:
         if self.cuda:
             t = t.to(self.device)
-        _wait(self.pg.send([t], dst, tag), self.timeout, f"sending teacher targets to global rank {dst}")
+        try:
+            _wait(self.pg.send([t], dst, tag), self.timeout, f"sending teacher targets to global rank {dst}")
+        except (RuntimeError, TimeoutError) as e:
+            raise StreamBroken(f"lost the teacher stream to {self._who(dst)}: it died or failed (see its log) "
+                               f"[{type(e).__name__}: {str(e).splitlines()[0][:200]}]") from None
 
     def recv(self, numel: int, dtype, src: int, tag: int) -> torch.Tensor:
         t = torch.empty(numel, dtype=dtype, device=self.device)
-        _wait(self.pg.recv([t], src, tag), self.timeout, f"receiving teacher targets from global rank {src}")
+        try:
+            _wait(self.pg.recv([t], src, tag), self.timeout, f"receiving teacher targets from global rank {src}")
+        except (RuntimeError, TimeoutError) as e:
+            raise StreamBroken(f"lost the teacher stream from {self._who(src)}: it died or failed (see its log) "
+                               f"[{type(e).__name__}: {str(e).splitlines()[0][:200]}]") from None
         return t.cpu() if self.cuda else t
 
 
-def _message(tb: TeacherBatch, logprob_dtype: str):
-    packed = encode(tb.ids, tb.logprobs, logprob_dtype)
+def _message(tb: TeacherBatch, logprob_dtype: str, vocab_size: int, bitpack_ids: bool):
+    packed = encode(tb.ids, tb.logprobs, logprob_dtype, vocab_size, bitpack_ids)
     parts = [np.frombuffer(packed, dtype=np.uint8)]
     n_h, width, code = 0, 0, 0
     if tb.hidden:
@@ -80,7 +97,7 @@ def _message(tb: TeacherBatch, logprob_dtype: str):
 
 
 def serve(topo, teacher, stream: MicroBatchStream, first: int, last: int, *, prefetch: int,
-          logprob_dtype: str, timeout_s: float = 600.0) -> int:
+          logprob_dtype: str, vocab_size: int, bitpack_ids: bool = False, timeout_s: float = 600.0) -> int:
     """Teacher-rank main loop: targets for micro-steps [first, last) of every served student. Returns the count."""
     link = _Link(topo, timeout_s)
     students = topo.students_of(topo.rank)
@@ -107,7 +124,7 @@ def serve(topo, teacher, stream: MicroBatchStream, first: int, last: int, *, pre
             for s in students:
                 batch = stream.batch(t, dp_rank=s)
                 tb = teacher.compute(batch, dp_rank=s)
-                hdr, payload = _message(tb, logprob_dtype)
+                hdr, payload = _message(tb, logprob_dtype, vocab_size, bitpack_ids)
                 while True:
                     if failure:
                         raise failure[0]
@@ -138,7 +155,7 @@ class StreamTeacher(TeacherSource):
 
     name = "stream"
 
-    def __init__(self, topo, *, prefetch: int, logprob_dtype: str, timeout_s: float = 600.0):
+    def __init__(self, topo, *, prefetch: int, timeout_s: float = 600.0):
         self.topo = topo
         self.src = topo.teacher_of(topo.rank)
         self.link = _Link(topo, timeout_s)

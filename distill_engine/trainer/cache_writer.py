@@ -58,6 +58,7 @@ def _run(cfg, topo) -> Dict[str, Any]:
     man = write_cache(cfg.teacher.cache_dir, runner=runner, samples=samples, fields=fields,
                       pad_id=tokenizer.pad_token_id, batch_size=cfg.teacher.batch_size or cfg.train.micro_batch_size,
                       shard_samples=cfg.teacher.cache_shard_samples, logprob_dtype=cfg.teacher.logprob_dtype,
+                      vocab_size=int(tmodel.config.vocab_size), bitpack_ids=cfg.teacher.bitpack_ids,
                       rank=topo.rank, world=topo.world_size, zero3=cfg.teacher.zero3, device=device,
                       teacher_info={"path": cfg.teacher.path, "init": cfg.teacher.init}, log=log)
     rows = int(sum(samples.rows(i) for i in range(len(samples))))

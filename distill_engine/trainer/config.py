@@ -33,6 +33,7 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       cache_verify: lazy            # lazy (each shard's sha256 on first use) | full (all at start) | none
       cache_shard_samples: 1024
       logprob_dtype: float16        # packed targets in caches and streams: float16 | bfloat16 | uint8
+      bitpack_ids: false            # ids in ceil(log2(V+1)) bits instead of int32 (17 at V = 128k)
       prefetch: 4                   # micro-batches buffered ahead (cache reader, stream receiver/sender)
       ranks: 0                      # stream: the last R processes host the teacher (CLI --teacher-ranks)
       stream_backend: auto          # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
@@ -129,6 +130,7 @@ class TeacherConfig(ModelConfig):
     cache_verify: Literal["lazy", "full", "none"] = "lazy"
     cache_shard_samples: int = 1024
     logprob_dtype: Literal["float16", "bfloat16", "uint8"] = "float16"
+    bitpack_ids: bool = False
     prefetch: int = 4
     ranks: int = 0
     stream_backend: Literal["auto", "gloo", "nccl"] = "auto"

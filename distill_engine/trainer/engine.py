@@ -102,7 +102,11 @@ class DeepSpeedEngine:
         return self.engine(*args, **kwargs)
 
     def backward(self, loss) -> None:
-        self.engine.backward(loss, scale_wrt_gas=False)
+        # DeepSpeed hooks every forward output to divide its gradient by grad_accum unless the backward was
+        # started by engine.backward, which it detects with a hook it registers on the tensor it is given.
+        # When that tensor *is* the forward's output, the output hook fires first and ZeRO-0 gradients come out
+        # divided by grad_accum; backpropagating from a fresh node (· 1.0) lets the engine's hook fire first.
+        self.engine.backward(loss * 1.0, scale_wrt_gas=False)
 
     def step(self) -> None:
         self.engine.step()

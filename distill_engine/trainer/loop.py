@@ -167,204 +167,246 @@ def train(config: Any, overrides=None) -> Dict[str, Any]:
                           timeout_s=cfg.train.dist_timeout_s, heartbeat_timeout_s=cfg.train.heartbeat_timeout_s,
                           bridge_backend=cfg.teacher.stream_backend)
     try:
-        return _train(cfg, topo)
+        trainer = Trainer(cfg, topo)
+        if topo.role == "teacher":
+            return trainer.serve_teacher()
+        trainer.setup()
+        return trainer.run()
     except BaseException as exc:
         topology.report_failure(exc)
         raise
 
 
-def _train(cfg: Config, topo) -> Dict[str, Any]:
-    t0 = time.time()
-    seed_everything(cfg.run.seed)
-    device = resolve_device(cfg, topo)
-    rank, world = topo.rank, topo.role_world_size
-    tr = cfg.train
-    tokenizer = resolve_tokenizer(cfg)
-    samples = build_data(cfg, tokenizer)
-    plan = MicroBatchPlan(len(samples), micro_batch_size=tr.micro_batch_size, dp_size=topo.student_ranks,
-                          dp_rank=rank if topo.role == "student" else 0, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
-    stream = MicroBatchStream(samples, plan, tokenizer.pad_token_id)
+class Trainer:
+    """The pieces of a run, built by :meth:`setup` and driven by :meth:`run` (tests drive single steps)."""
 
-    start_step = 0
-    if cfg.run.resume:
-        tag = ckpt.latest_tag(cfg.run.output_dir)
-        if tag is None and cfg.run.resume is True:
-            raise ValueError(f"run.resume is set but {ckpt.checkpoint_root(cfg.run.output_dir)!r} holds no "
-                             f"complete checkpoint")
-        if tag is not None:
-            with open(os.path.join(ckpt.checkpoint_root(cfg.run.output_dir), tag, ckpt.STATE_FILE)) as f:
-                start_step = int(json.load(f)["step"])
-    end_step = min(tr.max_steps, cfg.run.stop_at_step or tr.max_steps)
+    def __init__(self, cfg: Config, topo):
+        self.t0 = time.time()
+        self.cfg, self.topo = cfg, topo
+        seed_everything(cfg.run.seed)
+        self.device = resolve_device(cfg, topo)
+        self.rank, self.world = topo.rank, topo.role_world_size
+        tr = cfg.train
+        self.tokenizer = resolve_tokenizer(cfg)
+        self.samples = build_data(cfg, self.tokenizer)
+        self.plan = MicroBatchPlan(len(self.samples), micro_batch_size=tr.micro_batch_size,
+                                   dp_size=topo.student_ranks, dp_rank=self.rank if topo.role == "student" else 0,
+                                   seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+        self.stream = MicroBatchStream(self.samples, self.plan, self.tokenizer.pad_token_id)
+        self.start_step = 0
+        if cfg.run.resume:
+            tag = ckpt.latest_tag(cfg.run.output_dir)
+            if tag is None and cfg.run.resume is True:
+                raise ValueError(f"run.resume is set but {ckpt.checkpoint_root(cfg.run.output_dir)!r} holds no "
+                                 f"complete checkpoint")
+            if tag is not None:
+                with open(os.path.join(ckpt.checkpoint_root(cfg.run.output_dir), tag, ckpt.STATE_FILE)) as f:
+                    self.start_step = int(json.load(f)["step"])
+        self.end_step = min(tr.max_steps, cfg.run.stop_at_step or tr.max_steps)
 
-    if topo.role == "teacher":
-        return _serve_teacher(cfg, topo, stream, device, start_step, end_step, tokenizer)
+    # ------------------------------------------------------------------------------------------ set-up
+    def setup(self) -> "Trainer":
+        cfg, tr, device = self.cfg, self.cfg.train, self.device
+        self.engine_kind = resolve_engine(cfg, self.world)
+        if self.engine_kind == "deepspeed":
+            quiet_deepspeed()
+        self.zero3 = self.engine_kind == "deepspeed" and tr.zero_stage == 3
+        ds_cfg = deepspeed_config(cfg, self.world) if self.engine_kind == "deepspeed" else None
 
-    engine_kind = resolve_engine(cfg, world)
-    if engine_kind == "deepspeed":
-        quiet_deepspeed()
-    zero3 = engine_kind == "deepspeed" and tr.zero_stage == 3
-    ds_cfg = deepspeed_config(cfg, world) if engine_kind == "deepspeed" else None
+        # The student: partitioned at load under ZeRO-3 — the only place transformers' switch is on.
+        s_dtype = torch.bfloat16 if tr.precision == "bf16" and self.engine_kind == "deepspeed" else torch.float32
+        attn = resolve_attn(cfg.student.attn_implementation, device)
+        with zero3_loading(ds_cfg if self.zero3 and cfg.student.zero_init else None):
+            student = load_model(cfg.student.path, cfg.student.init, key="student", dtype=s_dtype, attn=attn,
+                                 init_seed=cfg.student.init_seed)
+        if cfg.student.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.config.use_cache = False
+        self.student = student
 
-    # --- the student (partitioned at load under ZeRO-3: the only place the transformers switch is on)
-    s_dtype = torch.bfloat16 if tr.precision == "bf16" and engine_kind == "deepspeed" else torch.float32
-    attn = resolve_attn(cfg.student.attn_implementation, device)
-    with zero3_loading(ds_cfg if zero3 and cfg.student.zero_init else None):
-        student = load_model(cfg.student.path, cfg.student.init, key="student", dtype=s_dtype, attn=attn,
-                             init_seed=cfg.student.init_seed)
-    if cfg.student.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student.config.use_cache = False
+        # The teacher source.
+        teacher_model_cfg = None
+        tok = self.tokenizer
+        if cfg.teacher.source == "colocated":
+            runner, tmodel = load_teacher_runner(cfg, device, student_config=student.config)
+            teacher_model_cfg = tmodel.config
+            self.teacher_model = tmodel
+            check_shared_vocab(tok, student.config, tmodel.config, tokenizer_for_model(cfg.teacher.path))
+            self.source = ColocatedTeacher(runner, device=device, seed=cfg.run.seed, dp_rank=self.rank,
+                                           method=cfg.teacher.method)
+        elif cfg.teacher.source == "cache":
+            from ..teacher.cache import CacheTeacher, expected_manifest
 
-    # --- the teacher source
-    teacher_model_cfg = None
-    source: TeacherSource
-    if cfg.teacher.source == "colocated":
-        runner, tmodel = load_teacher_runner(cfg, device, student_config=student.config)
-        teacher_model_cfg = tmodel.config
-        check_shared_vocab(tokenizer, student.config, tmodel.config, tokenizer_for_model(cfg.teacher.path))
-        source = ColocatedTeacher(runner, device=device, seed=cfg.run.seed, dp_rank=rank, method=cfg.teacher.method)
-    elif cfg.teacher.source == "cache":
-        from ..teacher.cache import CacheTeacher, expected_manifest
+            check_shared_vocab(tok, student.config)
+            self.source = CacheTeacher(cfg.teacher.cache_dir, expect=expected_manifest(cfg, tok, self.samples),
+                                       samples=self.samples, plan=self.plan, prefetch=cfg.teacher.prefetch,
+                                       verify=cfg.teacher.cache_verify)
+        elif cfg.teacher.source == "stream":
+            from ..teacher.stream import StreamTeacher
 
-        check_shared_vocab(tokenizer, student.config)
-        source = CacheTeacher(cfg.teacher.cache_dir, expect=expected_manifest(cfg, tokenizer, samples),
-                              samples=samples, plan=plan, prefetch=cfg.teacher.prefetch, verify=cfg.teacher.cache_verify)
-    elif cfg.teacher.source == "stream":
-        from ..teacher.stream import StreamTeacher
+            check_shared_vocab(tok, student.config)
+            teacher_model_cfg = _teacher_config(cfg)
+            self.source = StreamTeacher(self.topo, prefetch=cfg.teacher.prefetch, timeout_s=tr.dist_timeout_s)
+        else:
+            check_shared_vocab(tok, student.config)
+            self.source = NoTeacher()
+        self.ce_weight = 1.0 if cfg.teacher.source == "none" else cfg.loss.ce_weight
 
-        check_shared_vocab(tokenizer, student.config)
-        teacher_model_cfg = _teacher_config(cfg)
-        source = StreamTeacher(topo, prefetch=cfg.teacher.prefetch, logprob_dtype=cfg.teacher.logprob_dtype)
-    else:
-        check_shared_vocab(tokenizer, student.config)
-        source = NoTeacher()
-    ce_weight = 1.0 if cfg.teacher.source == "none" else cfg.loss.ce_weight
+        # The trained module and its engine.
+        self.features = None
+        if cfg.loss.features is not None:
+            from ..distiller import HiddenStateDistiller
 
-    # --- the trained module
-    features = None
-    if cfg.loss.features is not None:
-        from ..distiller import HiddenStateDistiller
+            f = cfg.loss.features
+            self.features = HiddenStateDistiller.from_configs(
+                student.config, teacher_model_cfg, kind=f.kind, backend=cfg.loss.backend, weights=f.layer_weights,
+                layer_map=f.layer_map if isinstance(f.layer_map, str) else [tuple(p) for p in f.layer_map])
+            self.features.to(s_dtype)
+        lo = cfg.loss
+        head = FusedHeadLoss(student.get_output_embeddings(), divergence=lo.divergence, beta=lo.beta,
+                             temperature=lo.temperature, ce_weight=self.ce_weight, tail=lo.tail, backend=lo.backend,
+                             zero3=self.zero3)
+        module = DistillStudent(student, head, self.features,
+                                cfg.loss.features.weight if self.features is not None else 1.0)
+        if self.engine_kind == "deepspeed":
+            self.engine = DeepSpeedEngine(module, cfg, ds_cfg, device)
+        else:
+            self.engine = TorchEngine(module, cfg, device)
+        self.engine.train()
+        if self.start_step > 0:
+            state = ckpt.load(self.engine, cfg.run.output_dir, rank=self.rank, world=self.world)
+            self.start_step = int(state["step"])
+        self.source.start(self.start_step * tr.grad_accum, self.end_step * tr.grad_accum)
+        self.acc = torch.zeros(4, dtype=torch.float64)  # loss, divergence, feature sums and tokens since last log
+        self.wait_s = 0.0
+        return self
 
-        f = cfg.loss.features
-        features = HiddenStateDistiller.from_configs(
-            student.config, teacher_model_cfg, kind=f.kind, backend=cfg.loss.backend, weights=f.layer_weights,
-            layer_map=f.layer_map if isinstance(f.layer_map, str) else [tuple(p) for p in f.layer_map])
-        features.to(s_dtype)
-    lo = cfg.loss
-    head = FusedHeadLoss(student.get_output_embeddings(), divergence=lo.divergence, beta=lo.beta,
-                         temperature=lo.temperature, ce_weight=ce_weight, tail=lo.tail, backend=lo.backend,
-                         zero3=zero3)
-    module = DistillStudent(student, head, features, cfg.loss.features.weight if features is not None else 1.0)
-    if engine_kind == "deepspeed":
-        engine = DeepSpeedEngine(module, cfg, ds_cfg, device)
-    else:
-        engine = TorchEngine(module, cfg, device)
-    engine.train()
+    # ------------------------------------------------------------------------------------------ one step
+    def step(self, step: int, *, measure: bool = False, on_boundary=None) -> float:
+        """Forward/backward of the ``grad_accum`` micro-batches of optimizer step ``step``, then the optimizer
+        step. ``on_boundary(engine)`` runs after the last backward, before the optimizer (tests read the
+        reduced gradients there). Returns the step's global valid-token count."""
+        cfg, GA = self.cfg, self.cfg.train.grad_accum
+        lo = cfg.loss
+        batches = [self.stream.batch(step * GA + a) for a in range(GA)]
+        total_tokens = float(_dp_sum([sum(b.n_valid for b in batches)], self.device)[0])
+        scale = self.world / max(total_tokens, 1.0)
+        validate = lo.validate == "always" or (lo.validate == "first" and step == self.start_step)
+        engine = self.engine
+        for a, b in enumerate(batches):
+            tw = time.time()
+            tb = self.source.get(b)
+            self.wait_s += time.time() - tw
+            check_alignment(tb, b, cfg.teacher.source)
+            bd, tb = b.to(engine.device), tb.to(engine.device)
+            vi = bd.valid_index
+            labels = bd.labels.reshape(-1).index_select(0, vi)
+            loss, stats = engine(bd.input_ids, bd.attention_mask, vi, labels, tb.ids, tb.logprobs, tb.hidden,
+                                 scale=scale, validate=validate, measure_divergence=measure)
+            engine.backward(loss)
+            if a == GA - 1 and on_boundary is not None:
+                on_boundary(engine)
+            engine.step()
+            self.acc[:3] += stats.detach().double().cpu()
+            self.acc[3] += b.n_valid
+        return total_tokens
 
-    if start_step > 0:
-        state = ckpt.load(engine, cfg.run.output_dir, rank=rank, world=world)
-        start_step = int(state["step"])
-
-    GA = tr.grad_accum
-    source.start(start_step * GA, end_step * GA)
-    is_main = rank == 0
-    logger = MetricsLogger(cfg.run.output_dir, enabled=is_main, total_steps=end_step, start_step=start_step,
-                           progress=cfg.run.progress, tensorboard=cfg.run.tensorboard)
-    if is_main:
-        os.makedirs(cfg.run.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.run.output_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2, default=str)
-
-    first_loss = last_loss = None
-    tokens_total = 0.0
-    acc = torch.zeros(4, dtype=torch.float64)  # loss sum, divergence sum, feature sum, tokens (since last log)
-    wait_s = 0.0
-    t_log = time.time()
-    t_train = time.time()
-    steps_done = 0
-    last_ckpt = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        for step in range(start_step, end_step):
-            log_now = (step + 1) % tr.log_every == 0 or step + 1 == end_step
-            batches = [stream.batch(step * GA + a) for a in range(GA)]
-            local_tokens = sum(b.n_valid for b in batches)
-            total_tokens = float(_dp_sum([local_tokens], device)[0])
-            scale = world / max(total_tokens, 1.0)
-            validate = lo.validate == "always" or (lo.validate == "first" and step == start_step)
-            lr_now = engine.lr()
-            for b in batches:
-                tw = time.time()
-                tb = source.get(b)
-                wait_s += time.time() - tw
-                check_alignment(tb, b, cfg.teacher.source)
-                bd, tb = b.to(engine.device), tb.to(engine.device)
-                vi = bd.valid_index
-                labels = bd.labels.reshape(-1).index_select(0, vi)
-                loss, stats = engine(bd.input_ids, bd.attention_mask, vi, labels, tb.ids, tb.logprobs, tb.hidden,
-                                     scale=scale, validate=validate, measure_divergence=log_now)
-                engine.backward(loss)
-                engine.step()
-                acc[:3] += stats.detach().double().cpu()
-                acc[3] += b.n_valid
-            steps_done += 1
-            tokens_total += total_tokens
-            logger.advance()
-            if log_now:
-                sums = _dp_sum(acc.tolist(), device).cpu()
-                n = max(float(sums[3]), 1.0)
-                dt = time.time() - t_log
-                vals = {"loss": float(sums[0]) / n, "tokens_per_s": float(sums[3]) / max(dt, 1e-9),
-                        "lr": lr_now, "teacher_wait_s": wait_s}
-                if ce_weight < 1.0:
-                    vals["kl" if lo.divergence == "forward_kl" else lo.divergence] = float(sums[1]) / n
-                if features is not None:
-                    vals["feature_loss"] = float(sums[2]) / n
-                gn = engine.grad_norm()
-                if gn is not None:
-                    vals["grad_norm"] = gn
-                logger.log(step + 1, vals)
-                if first_loss is None:
-                    first_loss = vals["loss"]
-                last_loss = vals["loss"]
-                acc.zero_()
-                wait_s = 0.0
-                t_log = time.time()
-            stop_here = step + 1 == end_step and end_step < tr.max_steps
-            if (tr.save_every and (step + 1) % tr.save_every == 0) or stop_here:
-                last_ckpt = ckpt.save(engine, cfg.run.output_dir, step + 1, {"max_steps": tr.max_steps},
-                                      rank=rank, world=world, keep=2)
-    finally:
-        source.close()
-        logger.close()
-    elapsed = time.time() - t_train
-
-    final_model = None
-    if end_step == tr.max_steps and tr.save_final:
-        final_model = ckpt.save_final_model(student, tokenizer, os.path.join(cfg.run.output_dir, "final"),
-                                            rank=rank, zero3=zero3)
-    peak = None
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-    else:
+    # ------------------------------------------------------------------------------------------ the loop
+    def run(self) -> Dict[str, Any]:
+        cfg, tr, lo = self.cfg, self.cfg.train, self.cfg.loss
+        is_main = self.rank == 0
+        logger = MetricsLogger(cfg.run.output_dir, enabled=is_main, total_steps=self.end_step,
+                               start_step=self.start_step, progress=cfg.run.progress, tensorboard=cfg.run.tensorboard)
+        if is_main:
+            os.makedirs(cfg.run.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.run.output_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2, default=str)
+        first_loss = last_loss = None
+        tokens_total = 0.0
+        steps_done = 0
+        last_ckpt = None
+        t_log = t_train = time.time()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            import resource
+            for step in range(self.start_step, self.end_step):
+                log_now = (step + 1) % tr.log_every == 0 or step + 1 == self.end_step
+                lr_now = self.engine.lr()
+                tokens_total += self.step(step, measure=log_now)
+                steps_done += 1
+                logger.advance()
+                if log_now:
+                    sums = _dp_sum(self.acc.tolist(), self.device).cpu()
+                    n = max(float(sums[3]), 1.0)
+                    vals = {"loss": float(sums[0]) / n, "tokens_per_s": float(sums[3]) / max(time.time() - t_log, 1e-9),
+                            "lr": lr_now, "teacher_wait_s": self.wait_s}
+                    if self.ce_weight < 1.0:
+                        vals["kl" if lo.divergence == "forward_kl" else lo.divergence] = float(sums[1]) / n
+                    if self.features is not None:
+                        vals["feature_loss"] = float(sums[2]) / n
+                    gn = self.engine.grad_norm()
+                    if gn is not None:
+                        vals["grad_norm"] = gn
+                    logger.log(step + 1, vals)
+                    if first_loss is None:
+                        first_loss = vals["loss"]
+                    last_loss = vals["loss"]
+                    self.acc.zero_()
+                    self.wait_s = 0.0
+                    t_log = time.time()
+                stop_here = step + 1 == self.end_step and self.end_step < tr.max_steps
+                if (tr.save_every and (step + 1) % tr.save_every == 0) or stop_here:
+                    last_ckpt = ckpt.save(self.engine, cfg.run.output_dir, step + 1, {"max_steps": tr.max_steps},
+                                          rank=self.rank, world=self.world, keep=2)
+        finally:
+            self.source.close()
+            logger.close()
+        elapsed = time.time() - t_train
+        final_model = None
+        if self.end_step == tr.max_steps and tr.save_final:
+            final_model = ckpt.save_final_model(self.student, self.tokenizer,
+                                                os.path.join(cfg.run.output_dir, "final"), rank=self.rank,
+                                                zero3=self.zero3)
+        summary = {
+            "role": "student", "steps": self.end_step, "steps_this_run": steps_done, "start_step": self.start_step,
+            "tokens": tokens_total, "first_loss": first_loss, "final_loss": last_loss,
+            "tokens_per_s": tokens_total / elapsed if elapsed > 0 else None, "elapsed_s": time.time() - self.t0,
+            "train_s": elapsed, "peak_memory_gb": _peak_memory_gb(self.device), "final_model": final_model,
+            "checkpoint": last_ckpt, "output_dir": cfg.run.output_dir, "engine": self.engine_kind,
+            "zero_stage": tr.zero_stage, "teacher_source": cfg.teacher.source, "metrics": logger.path,
+        }
+        if is_main and cfg.run.progress != "false":
+            sys.stderr.write(format_summary(summary) + "\n")
+        return summary
 
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
-        except Exception:
-            peak = None
-    summary = {
-        "role": "student", "steps": end_step, "steps_this_run": steps_done, "start_step": start_step,
-        "tokens": tokens_total, "first_loss": first_loss, "final_loss": last_loss,
-        "tokens_per_s": tokens_total / elapsed if elapsed > 0 else None, "elapsed_s": time.time() - t0,
-        "train_s": elapsed, "peak_memory_gb": peak, "final_model": final_model, "checkpoint": last_ckpt,
-        "output_dir": cfg.run.output_dir, "engine": engine_kind, "zero_stage": tr.zero_stage,
-        "teacher_source": cfg.teacher.source, "metrics": logger.path,
-    }
-    if is_main and cfg.run.progress != "false":
-        sys.stderr.write(format_summary(summary) + "\n")
-    return summary
+    # ------------------------------------------------------------------------------------------ teacher ranks
+    def serve_teacher(self) -> Dict[str, Any]:
+        from ..teacher.stream import serve
+
+        cfg = self.cfg
+        student_cfg = _student_config(cfg)
+        runner, tmodel = load_teacher_runner(cfg, self.device, student_config=student_cfg if cfg.loss.features else None)
+        check_shared_vocab(self.tokenizer, student_cfg, tmodel.config, tokenizer_for_model(cfg.teacher.path))
+        colocated = ColocatedTeacher(runner, device=self.device, seed=cfg.run.seed, dp_rank=0, method=cfg.teacher.method)
+        GA = cfg.train.grad_accum
+        t0 = time.time()
+        n = serve(self.topo, colocated, self.stream, self.start_step * GA, self.end_step * GA,
+                  prefetch=cfg.teacher.prefetch, logprob_dtype=cfg.teacher.logprob_dtype,
+                  vocab_size=int(tmodel.config.vocab_size), bitpack_ids=cfg.teacher.bitpack_ids,
+                  timeout_s=cfg.train.dist_timeout_s)
+        return {"role": "teacher", "teacher_rank": self.topo.rank, "micro_batches_sent": n,
+                "elapsed_s": time.time() - t0, "output_dir": cfg.run.output_dir}
+
+
+def _peak_memory_gb(device) -> Optional[float]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB (process high-water mark)
+    except Exception:
+        return None
 
 
 def _teacher_config(cfg: Config):
@@ -376,21 +418,6 @@ def _teacher_config(cfg: Config):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(cfg.teacher.path)
-
-
-def _serve_teacher(cfg: Config, topo, stream, device, start_step: int, end_step: int, tokenizer) -> Dict[str, Any]:
-    from ..teacher.stream import serve
-
-    student_cfg = _student_config(cfg)
-    runner, tmodel = load_teacher_runner(cfg, device, student_config=student_cfg if cfg.loss.features else None)
-    check_shared_vocab(tokenizer, student_cfg, tmodel.config, tokenizer_for_model(cfg.teacher.path))
-    colocated = ColocatedTeacher(runner, device=device, seed=cfg.run.seed, dp_rank=0, method=cfg.teacher.method)
-    GA = cfg.train.grad_accum
-    t0 = time.time()
-    n = serve(topo, colocated, stream, start_step * GA, end_step * GA, prefetch=cfg.teacher.prefetch,
-              logprob_dtype=cfg.teacher.logprob_dtype)
-    return {"role": "teacher", "teacher_rank": topo.rank, "micro_batches_sent": n, "elapsed_s": time.time() - t0,
-            "output_dir": cfg.run.output_dir}
 
 
 def _student_config(cfg: Config):
