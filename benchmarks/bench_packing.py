@@ -47,9 +47,9 @@ def _timed(fn, device, reps=5):
     return out, statistics.median(times)
 
 
-def run(V, N, d, k, device, seed=0):
+def run(V, N, d, k, device, scale, seed=0):
     g = torch.Generator().manual_seed(seed)
-    h_t = (torch.randn(N, d, generator=g) * 2.5).to(device)
+    h_t = (torch.randn(N, d, generator=g) * scale).to(device)
     w_t = (torch.randn(V, d, generator=g) / d ** 0.5).to(device)
     h_s = (h_t + 0.5 * torch.randn(N, d, generator=g).to(device))
     w_s = (w_t + 0.1 * torch.randn(V, d, generator=g).to(device) / d ** 0.5)
@@ -100,12 +100,13 @@ def main():
     p.add_argument("--N", type=int, default=512)
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--k", type=int, default=64)
+    p.add_argument("--scale", type=float, default=5.0, help="teacher hidden-state scale (sets its entropy)")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     args = p.parse_args()
     rows, notes = [], []
     for V in args.V:
-        r, mass = run(V, args.N, args.d, args.k, args.device)
+        r, mass = run(V, args.N, args.d, args.k, args.device, args.scale)
         rows += r
         notes.append(f"V={V:,}: mean top-{args.k} teacher mass {mass:.3f}; base losses {r[0]['base_loss']} (top-k), "
                      f"{[x for x in r if x['method'] == 'sample'][0]['base_loss']} (sample)")

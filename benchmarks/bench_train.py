@@ -94,7 +94,7 @@ def run_config(paths: dict, p: dict, args, out: str, mb: int, source: str = "col
     return {
         "run": {"output_dir": out, "seed": 3, "progress": "false", "tensorboard": False},
         "student": {"path": paths["student"]},
-        "teacher": {"source": source, "path": paths["teacher"], "k": 64, "cache_dir": os.path.join(args.workdir, "cache"),
+        "teacher": {"source": source, "path": paths["teacher"], "k": 64, "cache_dir": os.path.join(args.workdir, f"cache_{args.max_samples}"),
                     "dtype": "bfloat16" if p["precision"] == "bf16" else "float32"},
         "loss": {"backend": args.backend, "validate": "never"},
         "data": {"train_files": [paths["data"]], "seq_len": p["seq"], "max_samples": args.max_samples},
@@ -225,12 +225,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args, variant: str, mbs, nproc: int) -> list:
+def launch(args, variant: str, mbs, nproc: int, max_samples=None) -> list:
     base = [os.path.abspath(__file__), "--_worker", variant, "--worker-mbs", ",".join(str(m) for m in mbs),
             "--workdir", args.workdir, "--preset", args.preset, "--steps", str(args.steps), "--backend", args.backend,
             "--engine", args.engine, "--device", args.device]
-    if args.max_samples:
-        base += ["--max-samples", str(args.max_samples)]
+    if max_samples or args.max_samples:
+        base += ["--max-samples", str(max_samples or args.max_samples)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(_free_port())] + base
@@ -269,14 +269,14 @@ def largest_mb(rows, cap: float):
 
 
 def table(rows, baseline="naive") -> str:
-    base = next((r for r in rows if r["variant"] == baseline and "tokens_per_s" in r), None)
+    bases = {r["mb"]: r for r in rows if r["variant"] == baseline and "tokens_per_s" in r}
     out = ["| variant | micro-batch | tokens/s | vs naive | step | peak memory / rank | vs naive | peak beyond pre-step RSS |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['variant']} | {r['mb']} | error | | | | | {r['error'][:80]} |")
             continue
-        same = base if base and base["mb"] == r["mb"] else None
+        same = bases.get(r["mb"])
         rt = f"{r['tokens_per_s'] / same['tokens_per_s']:.2f}x" if same else ""
         rm = f"{100 * r['peak_bytes'] / same['peak_bytes']:.0f}%" if same else ""
         out.append(f"| {r['variant']} | {r['mb']} | {r['tokens_per_s']:,.0f} | {rt} | {r['step_s']:.2f} s | "
@@ -357,7 +357,7 @@ def main() -> None:
     if not args.no_confirm:
         for v, m in fitted.items():
             if m and m not in mbs:
-                for r in launch(args, v, [m], nproc):
+                for r in launch(args, v, [m], nproc, max_samples=nproc * (1 + args.steps) * m):
                     r["variant"] = v
                     r["note"] = "fitted largest under cap"
                     confirm.append(r)

@@ -6,7 +6,7 @@ the parser code. Training subcommands run under any launcher::
 
     distill-engine train --config examples/tiny_cpu.yaml                      # one process
     torchrun --nproc_per_node 2 -m distill_engine.cli train --config run.yaml  # 2 CPU processes (gloo)
-    deepspeed --num_gpus 8 -m distill_engine.cli train --config run.yaml       # 8 GPUs
+    deepspeed --num_gpus 8 --module distill_engine.cli train --config run.yaml       # 8 GPUs
 """
 from __future__ import annotations
 
@@ -91,9 +91,29 @@ def _builtin_commands() -> None:
 
 _builtin_commands()
 
+# Modules that contribute subcommands: each exposes COMMANDS = {name: (help, add_arguments, run)}.
+EXTENSIONS = ["distill_engine.eval.cli"]
+
+
+def _load_extensions() -> None:
+    import importlib
+
+    for mod in EXTENSIONS:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:  # not written yet: its subcommands are simply absent
+                continue
+            raise
+        for name, cmd in getattr(m, "COMMANDS", {}).items():
+            COMMANDS.setdefault(name, cmd)
+
 
 def build_parser() -> argparse.ArgumentParser:
+    _load_extensions()
     parser = argparse.ArgumentParser(prog="distill-engine", description="Kernel-backed knowledge distillation for LLMs")
+    # the deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK in the environment is what is used
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, add, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

@@ -106,7 +106,8 @@ def reference_grads(paths, sample_ids):
 
 
 def train_runs(root: str) -> None:
-    """Colocated ZeRO-2 (loss falls, final save), cache-teacher + cache ZeRO-3, resume equality, teacher none."""
+    """Colocated ZeRO-2 with a feature loss (loss falls, final save), cache-teacher + cache ZeRO-3, resume
+    equality, teacher none."""
     from distill_engine.trainer import cache_teacher, train
 
     paths = json.load(open(os.path.join(root, "paths.json")))
@@ -114,7 +115,8 @@ def train_runs(root: str) -> None:
     cache_dir = os.path.join(root, "cache")
     # 1. the loss falls over a few dozen steps (colocated, ZeRO-2), the final student is saved.
     cfg = base_config(paths, os.path.join(root, "colocated_z2"),
-                      run={"tensorboard": True}, loss={"ce_weight": 0.2},
+                      run={"tensorboard": True},
+                      loss={"ce_weight": 0.2, "features": {"kind": "cosine", "weight": 0.1, "layer_map": [[1, 1]]}},
                       train={"zero_stage": 2, "max_steps": 30, "lr": 1e-2, "warmup_steps": 2})
     out["colocated_z2"] = train(cfg)
     # 2. the teacher cache, written by both ranks, then a ZeRO-3 run on it.

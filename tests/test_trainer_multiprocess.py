@@ -126,6 +126,8 @@ def test_loss_falls_and_student_saved(train_results, tiny):
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.85 * losses[0], losses
     assert os.listdir(os.path.join(root, "colocated_z2", "tensorboard")), "no TensorBoard events written"
+    rows = [json.loads(l) for l in open(os.path.join(root, "colocated_z2", "metrics.jsonl"))]
+    assert all(r["feature_loss"] > 0 and r["kl"] > 0 for r in rows)  # colocated feature distillation ran
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for run in ("colocated_z2", "cache_z3"):  # ZeRO-2 and ZeRO-3 (gathered) saves

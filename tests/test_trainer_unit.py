@@ -113,12 +113,18 @@ def test_tokenize_pack_and_collate(tiny):
     assert b.labels.shape == (2, b.input_ids.shape[1] - 1) and b.micro_step == 7
     assert b.n_valid == sum(loose.rows(i) for i in (0, 1))
     assert (b.labels[b.labels != IGNORE_INDEX] == b.input_ids[:, 1:][b.labels != IGNORE_INDEX]).all()
+    import datasets
+
+    pq = os.path.join(root, "docs.parquet")
+    datasets.Dataset.from_dict({"body": texts[:5]}).to_parquet(pq)
+    assert load_texts([pq], text_field="body") == texts[:5]
+    with pytest.raises(ValueError, match="data.text_field: column 'text' not found"):
+        load_texts([pq])
     text_file = os.path.join(root, "plain.txt")
     open(text_file, "w").write("one document\nwith two lines\n")
     assert load_texts([text_file]) == ["one document\nwith two lines\n"]
     with pytest.raises(ValueError, match="cannot tell the format"):
-        load_texts([os.path.join(root, "paths.unknown")]) if os.path.exists(os.path.join(root, "x")) else \
-            load_texts([_touch(os.path.join(root, "data.xyz"))])
+        load_texts([_touch(os.path.join(root, "data.xyz"))])
 
 
 def _touch(p):

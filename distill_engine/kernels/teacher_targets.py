@@ -27,7 +27,7 @@ accumulation (under the interpreter they are upcast to fp32 first: the interpret
 is not faithful, and the upcast is exact).
 
 ``DISTILL_ENGINE_TT_LOGITS=cublas`` (read at every call): top-k takes the raw logits of each sub-chunk from
-a cuBLAS GEMM into an fp32 buffer (≤ 2^27 elements) and the same kernel reads them (FROM_BUF) instead of
+a cuBLAS GEMM into an fp32 buffer (≤ 2^26 elements) and the same kernel reads them (FROM_BUF) instead of
 running its tile GEMM; for measuring the fused GEMM against cuBLAS.
 
 k larger than ``MAX_KERNEL_K`` on this backend: the logits of a sub-chunk go to an fp32 buffer through
@@ -404,10 +404,10 @@ class TritonBackend:
 
 
 def _topk_cublas(h, weight, bias, k: int, inv_t: float):
-    """DISTILL_ENGINE_TT_LOGITS=cublas: per sub-chunk of ≤ 2^27 logits, cuBLAS GEMM + the candidate kernel."""
+    """DISTILL_ENGINE_TT_LOGITS=cublas: per sub-chunk of ≤ 2^26 logits, cuBLAS GEMM + the candidate kernel."""
     c = h.shape[0]
     V = weight.shape[0]
-    rows = max(1, min(c, (1 << 27) // V))
+    rows = max(1, min(c, (1 << 26) // V))
     buf = torch.empty(rows, V, dtype=torch.float32, device=h.device)
     ids = torch.empty(c, k, dtype=torch.int32, device=h.device)
     lps = torch.empty(c, k, dtype=torch.float32, device=h.device)

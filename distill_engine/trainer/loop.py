@@ -12,8 +12,6 @@ means, which would over-weight short micro-batches.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import os
 import random
@@ -26,9 +24,9 @@ import torch
 import torch.distributed as dist
 
 from ..data import MicroBatchPlan, MicroBatchStream, check_shared_vocab, load_texts, load_tokenizer, tokenize
-from ..data.tokenizer import tokenizer_fingerprint, tokenizer_for_model
+from ..data.tokenizer import tokenizer_for_model
 from ..teacher import topology
-from ..teacher.base import NoTeacher, TeacherSource, check_alignment
+from ..teacher.base import NoTeacher, check_alignment
 from ..teacher.colocated import ColocatedTeacher, TeacherHead
 from . import checkpoint as ckpt
 from .config import Config, load_config
@@ -116,7 +114,7 @@ def teacher_feature_layers(cfg: Config, student_cfg, teacher_cfg):
     return sorted({t + 1 for _, t in probe.layer_pairs})
 
 
-def load_teacher_runner(cfg: Config, device: torch.device, *, student_config=None, zero3_world: bool = False):
+def load_teacher_runner(cfg: Config, device: torch.device, *, student_config=None):
     """The frozen teacher as a :class:`TeacherHead`, or the ZeRO-3 inference engine that wraps one."""
     t = cfg.teacher
     dtype = teacher_dtype(cfg, device)
@@ -125,8 +123,9 @@ def load_teacher_runner(cfg: Config, device: torch.device, *, student_config=Non
     if t.zero3:
         ds_cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
                   "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 1 << 30}
-        ds_cfg["zero_optimization"].update(cfg.train.deepspeed.get("zero_optimization", {}) if t.zero3 else {})
+        ds_cfg["zero_optimization"].update(cfg.train.deepspeed.get("zero_optimization", {}))
         ds_cfg["zero_optimization"]["stage"] = 3
+        quiet_deepspeed()
     # Loaded plainly unless the teacher itself is ZeRO-3 partitioned: never under the student's switch.
     with zero3_loading(ds_cfg):
         model = load_model(t.path, t.init, key="teacher", dtype=dtype, attn=attn, init_seed=t.init_seed)
@@ -152,7 +151,7 @@ def load_teacher_runner(cfg: Config, device: torch.device, *, student_config=Non
 
 
 def _dp_sum(values, device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    t = torch.tensor(values, dtype=torch.float64, device=device)  # exact token counts at any scale
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t

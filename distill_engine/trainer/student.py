@@ -48,7 +48,11 @@ class FusedHeadLoss(nn.Module):
 
         w = self._lm_head.weight
         b = getattr(self._lm_head, "bias", None)
-        if w.dtype != h.dtype:  # e.g. autocast activations with fp32 master weights (torch engine)
+        dev = h.device.type
+        if torch.is_autocast_enabled(dev):  # torch engine, bf16: fp32 master weights, low-precision compute
+            dt = torch.get_autocast_dtype(dev)
+            h = h.to(dt)
+        if w.dtype != h.dtype:
             w = w.to(h.dtype)
             b = None if b is None else b.to(h.dtype)
         loss = fused_distill_loss(h, w, ids, lps, labels=labels, bias=b, ce_weight=self.ce_weight,
