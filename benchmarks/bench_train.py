@@ -48,7 +48,7 @@ PRESETS = {
                                                num_attention_heads=6, num_key_value_heads=2),
                 student=dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2), mbs=[1, 2, 4], mb=4, steps=2, nproc=2, precision="fp32",
-                zero=2, cap_gb=3.0),
+                zero=2, cap_gb=2.0),
     # Llama-3 vocabulary; ~0.9B teacher, ~0.3B student: one GPU, bf16
     "gpu": dict(V=128256, seq=1024, teacher=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
                                                  num_attention_heads=16, num_key_value_heads=8),
@@ -376,7 +376,9 @@ def main() -> None:
         c = next((r for r in confirm if r["variant"] == v), None)
         extra = ""
         if c is not None and "peak_bytes" in c:
-            extra = f" (measured peak at {m}: {fmt_bytes(c['peak_bytes'])})"
+            ok = "under" if c["peak_bytes"] <= cap else "OVER"
+            extra = f" (run at {m}: peak {fmt_bytes(c['peak_bytes'])}, {ok} the cap"
+            extra += "; the peak grows sub-linearly, so this is a lower bound)" if c["peak_bytes"] < 0.8 * cap else ")"
         lines.append(f"- {v}: {m}{extra}")
     cache_row = next((r for r in rows if r["variant"] == "fused-cache" and "tokens_per_s" in r), None)
     col_row = next((r for r in rows if r["variant"] == "fused" and r.get("mb") == p["mb"] and "tokens_per_s" in r), None)

@@ -108,8 +108,10 @@ def reference_grads(paths, sample_ids):
 def train_runs(root: str) -> None:
     """Colocated ZeRO-2 with a feature loss (loss falls, final save), cache-teacher + cache ZeRO-3, resume
     equality, teacher none."""
-    from distill_engine.trainer import cache_teacher, train
+    import distill_engine as de
+    from distill_engine.trainer import cache_teacher
 
+    train = de.train  # the public Python API
     paths = json.load(open(os.path.join(root, "paths.json")))
     out = {}
     cache_dir = os.path.join(root, "cache")

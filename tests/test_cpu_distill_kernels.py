@@ -100,6 +100,23 @@ def test_logits_lse_accepts_fp32_weight_copy_and_fp16(monkeypatch):
     torch.testing.assert_close(lse_1, lse_t)
 
 
+def test_strided_inputs_are_accepted():
+    """A transposed-storage weight (e.g. tied to a [d, V] matrix) and a strided h give the same results."""
+    gen = torch.Generator().manual_seed(5)
+    c, d, V = 13, 37, 1009
+    h = torch.randn(d, c, generator=gen).T  # [c, d], not contiguous
+    w = torch.randn(d, V, generator=gen).T  # [V, d], not contiguous
+    s_q = torch.randn(c, generator=gen)
+    outs = []
+    for hh, ww in ((h, w), (h.contiguous(), w.contiguous())):
+        buf, lse_t, _ = _C.distill_logits_lse(hh, ww, None, 2.5, False)
+        dW = torch.zeros(V, d)
+        dH = _C.distill_dense_grad(buf, hh, ww, 2.5, lse_t, None, s_q, None, dW, None)
+        outs.append((lse_t, buf, dH, dW))
+    for x, y in zip(*outs):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
 def _ref_grad(l, h, w, T, s_q, s_1, dW0, db0):
     lse_t = torch.logsumexp(l / T, dim=1, keepdim=True)
     g = s_q.double()[:, None] * torch.exp(l / T - lse_t)

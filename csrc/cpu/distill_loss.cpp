@@ -13,15 +13,13 @@
 //   db    += Σ_rows g             [V]       accumulated into the caller's fp32 buffer
 //
 // How it is computed:
-// * Both functions walk the vocabulary in column tiles of ~1M/c entries (2048 for c = 512: a 4 MB
-//   [c, tile] slab of the buffer, which stays in L3 between the GEMM that writes it and the pass that
-//   reads it, so the elementwise work does not stream the whole 4·c·V-byte buffer from DRAM again).
-//   Measured on this 2-core EPYC, c = 512, d = 512, V = 32000: ~5 % less time than one untiled pass.
+// * Both functions walk the vocabulary in column tiles (see tile_cols: one tile for an fp32 weight;
+//   tiles bounding the fp32 temporary when the weight must be upcast).
 // * The GEMMs are ATen's (MKL sgemm on this build) in fp32, written/read straight through strided
 //   [c, tile] views of the buffer (leading dimension V, no copies; transposes folded into the call).
 //   bf16/fp16 inputs are upcast: h once per call, W one tile at a time (so a low-precision weight
 //   never needs a full fp32 copy; an fp32 copy handed in by the caller is used as is).
-// * distill_logits_lse: per tile, the GEMM, then a pass per row (OpenMP over rows) that adds the bias
+// * distill_logits_lse: per tile, the GEMM, then ONE pass per row (OpenMP over rows) that adds the bias
 //   and folds the tile into the row's running log-sum-exp state for BOTH temperatures.  Inside a tile
 //   the row is walked in L1-sized blocks: block max, then the block's exponential sums (block-wise
 //   online log-sum-exp: a larger running max rescales the running sums once per block, so each element
@@ -30,7 +28,7 @@
 //   form the gradient pass uses, so Σ_v exp(l_v/T − lse_T) = 1 up to rounding.  T = 1 needs one sum.
 // * distill_dense_grad: per tile, a pass per row forms g in place (one or two exps per element; one
 //   when T = 1 and lse_1 == lse_T) and adds it into a per-thread column-sum row for db (reduced after
-//   the tile, no atomics); then, while the g tile is in cache, dW[tile] += g_tileᵀ h and
+//   the tile, no atomics); then the two gradient GEMMs on the tile: dW[tile] += g_tileᵀ h and
 //   dH += g_tile W[tile].
 // * exp: std::exp does not vectorize without -ffast-math, so fast_expf below is a branch-free
 //   polynomial exp the compiler vectorizes inside `#pragma omp simd` loops (AVX2: 8 lanes).
@@ -39,8 +37,8 @@
 //     ½ ulp = 6e-8), Horner with FMA;  2^k built from exponent bits as 2^(k>>1) · 2^(k−(k>>1)) so
 //     results down to the subnormal range are formed with a single final rounding.
 //     Inputs are clamped to [−104, 88.8]: below −104 the true result rounds to 0 (−inf → 0, never
-//     NaN); above, 2^k overflows to +inf as it should.  NaN propagates.  Measured error ≤ 2 ulp
-//     (tests/test_cpu_distill_kernels.py checks it against float64 exp through _vexp).
+//     NaN); above, 2^k overflows to +inf as it should.  NaN propagates.  Measured max error 0.92 ulp
+//     (tests/test_cpu_distill_kernels.py requires ≤ 2 ulp against float64 exp, through _vexp).
 #include "common.h"
 
 #include <ATen/Parallel.h>
@@ -180,15 +178,20 @@ void lse_finish(const LseState& st, bool t_is_one, bool need1, float* out_t, flo
   if (need1) *out_1 = t_is_one ? *out_t : static_cast<float>(static_cast<double>(st.m) + std::log(st.sum_1));
 }
 
-// Width of the vocabulary tiles the chunk is walked in: each tile's GEMM output (c × width fp32,
-// about 4 MB) is still in cache (L3) when the elementwise pass reads it.  A multiple of 64, ≥ 256.
-int64_t tile_cols(int64_t c, int64_t V) {
-  int64_t w = (int64_t{1} << 20) / std::max<int64_t>(c, 1);
-  // Tuning/testing override (tests use it to walk small vocabularies in several tiles).
-  if (const char* e = std::getenv("DISTILL_ENGINE_CPU_TILE_COLS")) w = std::atoll(e);
-  w = std::max<int64_t>(256, (w / 64) * 64);
-  return std::min(w, std::max<int64_t>(V, 1));
+// Width of the vocabulary tiles the chunk is walked in.  An fp32 contiguous weight is used in ONE tile:
+// on this 2-core machine narrower tiles were slower (c = 512, d = 512, V = 32000, 2 threads: 2048-wide
+// tiles 1.7x, 16384-wide 1.04x the single tile; with 1 thread all within noise), the extra GEMM calls
+// and thread barriers costing more than the cache reuse gains.  A weight that must be upcast (bf16,
+// fp16, strided) is converted one tile at a time, tiles sized so the fp32 temporary stays ≤ 64 MB.
+int64_t tile_cols(int64_t V, int64_t d, bool upcast_weight) {
+  int64_t w = V;
+  if (upcast_weight) w = std::max<int64_t>(1024, (int64_t{1} << 24) / std::max<int64_t>(d, 1));
+  // Tuning/testing override (the tests use it to walk small vocabularies in several tiles).
+  if (const char* e = std::getenv("DISTILL_ENGINE_CPU_TILE_COLS")) w = std::max<int64_t>(64, std::atoll(e));
+  return std::max<int64_t>(1, std::min(w, V));
 }
+
+bool needs_upcast(const at::Tensor& t) { return t.scalar_type() != at::kFloat || !t.is_contiguous(); }
 
 void check_float_input(const at::Tensor& t, const char* name) {
   DE_CHECK_CPU(t);
@@ -244,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_logits_lse(const at::Tens
   const bool t_is_one = temperature == 1.0;
   const bool two_sums = need_lse1 && !t_is_one;
   std::vector<LseState> state(c);
-  const int64_t tv = tile_cols(c, V);
+  const int64_t tv = tile_cols(V, h.size(1), needs_upcast(weight));
   for (int64_t v0 = 0; v0 < V; v0 += tv) {
     const int64_t n = std::min(tv, V - v0);
     // buf[:, v0:v0+n] = h [c, d] @ W[v0:v0+n]ᵀ [d, n]: sgemm straight into the strided tile (ldc = V),
@@ -267,7 +270,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_logits_lse(const at::Tens
 at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Tensor& weight, double temperature,
                               const at::Tensor& lse_t, const c10::optional<at::Tensor>& lse_1,
                               const at::Tensor& s_q, const c10::optional<at::Tensor>& s_1, at::Tensor& dW_acc,
-                              const c10::optional<at::Tensor>& db_acc) {
+                              const c10::optional<at::Tensor>& db_acc,
+                              const c10::optional<at::Tensor>& sparse_ids,
+                              const c10::optional<at::Tensor>& sparse_coef) {
   at::NoGradGuard no_grad;
   check_float_input(h, "h");
   check_float_input(weight, "weight");
@@ -303,6 +308,24 @@ at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Te
   const bool has_db = db_acc.has_value() && db_acc->defined();
   if (has_db) check_f32_vec(*db_acc, "db_acc", V);
 
+  // Sparse part of dL/dl (teacher ids and the CE label): added to g before the GEMMs, duplicates accumulate.
+  const bool has_sp = sparse_ids.has_value() && sparse_ids->defined();
+  TORCH_CHECK(has_sp == (sparse_coef.has_value() && sparse_coef->defined()),
+              "sparse_ids and sparse_coef must be given together");
+  at::Tensor sp_ids, sp_coef;
+  int64_t n_sp = 0;
+  if (has_sp) {
+    sp_ids = sparse_ids->to(at::kLong).contiguous();
+    sp_coef = as_f32(*sparse_coef);
+    TORCH_CHECK(sp_ids.dim() == 2 && sp_ids.size(0) == c && sp_coef.sizes() == sp_ids.sizes(),
+                "sparse_ids and sparse_coef must both have shape [c, m] with c = ", c);
+    n_sp = sp_ids.size(1);
+    TORCH_CHECK(sp_ids.numel() == 0 || (sp_ids.min().item<int64_t>() >= 0 && sp_ids.max().item<int64_t>() < V),
+                "sparse_ids must lie in [0, V)");
+  }
+  const int64_t* psp_ids = has_sp ? sp_ids.data_ptr<int64_t>() : nullptr;
+  const float* psp_coef = has_sp ? sp_coef.data_ptr<float>() : nullptr;
+
   const at::Tensor h_f = as_f32(h);
   at::Tensor dH = at::zeros({c, d}, h.options().dtype(at::kFloat));
   if (c == 0) return dH;
@@ -315,7 +338,7 @@ at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Te
   float* pdb = has_db ? db_acc->data_ptr<float>() : nullptr;
   const float inv_t = static_cast<float>(1.0 / temperature);
   const bool t_is_one = temperature == 1.0;
-  const int64_t tv = tile_cols(c, V);
+  const int64_t tv = tile_cols(V, h.size(1), needs_upcast(weight));
   const int max_threads = at::get_num_threads();
   // One column-sum row per thread for db, reduced after each tile (no atomics).
   std::vector<float> col(has_db ? static_cast<size_t>(max_threads) * tv : 0);
@@ -369,6 +392,14 @@ at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Te
             }
           }
         }
+        for (int64_t j = 0; j < n_sp; ++j) {  // the row's sparse coefficients that fall in this tile
+          const int64_t col_id = psp_ids[r * n_sp + j] - v0;
+          if (col_id >= 0 && col_id < n) {
+            const float cf = psp_coef[r * n_sp + j];
+            g[col_id] += cf;
+            if (acc != nullptr) acc[col_id] += cf;
+          }
+        }
       }
     }
     if (has_db) {
@@ -379,7 +410,7 @@ at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Te
         for (int64_t v = 0; v < n; ++v) db[v] += a[v];
       }
     }
-    // While the g tile is still in cache: dW[v0:v0+n] += g_tileᵀ h  and  dH += g_tile W[v0:v0+n]
+    // dW[v0:v0+n] += g_tileᵀ h  and  dH += g_tile W[v0:v0+n]
     // (g_tile is a strided [c, n] view with leading dimension V; both GEMMs take it without a copy).
     const at::Tensor g_tile = buf.narrow(1, v0, n);
     dW_acc.narrow(0, v0, n).addmm_(g_tile.t(), h_f);
@@ -414,10 +445,12 @@ void register_distill_loss(pybind11::module_& m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("distill_dense_grad", &distill_dense_grad,
         "distill_dense_grad(buf, h, weight, temperature, lse_T, lse_1 | None, s_q, s_1 | None, dW_acc, "
-        "db_acc | None) -> dH fp32 [c,d].  Overwrites buf with g = s_q·exp(l/T − lse_T) + s_1·exp(l − lse_1), "
+        "db_acc | None, sparse_ids | None, sparse_coef | None) -> dH fp32 [c,d].  Overwrites buf with "
+        "g = s_q·exp(l/T − lse_T) + s_1·exp(l − lse_1) + sparse_coef scattered at sparse_ids (duplicates add), "
         "adds gᵀ h to dW_acc and the column sums of g to db_acc.",
         py::arg("buf"), py::arg("h"), py::arg("weight"), py::arg("temperature"), py::arg("lse_T"),
         py::arg("lse_1"), py::arg("s_q"), py::arg("s_1"), py::arg("dW_acc"), py::arg("db_acc"),
+        py::arg("sparse_ids") = py::none(), py::arg("sparse_coef") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("_vexp", &vexp, "the vectorized polynomial exp used by the kernels, elementwise on fp32 (for tests)",
         py::arg("x"), py::call_guard<py::gil_scoped_release>());

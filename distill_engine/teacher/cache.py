@@ -111,9 +111,13 @@ def write_cache(out_dir: str, *, runner, samples: TokenSamples, fields: Dict, pa
     """Compute and write the cache (all ranks call this). Returns the manifest."""
     import torch.distributed as dist
 
+    from .topology import wait_all
+
+    phase = [0]
+
     def barrier():
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+        phase[0] += 1
+        wait_all(f"cache-{os.path.abspath(out_dir)}-{phase[0]}")
 
     prog = os.path.join(out_dir, "progress")
     meta = dict(fields, format=FORMAT, version=VERSION, shard_samples=shard_samples, vocab_size=vocab_size,

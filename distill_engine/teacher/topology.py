@@ -97,8 +97,10 @@ _TOPOLOGY: Optional[Topology] = None
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, store, rank: int, world: int, *, interval: float, timeout: float, describe):
+    def __init__(self, store, rank: int, world: int, *, interval: float, timeout: float, describe,
+                 hosts_store: bool = False):
         super().__init__(name="distill-engine-heartbeat", daemon=True)
+        self.hosts_store = hosts_store
         self.store, self.rank, self.world = store, rank, world
         self.interval, self.timeout = interval, timeout
         self.describe = describe
@@ -108,6 +110,8 @@ class Heartbeat(threading.Thread):
     def _fail(self, msg: str) -> None:
         sys.stderr.write(f"\n[distill-engine] rank {self.rank}: {msg}; exiting (code {EXIT_PEER_FAILED}).\n")
         sys.stderr.flush()
+        if self.hosts_store:  # keep the store up until the other ranks have read the abort reason
+            time.sleep(2 * self.interval + 1.0)
         os._exit(EXIT_PEER_FAILED)
 
     def run(self) -> None:
@@ -136,8 +140,9 @@ class Heartbeat(threading.Thread):
             except Exception as exc:  # the store's host is gone
                 if self._stop_evt.is_set():
                     return
-                self._fail(f"lost the rendezvous store ({type(exc).__name__}: {exc}); the rank hosting it "
-                           f"(rank 0 or the launcher) died")
+                first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+                self._fail(f"lost the rendezvous store ({type(exc).__name__}: {first}): the process hosting it "
+                           f"(global rank 0, or the launcher's agent) exited — its log says why")
             self._stop_evt.wait(self.interval)
 
     def stop(self) -> None:
@@ -212,7 +217,8 @@ def setup(*, teacher_ranks: int = 0, timeout_s: float = 600.0, heartbeat_timeout
             return f"rank {r}"
 
         topo.heartbeat = Heartbeat(store, grank, world, interval=heartbeat_interval_s,
-                                   timeout=heartbeat_timeout_s, describe=describe)
+                                   timeout=heartbeat_timeout_s, describe=describe,
+                                   hosts_store=grank == 0 and not agent_store)
         topo.heartbeat.start()
         atexit.register(_finish, topo)
     _TOPOLOGY = topo
@@ -221,6 +227,20 @@ def setup(*, teacher_ranks: int = 0, timeout_s: float = 600.0, heartbeat_timeout
 
 def current() -> Optional[Topology]:
     return _TOPOLOGY
+
+
+def wait_all(name: str, poll_s: float = 0.2) -> None:
+    """A barrier over every process of the launch without a timeout (ranks may arrive hours apart, e.g. after
+    writing uneven cache shards); a rank that dies meanwhile is caught by the heartbeat watchdog instead."""
+    topo = _TOPOLOGY
+    if topo is None or topo.world_size <= 1 or topo.store is None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        return
+    topo.store.set(f"de/wait/{name}/{topo.global_rank}", "1")
+    keys = [f"de/wait/{name}/{r}" for r in range(topo.world_size)]
+    while not topo.store.check(keys):
+        time.sleep(poll_s)
 
 
 def report_failure(exc: BaseException) -> None:

@@ -35,12 +35,15 @@ class _Zero3Switch:
 @contextlib.contextmanager
 def zero3_loading(ds_config: Optional[dict]):
     """Within the block, ``from_pretrained`` loads ZeRO-3 partitioned models (``ds_config``); outside, never."""
-    from transformers.integrations import deepspeed as hf_ds
+    import sys
 
     if ds_config is None:
-        hf_ds.unset_hf_deepspeed_config()
+        hf_ds = sys.modules.get("transformers.integrations.deepspeed")
+        if hf_ds is not None:  # whoever set the switch imported this module; nothing to undo otherwise
+            hf_ds.unset_hf_deepspeed_config()
         yield
         return
+    from transformers.integrations import deepspeed as hf_ds
     switch = _Zero3Switch(ds_config)  # strong reference for the block's lifetime
     hf_ds.set_hf_deepspeed_config(switch)
     try:
@@ -51,9 +54,10 @@ def zero3_loading(ds_config: Optional[dict]):
 
 
 def zero3_switch_is_on() -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
+    import sys
 
-    return bool(is_deepspeed_zero3_enabled())
+    hf_ds = sys.modules.get("transformers.integrations.deepspeed")
+    return bool(hf_ds is not None and hf_ds.is_deepspeed_zero3_enabled())
 
 
 def resolve_attn(impl: str, device: torch.device) -> str:

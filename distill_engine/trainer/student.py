@@ -50,19 +50,19 @@ class FusedHeadLoss(nn.Module):
         b = getattr(self._lm_head, "bias", None)
         dev = h.device.type
         if torch.is_autocast_enabled(dev):  # torch engine, bf16: fp32 master weights, low-precision compute
-            dt = torch.get_autocast_dtype(dev)
-            h = h.to(dt)
+            h = h.to(torch.get_autocast_dtype(dev))
         if w.dtype != h.dtype:
             w = w.to(h.dtype)
             b = None if b is None else b.to(h.dtype)
-        loss = fused_distill_loss(h, w, ids, lps, labels=labels, bias=b, ce_weight=self.ce_weight,
-                                  reduction="sum", validate=validate, **self.opts)
+        with torch.autocast(dev, enabled=False):  # the op picks its own precisions; inputs are cast above
+            loss = fused_distill_loss(h, w, ids, lps, labels=labels, bias=b, ce_weight=self.ce_weight,
+                                      reduction="sum", validate=validate, **self.opts)
         div = None
         if measure_divergence:
             if self.ce_weight == 0.0:
                 div = loss.detach() / (self.opts["temperature"] ** 2)
             elif self.ce_weight < 1.0:
-                with torch.no_grad():  # an extra loss pass, on logged steps only
+                with torch.no_grad(), torch.autocast(dev, enabled=False):  # an extra pass, on logged steps only
                     div = fused_distill_loss(h.detach(), w.detach(), ids, lps, labels=labels,
                                              bias=None if b is None else b.detach(), ce_weight=0.0,
                                              reduction="sum", validate=False, **self.opts)
@@ -108,7 +108,8 @@ class DistillStudent(nn.Module):
             for t, x in zip(sorted({t for _, t in self.features.layer_pairs}), teacher_hidden):
                 t_states[t + 1] = x
             if n > 0:
-                feat = self.features(tuple(s_states), tuple(t_states)) * n  # mean over rows → sum over rows
+                with torch.autocast(hs.device.type, enabled=False):  # projections run in their own dtype
+                    feat = self.features(tuple(s_states), tuple(t_states)) * n  # mean over rows → sum over rows
                 total = total + self.feature_weight * feat
         stats = torch.stack([loss.detach().float(),
                              (div if div is not None else torch.zeros((), device=loss.device)).float(),
