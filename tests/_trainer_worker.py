@@ -47,8 +47,8 @@ def zero_checks(root: str) -> None:
     for name, stage, ga, mbs, t_zero3 in runs:
         cfg = base_config(paths, os.path.join(root, "out", name),
                           data={"packing": False, "train_files": [paths["data_varlen"]]},
-                          loss={"backend": "torch"},
-                          teacher={"source": "colocated", "path": paths["teacher"], "k": 8, "zero3": t_zero3},
+                          teacher={"source": "colocated", "path": paths["teacher"], "k": 8, "zero3": t_zero3,
+                                   "backend": "torch"},  # bit-comparable with the reference below
                           train={"zero_stage": stage, "grad_accum": ga, "micro_batch_size": mbs, "max_steps": 1,
                                  "grad_clip": 0.0})
         tr = Trainer(load_config(cfg), topo).setup()

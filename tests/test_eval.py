@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from _eval_tiny import TEXTS, make_llama, make_tokenizer, save_model, write_eval_data
+from _eval_tiny import make_llama, make_tokenizer, save_model, write_eval_data
 from distill_engine.eval import EvalConfig, evaluate
 from distill_engine.eval.evaluate import _build_report, _Sums
 from distill_engine.eval.metrics import engine_ops_available, objective_kl, token_metrics

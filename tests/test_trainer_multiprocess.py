@@ -31,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "_trainer_worker.py")
 pytestmark = pytest.mark.slow
+pytest.importorskip("deepspeed", reason="the multi-process trainer tests run DeepSpeed")
 
 
 def _free_port() -> int:

@@ -72,7 +72,8 @@ def base_config(paths: Dict[str, str], out: str, **sections) -> Dict:
     cfg = {
         "run": {"output_dir": out, "seed": 7, "progress": "false", "tensorboard": False},
         "student": {"path": paths["student"]},
-        "teacher": {"source": "colocated", "path": paths["teacher"], "k": 8},
+        "teacher": {"source": "colocated", "path": paths["teacher"], "k": 8,
+                    "backend": os.environ.get("DE_TEST_BACKEND", "auto")},
         "loss": {"temperature": 1.0, "backend": os.environ.get("DE_TEST_BACKEND", "auto")},
         "data": {"train_files": [paths["data"]], "seq_len": 32},
         "train": {"zero_stage": 2, "micro_batch_size": 2, "grad_accum": 1, "max_steps": 4, "lr": 3e-3,

@@ -11,7 +11,7 @@ import json
 import os
 from typing import Iterable, List, Tuple
 
-from ..data.io import atomic_write, atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
+from ..data.io import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported for report.py)
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -23,8 +23,8 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
 
 DEMO_FORMAT = 1  # bump to invalidate every cached teacher when the demo's recipe changes
 
@@ -58,7 +58,7 @@ class DemoPreset:
     student_steps: int = 150
     student_batch: int = 8
     student_lr: float = 3e-3
-    top_k: int = 64
+    top_k: int = 256
     distill_slices: Tuple[str, ...] = ("code",)
     held_out_packages: Tuple[str, ...] = ("email", "json", "xml")
     # training characters kept per slice (documents in a seeded order); the held-out packages stay whole
@@ -187,22 +187,23 @@ def _prepare_teacher(preset: DemoPreset, corpus: dict, tok, tok_dir: str, out_di
     _train(cfg)
     final = _final_dir(run_dir)
     # Publish the finished teacher under its cache key with one rename: a killed run leaves no half teacher.
-    from ..data.io import atomic_replace_dir
+    from ..data.io import atomic_replace_dir, fsync_tree
 
     tmp = cache + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(final, tmp)
     if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
         shutil.copy(os.path.join(run_dir, "metrics.jsonl"), os.path.join(tmp, "train_metrics.jsonl"))
+    fsync_tree(tmp)
     atomic_replace_dir(tmp, cache)
     return cache, False
 
 
 def run_demo(out_dir: str = "demo_out", retrain_teacher: bool = False, preset="default") -> bool:
     """Run the demo; returns True when both effects show. Prints the table; writes ``<out>/report``."""
-    p = PRESETS[preset] if isinstance(preset, str) else preset
     if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    p = PRESETS[preset] if isinstance(preset, str) else preset
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     stages = _Stages(6)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -243,7 +243,7 @@ def evaluate(
         cfg, names, tokens, t_nll, sums, use_obj, obj_k, distill,
         sources={"teacher": _models.model_source(teacher), "student": _models.model_source(student),
                  "baseline": None if baseline is None else _models.model_source(baseline),
-                 "data": data if isinstance(data, (str, os.PathLike)) and not isinstance(data, list) else "<records>"},
+                 "data": os.fspath(data) if isinstance(data, (str, os.PathLike)) else "<records>"},
         seconds=time.time() - started,
     )
     if out_dir is not None:

@@ -10,7 +10,8 @@ from typing import Dict, List, Mapping, Optional, Union
 
 from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-PREFERRED_CURVES = ("loss", "kl", "divergence", "ce", "lr", "tokens_per_s")
+PREFERRED_CURVES = ("loss", "kl", "divergence", "ce", "tokens_per_s")
+ROLE_COLORS = {"student": ("#1f77b4", "#9ecae1"), "baseline": ("#ff7f0e", "#fdd0a2")}
 
 
 def _f(x, fmt: str = ".3f") -> str:
@@ -144,7 +145,8 @@ def plot_slices(report: dict, out_dir: str) -> Dict[str, str]:
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 3.8))
     for j, role in enumerate(roles):
         vals = [(r[role] or {}).get("kl") or 0.0 for r in report["slices"]]
-        ax.bar([i + (j - (len(roles) - 1) / 2) * width for i in x], vals, width, label=role)
+        ax.bar([i + (j - (len(roles) - 1) / 2) * width for i in x], vals, width, label=role,
+               color=ROLE_COLORS.get(role, ("#555555",))[0])
     ref = (report.get("coverage_reference_kl") or {}).get("student")
     if ref is not None:
         thr = max(report["config"]["coverage_factor"] * ref, report["config"]["coverage_min_gap"])
@@ -163,8 +165,9 @@ def plot_slices(report: dict, out_dir: str) -> Dict[str, str]:
     width = 0.8 / len(series)
     for j, (role, key) in enumerate(series):
         vals = [100 * ((r[role] or {}).get(key) or 0.0) for r in report["slices"]]
+        dark, light = ROLE_COLORS.get(role, ("#555555", "#bbbbbb"))
         ax.bar([i + (j - (len(series) - 1) / 2) * width for i in x], vals, width,
-               label=f"{role} {key.replace('top', 'top-')}", alpha=1.0 if key == "top1" else 0.6)
+               label=f"{role} {key.replace('top', 'top-')}", color=dark if key == "top1" else light)
     ax.set_xticks(x, [n + (" *" if r["role"] == "distill" else "") for n, r in zip(names, report["slices"])],
                   rotation=20, ha="right")
     ax.set_ylabel("agreement with the teacher, %")
@@ -218,7 +221,8 @@ def plot_training_curves(metrics: Mapping[str, str], out_dir: str) -> Optional[s
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.legend(fontsize=8)
-    fig.suptitle("Training curves")
+    fig.suptitle("Training curves", y=1.03)
+    fig.tight_layout()
     path = os.path.join(out_dir, "training_curves.png")
     _savefig(fig, path)
     plt.close(fig)

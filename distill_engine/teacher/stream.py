@@ -64,15 +64,18 @@ class _Link:
         if self.cuda:
             t = t.to(self.device)
         try:
-            _wait(self.pg.send([t], dst, tag), self.timeout, f"sending teacher targets to global rank {dst}")
+            # A send completes when the student has room for it: a student busy saving a large checkpoint may
+            # take long, which is normal; a dead one is caught by the heartbeat watchdog, so wait up to a day.
+            _wait(self.pg.send([t], dst, tag), 86400.0, f"sending teacher targets to global rank {dst}")
         except (RuntimeError, TimeoutError) as e:
             raise StreamBroken(f"lost the teacher stream to {self._who(dst)}: it died or failed (see its log) "
                                f"[{type(e).__name__}: {str(e).splitlines()[0][:200]}]") from None
 
-    def recv(self, numel: int, dtype, src: int, tag: int) -> torch.Tensor:
+    def recv(self, numel: int, dtype, src: int, tag: int, timeout_s: Optional[float] = None) -> torch.Tensor:
         t = torch.empty(numel, dtype=dtype, device=self.device)
         try:
-            _wait(self.pg.recv([t], src, tag), self.timeout, f"receiving teacher targets from global rank {src}")
+            _wait(self.pg.recv([t], src, tag), timeout_s or self.timeout,
+                  f"receiving teacher targets from global rank {src}")
         except (RuntimeError, TimeoutError) as e:
             raise StreamBroken(f"lost the teacher stream from {self._who(src)}: it died or failed (see its log) "
                                f"[{type(e).__name__}: {str(e).splitlines()[0][:200]}]") from None
@@ -164,8 +167,10 @@ class StreamTeacher(TeacherSource):
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def _recv_one(self, expect_step: int) -> TeacherBatch:
-        hdr = self.link.recv(_HDR, torch.int64, self.src, _TAG_HDR)
+    def _recv_one(self, expect_step: int, first: bool = False) -> TeacherBatch:
+        # the first message also waits for the teacher ranks to load the teacher model
+        hdr = self.link.recv(_HDR, torch.int64, self.src, _TAG_HDR,
+                             timeout_s=max(self.link.timeout, 3600.0) if first else None)
         magic, step, rows, nbytes, n_h, width, code, total = (int(x) for x in hdr)
         if magic != MAGIC:
             raise RuntimeError(f"stream from teacher (global rank {self.src}): bad message header {hdr.tolist()}")
@@ -192,7 +197,7 @@ class StreamTeacher(TeacherSource):
             try:
                 t = first_micro_step
                 while not self._stop.is_set() and (last is None or t < last):
-                    item = self._recv_one(t)
+                    item = self._recv_one(t, first=t == first_micro_step)
                     while not self._stop.is_set():
                         try:
                             self._q.put(item, timeout=0.5)

@@ -39,6 +39,7 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       stream_backend: auto          # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
       verify_weights: true          # compare a teacher tensor with the checkpoint file after loading
       batch_size: null              # cache-teacher: samples per teacher forward (default micro_batch_size)
+      backend: auto                 # backend of de.teacher_targets (auto | triton | cpu | torch)
     loss:
       divergence: forward_kl        # forward_kl | reverse_kl | jsd
       beta: 0.5
@@ -136,6 +137,7 @@ class TeacherConfig(ModelConfig):
     stream_backend: Literal["auto", "gloo", "nccl"] = "auto"
     verify_weights: bool = True
     batch_size: Optional[int] = None
+    backend: Literal["auto", "triton", "cpu", "torch"] = "auto"
 
 
 @dataclass

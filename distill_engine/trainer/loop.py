@@ -134,7 +134,7 @@ def load_teacher_runner(cfg: Config, device: torch.device, *, student_config=Non
     model.eval()
     model.requires_grad_(False)
     layers = teacher_feature_layers(cfg, student_config, model.config) if student_config is not None else None
-    head = TeacherHead(model, k=t.k, temperature=cfg.loss.temperature, method=t.method, backend=cfg.loss.backend,
+    head = TeacherHead(model, k=t.k, temperature=cfg.loss.temperature, method=t.method, backend=t.backend,
                        feature_layers=layers)
     if ds_cfg is not None:
         import deepspeed
