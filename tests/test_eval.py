@@ -72,7 +72,8 @@ def test_token_metrics_bad_input():
 
 
 @pytest.mark.skipif(not engine_ops_available(), reason="de.teacher_targets is not built in this checkout yet")
-def test_objective_kl_is_a_lower_bound_and_exact_at_full_k():
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_objective_kl_is_a_lower_bound_and_exact_at_full_k(backend):
     g = torch.Generator().manual_seed(11)
     n, v, dt, ds = 23, 97, 16, 8
     ht, hs = torch.randn(n, dt, generator=g), torch.randn(n, ds, generator=g)
@@ -80,10 +81,10 @@ def test_objective_kl_is_a_lower_bound_and_exact_at_full_k():
     y = torch.randint(0, v, (n,), generator=g)
     exact = token_metrics(ht, wt, hs, ws, y).kl
     for k in (1, 8, 40):
-        bucket = objective_kl(ht, wt, hs, ws, k=k, backend="torch")
+        bucket = objective_kl(ht, wt, hs, ws, k=k, backend=backend)
         assert torch.all(bucket <= exact + 1e-5), k
         assert torch.all(bucket >= -1e-6)
-    full = objective_kl(ht, wt, hs, ws, k=v, backend="torch")
+    full = objective_kl(ht, wt, hs, ws, k=v, backend=backend)
     torch.testing.assert_close(full, exact, rtol=1e-4, atol=1e-4)
 
 

@@ -52,9 +52,9 @@ class DemoPreset:
     seq_len: int = 128
     teacher: ModelShape = ModelShape(hidden=128, layers=4, heads=4, intermediate=256)
     student: ModelShape = ModelShape(hidden=64, layers=2, heads=2, intermediate=128)
-    teacher_steps: int = 200
+    teacher_steps: int = 350
     teacher_batch: int = 8
-    teacher_lr: float = 3e-3
+    teacher_lr: float = 5e-3
     student_steps: int = 150
     student_batch: int = 8
     student_lr: float = 3e-3

@@ -163,6 +163,8 @@ def evaluate(
     dtype = _models.resolve_dtype(cfg.dtype, device)
     started = time.time()
 
+    if student is None:
+        raise ValueError("student is required: a model directory or a causal-LM module")
     # Cheap checks first: data and paths fail before any model is loaded.
     records = data if isinstance(data, list) else _data.read_records(data, "data")
     if isinstance(data, list) and not data:
@@ -200,6 +202,8 @@ def evaluate(
     n_slices = len(names)
     use_obj = cfg.objective_k > 0 and engine_ops_available()
     obj_k = min(cfg.objective_k, v)
+    if use_obj:
+        from ..ops.teacher_targets import teacher_targets
 
     tokens = torch.zeros(n_slices, dtype=torch.float64)
     t_nll = torch.zeros(n_slices, dtype=torch.float64)
@@ -216,10 +220,8 @@ def evaluate(
             tokens.index_add_(0, rows_sid, torch.ones(len(y), dtype=torch.float64))
             t_done = False
             targets = None
-            if use_obj:
-                import distill_engine as de
-
-                targets = de.teacher_targets(h_t, tw, obj_k, bias=tb, backend=cfg.backend)
+            if use_obj:  # the teacher's top-k once per batch, shared by every student
+                targets = teacher_targets(h_t, tw, obj_k, bias=tb, backend=cfg.backend)
             for role, sm in students.items():
                 sw, sb = _models.lm_head(sm)
                 h_s = _models.final_hidden(sm, inp, mask)[valid]    # [N, d_s]

@@ -35,12 +35,6 @@ import torch.distributed as dist
 EXIT_PEER_FAILED = 75
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Topology:
     global_rank: int
@@ -169,11 +163,10 @@ def setup(*, teacher_ranks: int = 0, timeout_s: float = 600.0, heartbeat_timeout
 
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
-    if "MASTER_PORT" not in os.environ:
-        if os.environ["WORLD_SIZE"] != "1":
-            raise ValueError("WORLD_SIZE > 1 but MASTER_PORT is not set; start the run with a launcher "
-                             "(deepspeed / torchrun)")
-        os.environ["MASTER_PORT"] = str(free_port())
+    own_port = "MASTER_PORT" not in os.environ
+    if own_port and os.environ["WORLD_SIZE"] != "1":
+        raise ValueError("WORLD_SIZE > 1 but MASTER_PORT is not set; start the run with a launcher "
+                         "(deepspeed / torchrun)")
     grank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ["LOCAL_RANK"])
     if teacher_ranks < 0 or teacher_ranks >= world and teacher_ranks > 0:
@@ -189,8 +182,14 @@ def setup(*, teacher_ranks: int = 0, timeout_s: float = 600.0, heartbeat_timeout
     backend = "nccl" if cuda else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=(grank == 0 and not agent_store), timeout=timeout)
+    if own_port:
+        # a single process binds port 0 itself: asking for a free port first and binding it later races with
+        # every other process on the machine
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], 0, 1, is_master=True, timeout=timeout)
+        os.environ["MASTER_PORT"] = str(store.port)
+    else:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=(grank == 0 and not agent_store), timeout=timeout)
     topo = Topology(grank, world, teacher_ranks, local, backend, store=store)
     prefix = "teachers/" if topo.role == "teacher" else "students/"
     dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=topo.rank,
