@@ -288,3 +288,28 @@ def test_checkpoint_path_without_model(tiny, tmp_path):
     os.symlink(p["student"], parent / "final")
     with pytest.raises(ValueError, match="final"):  # points at the model directory inside
         evaluate(p["teacher"], str(parent), p["data"], progress=False)
+
+
+def test_data_formats_and_public_name(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import distill_engine as de
+    from distill_engine.eval.data import read_records, slice_texts
+
+    assert de.evaluate is evaluate
+    rows = [{"text": "a b c", "slice": "x"}, {"text": "d e", "slice": "y"}, {"text": "f", "slice": "x"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    assert read_records(str(tmp_path / "d.parquet")) == rows
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    assert read_records(str(tmp_path / "d.json")) == rows
+    (tmp_path / "d.txt").write_text("one\n\ntwo\n")
+    assert read_records(str(tmp_path / "d.txt")) == [{"text": "one"}, {"text": "two"}]
+    assert slice_texts(rows) == {"x": ["a b c", "f"], "y": ["d e"]}
+    assert slice_texts(rows, slice_column=None) == {"all": ["a b c", "d e", "f"]}
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match="not a readable parquet"):
+        read_records(str(tmp_path / "bad.parquet"))
+    (tmp_path / "d.csv").write_text("text\nx\n")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        read_records(str(tmp_path / "d.csv"))

@@ -175,3 +175,23 @@ def test_black_box_distillation_trains_a_student_on_teacher_text(teacher, tmp_pa
     ppl = [evaluate(path, s, str(held), progress=False, objective_k=0)["overall"]["student"]["ppl"] for s in (before, after)]
     # trained on nothing but the teacher's text, the student predicts unseen teacher text far better
     assert ppl[1] < 0.7 * ppl[0]
+
+
+def test_cli_generate_and_eval(teacher, tmp_path, capsys):
+    from distill_engine.cli import main
+
+    path, prompts, _ = teacher
+    out = tmp_path / "cli.jsonl"
+    assert main(["generate", "--teacher", path, "--prompts", prompts, "--out", str(out), "--max-new-tokens", "4",
+                 "--limit", "3", "--no-progress"]) == 0
+    assert "3 rows written, 0 already present, 5 remaining of 8" in capsys.readouterr().out
+    assert main(["generate", "--teacher", path, "--prompts", prompts, "--out", str(out), "--max-new-tokens", "4",
+                 "--no-progress"]) == 0
+    assert "5 rows written, 3 already present, 0 remaining of 8" in capsys.readouterr().out
+    report = tmp_path / "report"
+    assert main(["eval", "--teacher", path, "--student", path, "--data", str(out), "--max-length", "16",
+                 "--out", str(report), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| `all` |" in printed and (report / "report.md").is_file()
+    assert main(["eval", "--teacher", path, "--student", path, "--data", str(out), "--slice-column", "domain"]) == 2
+    assert "slice column 'domain' does not exist" in capsys.readouterr().err
