@@ -44,6 +44,10 @@ def _free_port() -> int:
 
 def _env(root: str) -> dict:
     env = dict(os.environ)
+    # an in-process training run earlier in this pytest process leaves its rendezvous variables (and its store
+    # still listening on MASTER_PORT) behind: a child must not inherit them
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(var, None)
     env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                HF_DATASETS_CACHE=os.path.join(root, "hf_datasets"), TRANSFORMERS_VERBOSITY="error",
