@@ -9,8 +9,11 @@ Layout under ``output_dir/checkpoints``::
     .staging-step00000040/  # exists only while a save is in progress
 
 A save writes everything into the staging directory, fsyncs it, moves the tag directory into place with one
-rename, then replaces ``latest``. A run killed mid-save leaves ``latest`` on the previous checkpoint. (Assumes
-``output_dir`` is on a file system every rank shares, as DeepSpeed's ZeRO checkpoints do.)
+rename, then replaces ``latest``. A run killed mid-save leaves ``latest`` on the previous checkpoint.
+
+No shared file system is assumed: the staging directory is created, finalized and pruned by the *writer* of
+each file system (:mod:`.storage` probes which ranks share one), so on nodes with local disks every node holds a
+complete checkpoint of its own ranks' files, its own ``trainer_state.json`` and ``latest``.
 """
 from __future__ import annotations
 
@@ -63,11 +66,15 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save(engine, output_dir: str, step: int, trainer_state: dict, *, rank: int, world: int, keep: int = 2) -> str:
+def save(engine, output_dir: str, step: int, trainer_state: dict, *, rank: int, world: int, keep: int = 2,
+         writer: Optional[bool] = None) -> str:
+    """Collective. ``writer``: this rank finalizes the checkpoint on its file system (default: ``rank == 0``,
+    right for one shared file system; the trainer passes its probed :class:`~.storage.StorageLayout`'s)."""
+    writer = rank == 0 if writer is None else writer
     root = checkpoint_root(output_dir)
     tag = f"step{step:08d}"
     staging = os.path.join(root, f".staging-{tag}")
-    if rank == 0:
+    if writer:
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging, exist_ok=True)
     _barrier()
@@ -78,7 +85,7 @@ def save(engine, output_dir: str, step: int, trainer_state: dict, *, rank: int, 
     torch.save(rng_state(), buf)
     atomic_write_bytes(os.path.join(staging, tag, "rng", f"rank{rank}.pt"), buf.getvalue())
     _barrier()
-    if rank == 0:
+    if writer:
         state = dict(trainer_state, step=step, world_size=world, tag=tag)
         atomic_write_json(os.path.join(staging, tag, STATE_FILE), state)
         fsync_tree(os.path.join(staging, tag))

@@ -84,6 +84,30 @@ def quiet_deepspeed() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+def init_deepspeed_comm(backend: str) -> None:
+    """Point ``deepspeed.comm`` at the process group :func:`topology.setup` created, before anything asks it for
+    the world size.
+
+    Why: ``deepspeed.zero.Init`` (a ZeRO-3 student built partitioned, ``student.zero_init``) and a ZeRO-3 teacher
+    read the data-parallel world size from ``deepspeed.comm`` while validating their config. Before
+    ``deepspeed.initialize`` has run once in the process, ``deepspeed.comm`` is not initialized and reports a
+    world of 1, so a ZeRO-3 run failed its batch-size check (``16 != 4 * 2 * 1``) in every fresh launch — and
+    passed only in a process where an earlier run had initialized DeepSpeed. Idempotent.
+    """
+    import deepspeed
+    import deepspeed.comm as ds_dist
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("init_deepspeed_comm: torch.distributed must be initialized first (topology.setup)")
+    if not ds_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    # DeepSpeed's view must agree with the group the run trains in (the students' group in stream mode).
+    if ds_dist.get_world_size() != dist.get_world_size():
+        raise RuntimeError(f"deepspeed.comm sees {ds_dist.get_world_size()} ranks but the run's process group has "
+                           f"{dist.get_world_size()}: DeepSpeed was initialized on another group before this run")
+
+
 class DeepSpeedEngine:
     kind = "deepspeed"
 

@@ -29,8 +29,9 @@ from ..teacher import topology
 from ..teacher.base import NoTeacher, check_alignment
 from ..teacher.colocated import ColocatedTeacher, TeacherHead
 from . import checkpoint as ckpt
+from . import storage
 from .config import Config, load_config
-from .engine import DeepSpeedEngine, TorchEngine, deepspeed_config, quiet_deepspeed
+from .engine import DeepSpeedEngine, TorchEngine, deepspeed_config, init_deepspeed_comm, quiet_deepspeed
 from .metrics import MetricsLogger, format_summary
 from .models import load_model, resolve_attn, verify_weights, zero3_loading
 from .student import DistillStudent, FusedHeadLoss
@@ -126,6 +127,7 @@ def load_teacher_runner(cfg: Config, device: torch.device, *, student_config=Non
         ds_cfg["zero_optimization"].update(cfg.train.deepspeed.get("zero_optimization", {}))
         ds_cfg["zero_optimization"]["stage"] = 3
         quiet_deepspeed()
+        init_deepspeed_comm(dist.get_backend())
     # Loaded plainly unless the teacher itself is ZeRO-3 partitioned: never under the student's switch.
     with zero3_loading(ds_cfg):
         model = load_model(t.path, t.init, key="teacher", dtype=dtype, attn=attn, init_seed=t.init_seed)
@@ -209,8 +211,15 @@ class Trainer:
         self.engine_kind = resolve_engine(cfg, self.world)
         if self.engine_kind == "deepspeed":
             quiet_deepspeed()
+            init_deepspeed_comm(self.topo.backend)  # before zero.Init asks deepspeed.comm for the world size
         self.zero3 = self.engine_kind == "deepspeed" and tr.zero_stage == 3
         ds_cfg = deepspeed_config(cfg, self.world) if self.engine_kind == "deepspeed" else None
+        # Which ranks share output_dir's file system (multi-node jobs may write to node-local disks).
+        os.makedirs(cfg.run.output_dir, exist_ok=True)
+        self.storage = storage.probe(cfg.run.output_dir)
+        if ds_cfg is not None and not self.storage.shared:
+            # local rank 0 of every node writes the module states a ZeRO-0/1/2 resume reads on every rank
+            ds_cfg.setdefault("checkpoint", {}).setdefault("use_node_local_storage", True)
 
         # The student: partitioned at load under ZeRO-3 — the only place transformers' switch is on.
         s_dtype = torch.bfloat16 if tr.precision == "bf16" and self.engine_kind == "deepspeed" else torch.float32
@@ -356,7 +365,8 @@ class Trainer:
                 stop_here = step + 1 == self.end_step and self.end_step < tr.max_steps
                 if (tr.save_every and (step + 1) % tr.save_every == 0) or stop_here:
                     last_ckpt = ckpt.save(self.engine, cfg.run.output_dir, step + 1, {"max_steps": tr.max_steps},
-                                          rank=self.rank, world=self.world, keep=2)
+                                          rank=self.rank, world=self.world, keep=2,
+                                          writer=self.storage.is_writer)
         finally:
             self.source.close()
             logger.close()
