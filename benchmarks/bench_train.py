@@ -49,6 +49,13 @@ PRESETS = {
                 student=dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2), mbs=[1, 2, 4], mb=4, steps=2, nproc=2, precision="fp32",
                 zero=2, cap_gb=2.0),
+    # ZeRO-0 vs ZeRO-3 per-rank memory: a student large enough (~46M params) that its parameters, gradients and
+    # AdamW state dominate a rank's memory; targets from the teacher cache, so no teacher sits in memory.
+    "zero": dict(V=32000, seq=256, teacher=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+                                                num_attention_heads=6, num_key_value_heads=2),
+                 student=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                              num_key_value_heads=4), mbs=[2], mb=2, steps=2, nproc=2, precision="fp32", zero=0,
+                 cap_gb=8.0),
     # Llama-3 vocabulary; ~0.9B teacher, ~0.3B student: one GPU, bf16
     "gpu": dict(V=128256, seq=1024, teacher=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
                                                  num_attention_heads=16, num_key_value_heads=8),
@@ -158,10 +165,14 @@ def worker(args) -> None:
     topo = topology.setup(timeout_s=1800, heartbeat_timeout_s=600)
     results = []
     for mb in [int(x) for x in args.worker_mbs.split(",")]:
-        cfg = load_config(run_config(paths, p, args, os.path.join(args.workdir, f"out_{args.worker}_{mb}"), mb,
-                                     "cache" if args.worker == "fused-cache" else "colocated"))
+        raw = run_config(paths, p, args, os.path.join(args.workdir, f"out_{args.worker}_{mb}"), mb,
+                         "cache" if args.worker.startswith("fused-cache") else "colocated")
+        if args.worker.startswith("fused-cache-z"):  # the same run at another ZeRO stage
+            raw["train"]["zero_stage"] = int(args.worker[len("fused-cache-z"):])
+            raw["train"]["deepspeed"] = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+        cfg = load_config(raw)
         tr = Trainer(cfg, topo)
-        if args.worker in ("fused", "fused-cache"):
+        if args.worker == "fused" or args.worker.startswith("fused-cache"):
             tr.setup()
             device = tr.engine.device
 
@@ -201,13 +212,15 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         peak = _peak(device)
-        red = torch.tensor([float(peak), float(peak - base)], dtype=torch.float64,
+        states = _model_state_bytes(tr.engine) if hasattr(tr, "engine") else 0
+        red = torch.tensor([float(peak), float(peak - base), float(states)], dtype=torch.float64,
                            device=device if device.type == "cuda" else "cpu")
         if dist.is_initialized() and dist.get_world_size() > 1:  # the worst rank
             dist.all_reduce(red, op=dist.ReduceOp.MAX)
         red = red.cpu()
         results.append({"mb": mb, "tokens_per_s": tokens / dt, "step_s": dt / args.steps, "tokens": tokens,
-                        "peak_bytes": float(red[0]), "peak_extra_bytes": float(red[1])})
+                        "peak_bytes": float(red[0]), "peak_extra_bytes": float(red[1]),
+                        "model_state_bytes": float(red[2])})
         if hasattr(tr, "source"):
             tr.source.close()
         del tr, step
@@ -216,6 +229,36 @@ def worker(args) -> None:
             torch.cuda.empty_cache()
     if topo.rank == 0:
         print("@@RESULT@@" + json.dumps(results), flush=True)
+
+
+def _model_state_bytes(engine) -> int:
+    """Bytes this rank holds of the student's parameters, gradients and optimizer state (AdamW moments, fp32
+    master partitions): every tensor reachable from the module's parameters (their ZeRO-3 partitions where
+    partitioned) and from the optimizer, each storage counted once."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+
+    for prm in engine.module.parameters():
+        add(getattr(prm, "ds_tensor", prm))
+        add(prm.grad)
+    ds = getattr(engine, "engine", None)
+    opt = getattr(ds, "optimizer", None) or getattr(engine, "optimizer", None)
+    for holder in (opt, getattr(opt, "optimizer", None)):
+        if holder is None:
+            continue
+        for v in vars(holder).values():  # ZeRO's flat fp32 partitions and gradient buffers
+            for t in (v if isinstance(v, (list, tuple)) else [v]):
+                for u in (t if isinstance(t, (list, tuple)) else [t]):
+                    add(u)
+        for st in getattr(holder, "state", {}).values():
+            for t in (st.values() if isinstance(st, dict) else []):
+                add(t)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -270,8 +313,9 @@ def largest_mb(rows, cap: float):
 
 def table(rows, baseline="naive") -> str:
     bases = {r["mb"]: r for r in rows if r["variant"] == baseline and "tokens_per_s" in r}
-    out = ["| variant | micro-batch | tokens/s | vs naive | step | peak memory / rank | vs naive | peak beyond pre-step RSS |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| variant | micro-batch | tokens/s | vs naive | step | peak memory / rank | vs naive | peak beyond pre-step RSS "
+           "| student params+grads+optimizer / rank |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['variant']} | {r['mb']} | error | | | | | {r['error'][:80]} |")
@@ -280,7 +324,8 @@ def table(rows, baseline="naive") -> str:
         rt = f"{r['tokens_per_s'] / same['tokens_per_s']:.2f}x" if same else ""
         rm = f"{100 * r['peak_bytes'] / same['peak_bytes']:.0f}%" if same else ""
         out.append(f"| {r['variant']} | {r['mb']} | {r['tokens_per_s']:,.0f} | {rt} | {r['step_s']:.2f} s | "
-                   f"{fmt_bytes(r['peak_bytes'])} | {rm} | {fmt_bytes(r['peak_extra_bytes'])} |")
+                   f"{fmt_bytes(r['peak_bytes'])} | {rm} | {fmt_bytes(r['peak_extra_bytes'])} | "
+                   f"{fmt_bytes(r['model_state_bytes']) if r.get('model_state_bytes') else ''} |")
     return "\n".join(out)
 
 
@@ -336,7 +381,7 @@ def main() -> None:
     rows = []
     fitted = {}
     for v in variants:
-        if v == "fused-cache":
+        if v.startswith("fused-cache"):
             from distill_engine.trainer import cache_teacher  # noqa: F401  (built in a launch below)
 
             t0 = time.time()
