@@ -176,8 +176,8 @@ def worker(args) -> None:
             tr.setup()
             device = tr.engine.device
 
-            def step(i):
-                return tr.step(i)
+            def step(i, hook=None):
+                return tr.step(i, on_boundary=hook)
         else:
             kind = resolve_engine(cfg, tr.world)
             device = tr.device
@@ -194,7 +194,7 @@ def worker(args) -> None:
             engine.train()
             device = engine.device
 
-            def step(i):
+            def step(i, hook=None):
                 b = tr.stream.batch(i)
                 total = float(_dp_sum([b.n_valid], device)[0])
                 bd = b.to(device)
@@ -206,14 +206,16 @@ def worker(args) -> None:
         base = _peak_reset(device)
         t0 = time.perf_counter()
         tokens = 0.0
+        states = [0]
         for i in range(1, 1 + args.steps):
-            tokens += step(i)
+            # the student's states are counted after the last backward, before the optimizer frees the grads
+            last = i == args.steps and hasattr(tr, "engine")
+            tokens += step(i, (lambda eng: states.__setitem__(0, _model_state_bytes(eng))) if last else None)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         peak = _peak(device)
-        states = _model_state_bytes(tr.engine) if hasattr(tr, "engine") else 0
-        red = torch.tensor([float(peak), float(peak - base), float(states)], dtype=torch.float64,
+        red = torch.tensor([float(peak), float(peak - base), float(states[0])], dtype=torch.float64,
                            device=device if device.type == "cuda" else "cpu")
         if dist.is_initialized() and dist.get_world_size() > 1:  # the worst rank
             dist.all_reduce(red, op=dist.ReduceOp.MAX)
