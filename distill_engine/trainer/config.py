@@ -10,6 +10,8 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       seed: 1234
       resume: false                 # true: continue from output_dir/checkpoints/latest; auto: when one exists
       stop_at_step: null            # end this invocation after this optimizer step (saving a checkpoint)
+      verify_checkpoint: full       # resume check of the checkpoint manifests: full (sha256) | size | none
+      allow_config_change: false    # resume although seq_len / micro-batch / seed / loss settings changed
       progress: auto                # tqdm bar on rank 0: auto (when stderr is a terminal) | true | false
       tensorboard: true
     student:
@@ -101,6 +103,8 @@ class RunConfig:
     seed: int = 1234
     resume: Union[bool, Literal["auto"]] = False
     stop_at_step: Optional[int] = None
+    verify_checkpoint: Literal["full", "size", "none"] = "full"
+    allow_config_change: bool = False
     progress: Literal["auto", "true", "false"] = "auto"
     tensorboard: bool = True
 

@@ -13,6 +13,7 @@ means, which would over-weight short micro-batches.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -29,6 +30,7 @@ from ..teacher import topology
 from ..teacher.base import NoTeacher, check_alignment
 from ..teacher.colocated import ColocatedTeacher, TeacherHead
 from . import checkpoint as ckpt
+from . import guards
 from .config import Config, load_config
 from .engine import DeepSpeedEngine, TorchEngine, deepspeed_config, quiet_deepspeed
 from .metrics import MetricsLogger, format_summary
@@ -171,6 +173,8 @@ def train(config: Any, overrides=None) -> Dict[str, Any]:
             return trainer.serve_teacher()
         trainer.setup()
         return trainer.run()
+    except (guards.Preempted, guards.NonFiniteError):
+        raise  # every student rank raises it at the same step: nothing to tell the peers
     except BaseException as exc:
         topology.report_failure(exc)
         raise
@@ -192,15 +196,9 @@ class Trainer:
                                    dp_size=topo.student_ranks, dp_rank=self.rank if topo.role == "student" else 0,
                                    seed=cfg.run.seed, shuffle=cfg.data.shuffle)
         self.stream = MicroBatchStream(self.samples, self.plan, self.tokenizer.pad_token_id)
-        self.start_step = 0
+        self.start_step, self.resume_tag = 0, None
         if cfg.run.resume:
-            tag = ckpt.latest_tag(cfg.run.output_dir)
-            if tag is None and cfg.run.resume is True:
-                raise ValueError(f"run.resume is set but {ckpt.checkpoint_root(cfg.run.output_dir)!r} holds no "
-                                 f"complete checkpoint")
-            if tag is not None:
-                with open(os.path.join(ckpt.checkpoint_root(cfg.run.output_dir), tag, ckpt.STATE_FILE)) as f:
-                    self.start_step = int(json.load(f)["step"])
+            self.start_step, self.resume_tag = guards.resume_point(cfg, topo, self.rank, self.world, self.device)
         self.end_step = min(tr.max_steps, cfg.run.stop_at_step or tr.max_steps)
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -272,10 +270,11 @@ class Trainer:
         else:
             self.engine = TorchEngine(module, cfg, device)
         self.engine.train()
-        if self.start_step > 0:
-            state = ckpt.load(self.engine, cfg.run.output_dir, rank=self.rank, world=self.world)
+        if self.resume_tag is not None:
+            state = ckpt.load(self.engine, cfg.run.output_dir, rank=self.rank, world=self.world, tag=self.resume_tag)
             self.start_step = int(state["step"])
         self.source.start(self.start_step * tr.grad_accum, self.end_step * tr.grad_accum)
+        self.bad_targets = False
         self.acc = torch.zeros(4, dtype=torch.float64)  # loss, divergence, feature sums and tokens since last log
         self.wait_s = 0.0
         return self
@@ -297,6 +296,7 @@ class Trainer:
             tb = self.source.get(b)
             self.wait_s += time.time() - tw
             check_alignment(tb, b, cfg.teacher.source)
+            self.bad_targets = self.bad_targets or guards.targets_bad(tb.logprobs)
             bd, tb = b.to(engine.device), tb.to(engine.device)
             vi = bd.valid_index
             labels = bd.labels.reshape(-1).index_select(0, vi)
@@ -327,12 +327,24 @@ class Trainer:
         t_log = t_train = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        preempt = guards.PreemptionHandler()
         try:
+            preempt.__enter__()
             for step in range(self.start_step, self.end_step):
                 log_now = (step + 1) % tr.log_every == 0 or step + 1 == self.end_step
                 lr_now = self.engine.lr()
+                loss_before = float(self.acc[0])
                 tokens_total += self.step(step, measure=log_now)
                 steps_done += 1
+                # every rank learns, at the same step, whether the loss went non-finite or a signal came
+                loss_sum, stop = guards.agree_step(float(self.acc[0]) - loss_before, preempt.requested is not None,
+                                                   self.device)
+                gn = self.engine.grad_norm()
+                if not math.isfinite(loss_sum) or (gn is not None and not math.isfinite(gn)):
+                    raise guards.NonFiniteError(guards.non_finite_message(
+                        step + 1, loss_sum, gn, first_step=step == self.start_step, bad_targets=self.bad_targets,
+                        last_ckpt=last_ckpt or (self.resume_tag and os.path.join(
+                            ckpt.checkpoint_root(cfg.run.output_dir), self.resume_tag))))
                 logger.advance()
                 if log_now:
                     sums = _dp_sum(self.acc.tolist(), self.device).cpu()
@@ -353,11 +365,16 @@ class Trainer:
                     self.acc.zero_()
                     self.wait_s = 0.0
                     t_log = time.time()
-                stop_here = step + 1 == self.end_step and self.end_step < tr.max_steps
+                stop_here = (step + 1 == self.end_step and self.end_step < tr.max_steps) or stop
                 if (tr.save_every and (step + 1) % tr.save_every == 0) or stop_here:
-                    last_ckpt = ckpt.save(self.engine, cfg.run.output_dir, step + 1, {"max_steps": tr.max_steps},
+                    last_ckpt = ckpt.save(self.engine, cfg.run.output_dir, step + 1,
+                                          {"max_steps": tr.max_steps, "resume_config": ckpt.resume_config(cfg)},
                                           rank=self.rank, world=self.world, keep=2)
+                if stop and step + 1 < self.end_step:
+                    raise guards.Preempted(f"stopped by a signal after optimizer step {step + 1}; checkpoint "
+                                           f"{last_ckpt} written — continue with --resume")
         finally:
+            preempt.__exit__()
             self.source.close()
             logger.close()
         elapsed = time.time() - t_train
