@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data.io import atomic_replace_dir, atomic_write_bytes, atomic_write_json, fsync_tree, sha256_file
+from ..data.io import atomic_replace_dir, atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree, sha256_file
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_DIR = "manifest"
@@ -148,7 +148,8 @@ def save(engine, output_dir: str, step: int, trainer_state: dict, *, rank: int, 
         with open(p, "rb+") as f:
             os.fsync(f.fileno())
         files[os.path.relpath(p, tag_dir)] = _file_entry(p)
-    fsync_tree(tag_dir)
+    for d in sorted({os.path.dirname(os.path.join(tag_dir, rel)) for rel in files} | {tag_dir}):
+        fsync_dir(d)  # only this rank's files: peers on a shared file system are still writing theirs
     atomic_write_json(manifest, {"rank": rank, "world": world, "step": step, "tag": tag, "files": files})
     _barrier()  # every manifest is written: the checkpoint is complete
     if rank == 0:
