@@ -380,7 +380,14 @@ def parse_override(text: str):
     key = key.strip()
     if not key:
         raise ValueError(f"--set {text!r}: empty key")
-    return key, yaml.safe_load(val) if val.strip() != "" else None
+    if val.strip() == "":
+        return key, None
+    try:
+        return key, yaml.safe_load(val)
+    except yaml.YAMLError as e:
+        first = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ValueError(f"--set {key}: the value {val!r} is not valid YAML ({first}); quote strings, e.g. "
+                         f"--set '{key}=\"...\"'") from None
 
 
 def apply_overrides(raw: Dict[str, Any], overrides) -> Dict[str, Any]:

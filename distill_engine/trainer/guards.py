@@ -140,3 +140,118 @@ class PreemptionHandler:
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old.clear()
+
+
+# ---------------------------------------------------------------------------------------------- pre-flight
+# Checked before any model is built, so a typo costs a second, not a model load.
+def check_output_dir(path: str, key: str = "run.output_dir") -> None:
+    """``path`` is a writable directory, or can be created as one."""
+    p = os.path.abspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise ValueError(f"{key}: {path!r} is a file, not a directory; choose another output directory")
+    probe = p
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"{key}: {path!r} cannot be created: {probe!r} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}: {path!r} is not writable ({probe!r} denies write permission); choose another "
+                         f"output directory")
+
+
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_safetensors(path: str, key: str) -> None:
+    """The header parses and the file is as long as its tensors say (a truncated download/copy is named)."""
+    import json
+    import struct
+
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                raise ValueError
+            header = json.loads(f.read(n))
+        end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"] or [0])
+    except (ValueError, KeyError, TypeError, struct.error):
+        raise ValueError(f"{key}: {path} is not a readable safetensors file (corrupted or truncated); re-save or "
+                         f"re-copy the model") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{key}: {path} is truncated or padded ({size} bytes, its header describes {8 + n + end}); "
+                         f"re-save or re-copy the model")
+
+
+def check_model_files(path: str, key: str) -> None:
+    """A Hugging Face model directory with config.json and complete weights."""
+    import json
+
+    if not os.path.isdir(path):
+        raise ValueError(f"{key}: {path!r} is not a directory; pass a directory written by save_pretrained")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{key}: {path!r} has no config.json; pass a directory written by save_pretrained")
+    present = [w for w in _WEIGHTS if os.path.isfile(os.path.join(path, w))]
+    if not present:
+        raise ValueError(f"{key}: {path!r} holds config.json but no weights ({' / '.join(_WEIGHTS[::2])}); copy "
+                         f"the weight files too")
+    shards = []
+    if "model.safetensors" in present:
+        shards = ["model.safetensors"]
+    elif "model.safetensors.index.json" in present:
+        idx = os.path.join(path, "model.safetensors.index.json")
+        try:
+            shards = sorted(set(json.load(open(idx, encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{key}: {idx} is unreadable or truncated; re-save the model") from None
+    for s in shards:
+        sp = os.path.join(path, s)
+        if not os.path.isfile(sp):
+            raise ValueError(f"{key}: {sp} is missing (listed in the model's index); copy every shard")
+        check_safetensors(sp, key)
+
+
+def check_init(init, key: str) -> None:
+    """``init`` is a LlamaConfig dict: every key known to LlamaConfig (no typos), values it accepts."""
+    if init is None:
+        return
+    import difflib
+
+    from transformers import LlamaConfig
+
+    known = set(LlamaConfig().to_dict()) | {"dtype", "torch_dtype", "attn_implementation"}
+    unknown = [k for k in init if k not in known]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1)) else "")
+                 for k in unknown]
+        raise ValueError(f"{key}: unknown LlamaConfig key(s) {', '.join(hints)}")
+    try:
+        cfg = LlamaConfig(**init)
+    except Exception as e:
+        raise ValueError(f"{key}: LlamaConfig rejects these values ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
+            from None
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        v = getattr(cfg, name, None)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{key}.{name} must be a positive integer, got {v!r}")
+    kv = cfg.num_key_value_heads
+    if not isinstance(kv, int) or kv < 1 or cfg.num_attention_heads % kv:
+        raise ValueError(f"{key}.num_key_value_heads={kv!r} must be a positive divisor of num_attention_heads="
+                         f"{cfg.num_attention_heads}")
+    if "head_dim" not in init and cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"{key}.hidden_size={cfg.hidden_size} is not divisible by num_attention_heads="
+                         f"{cfg.num_attention_heads}")
+
+
+def preflight(cfg) -> None:
+    """Every check that needs no model: output directory, model directories, init dicts."""
+    check_output_dir(cfg.run.output_dir)
+    check_init(cfg.student.init, "student.init")
+    check_init(cfg.teacher.init, "teacher.init")
+    if cfg.student.path is not None:
+        check_model_files(cfg.student.path, "student.path")
+    if cfg.teacher.path is not None and cfg.teacher.source in ("colocated", "stream"):
+        check_model_files(cfg.teacher.path, "teacher.path")

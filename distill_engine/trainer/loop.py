@@ -164,6 +164,7 @@ def train(config: Any, overrides=None) -> Dict[str, Any]:
     """Run a distillation job; returns a summary dict (see README). ``config`` is a YAML path, a dict or a
     :class:`Config`; ``overrides`` are ``"key=value"`` strings (as ``--set``)."""
     cfg = load_config(config, overrides)
+    guards.preflight(cfg)  # output dir, model files, init dicts: before any process group or model
     topo = topology.setup(teacher_ranks=cfg.teacher.ranks if cfg.teacher.source == "stream" else 0,
                           timeout_s=cfg.train.dist_timeout_s, heartbeat_timeout_s=cfg.train.heartbeat_timeout_s,
                           bridge_backend=cfg.teacher.stream_backend)
