@@ -169,3 +169,24 @@ def test_real_command_line_prints_one_line(tiny, tmp_path):
                          timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1].startswith("distill-engine train: error: data.train_files")
+
+
+def test_signal_handler_first_requests_second_exits_at_once(tmp_path):
+    """First SIGTERM: a request (the loop checkpoints at the step's end); a duplicate within milliseconds (a
+    launcher forwarding the same signal) is ignored; a second one later exits 143 at once."""
+    script = (
+        "import os, signal, time\n"
+        "from distill_engine.trainer.guards import PreemptionHandler, SECOND_SIGNAL_AFTER_S\n"
+        "with PreemptionHandler() as h:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.1)\n"
+        "    assert h.requested == signal.SIGTERM\n"
+        "    print('requested', flush=True)\n"
+        "    time.sleep(SECOND_SIGNAL_AFTER_S + 0.3)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "print('not reached', flush=True)\n")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 143 and "requested" in res.stdout and "not reached" not in res.stdout, res.stderr
+    assert res.stderr.count("SIGTERM received") == 1 and "second SIGINT: stopping now" in res.stderr, res.stderr

@@ -174,3 +174,43 @@ def test_sigterm_checkpoints_exits_143_and_resumes_bit_identically(setup):
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["start_step"] == second_stop
     _assert_same_run(out, os.path.join(root, "straight"))
+
+
+def test_sigkill_soak_resumes_bit_identically(setup):
+    """SIGKILL the whole launch at SOAK_KILLS seeded random points (during start-up, resume loading, a step
+    or a save), resume each time, then finish: the final weights and every metrics line equal the
+    uninterrupted run's, no line is lost or duplicated, and the newest complete checkpoint never goes back."""
+    from distill_engine.trainer import checkpoint as ckpt
+
+    root, config = setup
+    out = os.path.join(root, "soak")
+    rng = random.Random(1234)
+    newest, kills = 0, 0
+    for i in range(SOAK_KILLS):
+        p, log = _launch(config, out, root, f"soak{i}", *(["--resume", "auto"] if i else []))
+        done = len(open(os.path.join(out, "metrics.jsonl")).read().splitlines()) \
+            if os.path.exists(os.path.join(out, "metrics.jsonl")) else 0
+        if done < STEPS - 2 and rng.random() < 0.5:  # mid-run: after the next step, at a random moment
+            _wait_for_step(out, done + 1, p)
+            time.sleep(rng.uniform(0.0, 1.0))
+        else:  # during start-up / checkpoint loading
+            deadline = time.time() + rng.uniform(0.5, 8.0)
+            while time.time() < deadline and p.poll() is None:
+                time.sleep(0.05)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            kills += 1
+        _finish(p, log, timeout=60)
+        tag = ckpt.latest_tag(out)
+        step = int(tag[4:]) if tag else 0
+        assert step >= newest, f"kill {i}: the newest complete checkpoint went back from {newest} to {step}"
+        newest = step
+    assert kills >= min(SOAK_KILLS, 10), kills
+    res = subprocess.run(_cmd(config, "--output-dir", out, "--resume", "auto"), env=_env(root), capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    _assert_same_run(out, os.path.join(root, "straight"))
+    root_dir = ckpt.checkpoint_root(out)
+    for t in ckpt.step_tags(root_dir):
+        if ckpt.is_complete(os.path.join(root_dir, t)):
+            assert all(ckpt.verify_own(os.path.join(root_dir, t), r, "full")[0] for r in range(2)), t
