@@ -39,6 +39,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="continue from output_dir/checkpoints/latest (auto: only when one exists)")
     p.add_argument("--teacher-ranks", type=int, default=None, metavar="R",
                    help="stream mode: the last R launched processes host the teacher")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although settings that change the data order or the loss differ from the "
+                        "checkpoint's (run.allow_config_change)")
 
 
 def _overrides(args) -> List[str]:
@@ -47,6 +50,8 @@ def _overrides(args) -> List[str]:
         ov.append(f"run.output_dir={args.output_dir}")
     if getattr(args, "resume", None):
         ov.append(f"run.resume={args.resume}")
+    if getattr(args, "allow_config_change", False):
+        ov.append("run.allow_config_change=true")
     if getattr(args, "teacher_ranks", None) is not None:
         ov.append(f"teacher.ranks={args.teacher_ranks}")
         if args.teacher_ranks > 0:

@@ -190,3 +190,19 @@ def test_signal_handler_first_requests_second_exits_at_once(tmp_path):
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 143 and "requested" in res.stdout and "not reached" not in res.stdout, res.stderr
     assert res.stderr.count("SIGTERM received") == 1 and "second SIGINT: stopping now" in res.stderr, res.stderr
+
+
+def test_resume_with_changed_settings_from_the_command_line(tiny, capfd):
+    """`--resume` with a changed seq_len is refused in one line listing the key; `--allow-config-change`
+    continues."""
+    root, _, config = tiny
+    out = os.path.join(root, "changed_cli")
+    base = ["train", "--config", config, "--output-dir", out, "--set", "train.save_every=1"]
+    code, err = _run(capfd, base)
+    assert code == 0, err[-2000:]
+    more = ["--set", "train.max_steps=2", "--resume", "--set", "data.seq_len=24"]
+    code, err = _run(capfd, base + more)
+    line = _one_line(err)
+    assert code == 2 and "data.seq_len (32 -> 24)" in line and "--allow-config-change" in line, line
+    code, err = _run(capfd, base + more + ["--allow-config-change"])
+    assert code == 0, err[-2000:]
