@@ -222,7 +222,9 @@ def check_init(init, key: str) -> None:
 
     from transformers import LlamaConfig
 
-    known = set(LlamaConfig().to_dict()) | {"dtype", "torch_dtype", "attn_implementation"}
+    # the fields LlamaConfig serializes, plus the legacy spellings it still accepts and converts
+    known = set(LlamaConfig().to_dict()) | {"dtype", "torch_dtype", "attn_implementation", "rope_theta",
+                                            "rope_scaling", "output_attentions", "name_or_path"}
     unknown = [k for k in init if k not in known]
     if unknown:
         hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1)) else "")
