@@ -60,3 +60,21 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 def check_positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_finite_rows(name: str, t: torch.Tensor, fix: str = "") -> None:
+    """Non-finite values in a 1-D/2-D float tensor raise ValueError naming the first offending row.
+
+    Fast path: a row holding NaN or ±inf has a non-finite fp32 sum, so one row-sum pass (a reduction over the
+    tensor, memory-bound) clears every other row; only rows whose sum is not finite are checked elementwise
+    (a finite row can only get there by overflowing the sum, which is not an error)."""
+    if t.numel() == 0:
+        return
+    t2 = t.reshape(t.shape[0], -1)
+    row_ok = torch.isfinite(t2.sum(dim=1, dtype=torch.float32))  # [rows]
+    if bool(row_ok.all()):
+        return
+    cand = (~row_ok).nonzero()[:, 0]
+    bad = cand[~torch.isfinite(t2[cand]).all(dim=1)]
+    if bad.numel():
+        raise ValueError(f"{name} contains non-finite values (NaN/inf; first at row {int(bad[0])}){fix}")

@@ -39,6 +39,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="continue from output_dir/checkpoints/latest (auto: only when one exists)")
     p.add_argument("--teacher-ranks", type=int, default=None, metavar="R",
                    help="stream mode: the last R launched processes host the teacher")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although settings that change the data order or the loss differ from the "
+                        "checkpoint's (run.allow_config_change)")
 
 
 def _overrides(args) -> List[str]:
@@ -47,6 +50,8 @@ def _overrides(args) -> List[str]:
         ov.append(f"run.output_dir={args.output_dir}")
     if getattr(args, "resume", None):
         ov.append(f"run.resume={args.resume}")
+    if getattr(args, "allow_config_change", False):
+        ov.append("run.allow_config_change=true")
     if getattr(args, "teacher_ranks", None) is not None:
         ov.append(f"teacher.ranks={args.teacher_ranks}")
         if args.teacher_ranks > 0:
@@ -122,17 +127,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that come from what the user gave (config, paths, files, permissions): one line, exit 2.
+_USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit codes: 0 done; 2 a user error (one line on stderr; ``--debug`` adds the traceback); 3 training
+    stopped on a non-finite loss or gradient norm; 143 stopped by SIGTERM/SIGINT after writing a checkpoint."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the command line
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
     try:
         return int(args._run(args) or 0)
-    except ValueError as e:  # configuration and input errors: one clear line, no traceback
-        sys.stderr.write(f"distill-engine {args.command}: error: {e}\n")
-        return 2
+    except BaseException as e:
+        code = getattr(e, "exit_code", None)
+        if code is None and not isinstance(e, _USER_ERRORS):
+            raise  # a bug, or a crash we did not foresee: keep the full traceback
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        text = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+            text = f"{e.filename}: {text}"
+        word = "stopped" if code == 143 else "error"
+        sys.stderr.write(f"distill-engine {args.command}: {word}: {text}\n")
+        sys.stderr.flush()
+        return 2 if code is None else int(code)
 
 
 if __name__ == "__main__":

@@ -40,11 +40,18 @@ def load_texts(files: Sequence[str], *, fmt: str = "auto", text_field: str = "te
     if len(kinds) != 1:
         raise ValueError(f"{key} mixes formats {sorted(kinds)}; use one format per run")
     kind = kinds.pop()
+    for f in files:
+        _precheck_file(f, kind, key)
     import datasets
 
     datasets.disable_progress_bars()
     kwargs = {"sample_by": sample_by} if kind == "text" else {}
-    ds = datasets.load_dataset(kind, data_files=list(files), split="train", cache_dir=cache_dir, **kwargs)
+    try:
+        ds = datasets.load_dataset(kind, data_files=list(files), split="train", cache_dir=cache_dir, **kwargs)
+    except Exception as e:  # errors from deep inside datasets/pyarrow: one line naming the files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{key}: could not read {list(files)!r} as {kind} ({type(e).__name__}: {first}); check "
+                         f"the files' format or set data.format") from None
     field = "text" if kind == "text" else text_field
     if field not in ds.column_names:
         raise ValueError(f"data.text_field: column {field!r} not found in {files[0]!r} (columns: {ds.column_names})")
@@ -52,6 +59,38 @@ def load_texts(files: Sequence[str], *, fmt: str = "auto", text_field: str = "te
     if not texts:
         raise ValueError(f"{key}: no non-empty text in column {field!r}")
     return texts
+
+
+def _precheck_file(path: str, kind: str, key: str) -> None:
+    """Cheap checks before ``datasets`` sees a file: not empty, and JSON files start like JSON (the first
+    non-blank lines of a JSONL file must each be a JSON object)."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{key}: file {path!r} is empty; it must hold at least one document")
+    if kind != "json":
+        return
+    import json
+
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    text = head.decode("utf-8", errors="replace").lstrip()
+    if not text:
+        raise ValueError(f"{key}: file {path!r} holds only whitespace; it must hold at least one document")
+    if text[0] not in "[{":
+        raise ValueError(f"{key}: file {path!r} is not JSON/JSONL (it starts with {text[:20]!r}); convert it or "
+                         f"set data.format: text")
+    if text[0] == "{":  # JSONL: check the complete lines of the head
+        lines = text.splitlines()
+        for lineno, line in enumerate(lines[:-1] if len(head) == 1 << 16 else lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{key}: file {path!r} line {lineno} is not valid JSON ({e.msg}); fix the line or "
+                                 f"set data.format: text") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{key}: file {path!r} line {lineno} is a JSON {type(rec).__name__}, expected an "
+                                 f"object with a text field")
 
 
 @dataclass

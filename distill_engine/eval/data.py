@@ -99,7 +99,12 @@ def slice_texts(records: Sequence[dict], *, text_column: str = "text", slice_col
         raise ValueError(f"{source}: text column {text_column!r} is missing (columns: {cols}); pass text_column / --text-column")
     use = slice_column
     if slice_column == AUTO:
-        use = DEFAULT_SLICE_COLUMN if all(DEFAULT_SLICE_COLUMN in r for r in records) else None
+        have = [DEFAULT_SLICE_COLUMN in r for r in records]
+        use = DEFAULT_SLICE_COLUMN if all(have) else None
+        if any(have) and not all(have):  # never silently evaluate a sliced file as one slice
+            raise ValueError(f"{source}: record {have.index(False)} has no {DEFAULT_SLICE_COLUMN!r} field although "
+                             f"other records do; add it, or pass slice_column=None / --slice-column '' to evaluate "
+                             f"everything as one slice")
     elif slice_column is not None:
         missing = [i for i, r in enumerate(records) if slice_column not in r]
         if missing:

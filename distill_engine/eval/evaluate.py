@@ -166,6 +166,7 @@ def evaluate(
     if student is None:
         raise ValueError("student is required: a model directory or a causal-LM module")
     # Cheap checks first: data and paths fail before any model is loaded.
+    _check_outputs(out_dir, metrics)
     records = data if isinstance(data, list) else _data.read_records(data, "data")
     if isinstance(data, list) and not data:
         raise ValueError("data: the record list is empty")
@@ -371,3 +372,18 @@ def _build_report(cfg, names, tokens, t_nll, sums, use_obj, obj_k, distill, sour
         "findings": findings,
         "seconds": seconds,
     }
+
+
+def _check_outputs(out_dir, metrics) -> None:
+    """The report directory must be creatable/writable and every metrics file must exist — checked before any
+    model is loaded or metric computed, so a typo costs seconds, not an evaluation."""
+    if out_dir is not None:
+        from ..trainer.guards import check_output_dir
+
+        check_output_dir(os.fspath(out_dir), "out_dir (--out)")
+    if metrics is not None:
+        items = {"student": metrics}.items() if isinstance(metrics, (str, os.PathLike)) else dict(metrics).items()
+        for label, path in items:
+            if not os.path.isfile(os.fspath(path)):
+                raise ValueError(f"metrics (--metrics) {label}={os.fspath(path)!r} does not exist; pass the trainer's "
+                                 f"output_dir/metrics.jsonl")

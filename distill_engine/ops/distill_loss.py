@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_tensor
+from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_finite_rows, check_tensor
 from ..reference import distill_loss as _torch_impl
 from ..reference.distill_loss import LOG_FLOOR, TAIL_FLOOR
 
@@ -142,6 +142,11 @@ def _validate_inputs(hidden, weight, ids, lp, labels, bias, opts: DistillOptions
     if not opts.validate or N == 0:
         return
     # value checks: one host sync each, skipped with validate=False
+    # non-finite student inputs would come out as a NaN/inf loss: refuse them here, as teacher_targets does
+    check_finite_rows("hidden", hidden, "; the student's hidden states must be finite (check its weights/inputs)")
+    check_finite_rows("weight", weight, "; the student's lm_head weight must be finite")
+    if bias is not None:
+        check_finite_rows("bias", bias[:, None], "; the student's lm_head bias must be finite")
     if bool(((ids < -1) | (ids >= V)).any()):
         bad = ((ids < -1) | (ids >= V)).nonzero()[0].tolist()
         raise ValueError(f"teacher_ids must lie in [-1, V={V}) (-1 marks an empty slot); found {int(ids[bad[0], bad[1]])} "

@@ -380,8 +380,9 @@ def pack_targets(targets: TeacherTargets, logprob_dtype: str = "float16", *, bit
         raise ValueError("vocab_size is unknown: pass vocab_size=V (or build targets with de.teacher_targets)")
     if isinstance(V, bool) or not isinstance(V, int) or not 1 <= V < 2**31 - 1:
         raise ValueError(f"vocab_size must be an int in [1, 2^31 - 1), got {V!r}")
-    ids = targets.ids.to(torch.int32).contiguous()
-    lp = targets.logprobs.float().contiguous()
+    # fresh row-major copies: .contiguous() keeps odd strides on size-1 axes, which the byte views below refuse
+    ids = torch.empty(targets.ids.shape, dtype=torch.int32, device=targets.ids.device).copy_(targets.ids)
+    lp = torch.empty(targets.logprobs.shape, dtype=torch.float32, device=targets.ids.device).copy_(targets.logprobs)
     N, k = ids.shape
     if k < 1:
         raise ValueError("targets must have k >= 1 slots per row")
@@ -389,6 +390,11 @@ def pack_targets(targets: TeacherTargets, logprob_dtype: str = "float16", *, bit
         raise ValueError(f"targets.ids must lie in [-1, vocab_size={V})")
     if N and bool(torch.isnan(lp).any()):
         raise ValueError("targets.logprobs contains NaN")
+    # the loss's rules: log-probabilities (<= 0, -inf allowed) in filled slots; +inf nowhere
+    if N and bool((lp == float("inf")).any() | ((lp > 1e-4) & (ids >= 0)).any()):
+        row = int(((lp == float("inf")) | ((lp > 1e-4) & (ids >= 0))).any(1).nonzero()[0, 0])
+        raise ValueError(f"targets.logprobs must be log-probabilities (<= 0, or -inf); row {row} has a positive "
+                         f"or +inf value — pass log_softmax outputs, not logits")
     dev = ids.device
     fmt = logprob_dtype
     parts = {}

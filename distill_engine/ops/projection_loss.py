@@ -69,7 +69,12 @@ class ProjectionLossOptions:
 class _CpuExt:
     """Adapter from ``_C.projection_chunk`` (csrc/cpu/projection.cpp) to the chunk contract."""
 
-    prepare = staticmethod(_torch_impl.prepare)  # fp32 weights: the C++ GEMMs run in fp32
+    @staticmethod
+    def prepare(weight, bias):
+        """fp32 weights (the C++ GEMMs run in fp32), contiguous: the extension reads raw row-major memory, so a
+        transposed or sliced proj_weight/proj_bias view is copied once here rather than refused."""
+        w, b = _torch_impl.prepare(weight, bias)
+        return w.contiguous(), (None if b is None else b.contiguous())
 
     @staticmethod
     def projection_chunk(h, weight, bias, t, kind, zero_norm_sq, row_scale, dW_acc, db_acc, dh_out):

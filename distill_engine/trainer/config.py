@@ -10,6 +10,8 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       seed: 1234
       resume: false                 # true: continue from output_dir/checkpoints/latest; auto: when one exists
       stop_at_step: null            # end this invocation after this optimizer step (saving a checkpoint)
+      verify_checkpoint: full       # resume check of the checkpoint manifests: full (sha256) | size | none
+      allow_config_change: false    # resume although seq_len / micro-batch / seed / loss settings changed
       progress: auto                # tqdm bar on rank 0: auto (when stderr is a terminal) | true | false
       tensorboard: true
     student:
@@ -101,6 +103,8 @@ class RunConfig:
     seed: int = 1234
     resume: Union[bool, Literal["auto"]] = False
     stop_at_step: Optional[int] = None
+    verify_checkpoint: Literal["full", "size", "none"] = "full"
+    allow_config_change: bool = False
     progress: Literal["auto", "true", "false"] = "auto"
     tensorboard: bool = True
 
@@ -376,7 +380,14 @@ def parse_override(text: str):
     key = key.strip()
     if not key:
         raise ValueError(f"--set {text!r}: empty key")
-    return key, yaml.safe_load(val) if val.strip() != "" else None
+    if val.strip() == "":
+        return key, None
+    try:
+        return key, yaml.safe_load(val)
+    except yaml.YAMLError as e:
+        first = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ValueError(f"--set {key}: the value {val!r} is not valid YAML ({first}); quote strings, e.g. "
+                         f"--set '{key}=\"...\"'") from None
 
 
 def apply_overrides(raw: Dict[str, Any], overrides) -> Dict[str, Any]:

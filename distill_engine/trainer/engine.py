@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..data.io import atomic_write
 from .config import Config
 
 
@@ -150,12 +151,39 @@ class DeepSpeedEngine:
             return None
         return float(g.item() if hasattr(g, "item") else g)
 
-    def save_checkpoint(self, save_dir: str, tag: str) -> None:
-        self.engine.save_checkpoint(save_dir, tag=tag, client_state={}, save_latest=False)
+    def save_checkpoint(self, save_dir: str, tag: str) -> list:
+        """Save; returns the files this rank wrote (DeepSpeed's checkpoint engine is wrapped to see them)."""
+        ce = self.engine.checkpoint_engine
+        written, orig = [], ce.save
+
+        def save(state_dict, path, *a, **kw):
+            written.append(path)
+            return orig(state_dict, path, *a, **kw)
+
+        ce.save = save
+        try:
+            self.engine.save_checkpoint(save_dir, tag=tag, client_state={}, save_latest=False)
+        finally:
+            del ce.save  # back to the class method
+        return written
 
     def load_checkpoint(self, load_dir: str, tag: str) -> None:
-        path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        ce = self.engine.checkpoint_engine
+        orig = ce.load
+
+        def load(path, *a, **kw):
+            try:
+                return orig(path, *a, **kw)
+            except Exception as e:  # truncated zip, EOF, garbage: name the file, not a zip-reader traceback
+                raise ValueError(f"checkpoint file {path} is unreadable ({type(e).__name__}); it is corrupted or "
+                                 f"truncated — delete its checkpoint directory to resume from an earlier one") from None
+
+        ce.load = load
+        try:
+            path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        finally:
+            del ce.load
         if path is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {tag!r} from {load_dir!r}")
 
@@ -207,14 +235,20 @@ class TorchEngine:
     def grad_norm(self) -> Optional[float]:
         return self._norm
 
-    def save_checkpoint(self, save_dir: str, tag: str) -> None:
-        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "micro": self.micro},
-                   os.path.join(save_dir, tag, "engine_state.pt"))
+    def save_checkpoint(self, save_dir: str, tag: str) -> list:
+        path = os.path.join(save_dir, tag, "engine_state.pt")
+        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "micro": self.micro}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        return [path]
 
     def load_checkpoint(self, load_dir: str, tag: str) -> None:
-        st = torch.load(os.path.join(load_dir, tag, "engine_state.pt"), map_location=self.device, weights_only=False)
+        path = os.path.join(load_dir, tag, "engine_state.pt")
+        try:
+            st = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:
+            raise ValueError(f"checkpoint file {path} is unreadable ({type(e).__name__}); it is corrupted or "
+                             f"truncated — delete its checkpoint directory to resume from an earlier one") from None
         self.module.load_state_dict(st["module"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])

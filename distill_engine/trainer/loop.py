@@ -13,6 +13,7 @@ means, which would over-weight short micro-batches.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -29,7 +30,7 @@ from ..teacher import topology
 from ..teacher.base import NoTeacher, check_alignment
 from ..teacher.colocated import ColocatedTeacher, TeacherHead
 from . import checkpoint as ckpt
-from . import storage
+from . import guards, storage
 from .config import Config, load_config
 from .engine import DeepSpeedEngine, TorchEngine, deepspeed_config, init_deepspeed_comm, quiet_deepspeed
 from .metrics import MetricsLogger, format_summary
@@ -164,6 +165,7 @@ def train(config: Any, overrides=None) -> Dict[str, Any]:
     """Run a distillation job; returns a summary dict (see README). ``config`` is a YAML path, a dict or a
     :class:`Config`; ``overrides`` are ``"key=value"`` strings (as ``--set``)."""
     cfg = load_config(config, overrides)
+    guards.preflight(cfg)  # output dir, model files, init dicts: before any process group or model
     topo = topology.setup(teacher_ranks=cfg.teacher.ranks if cfg.teacher.source == "stream" else 0,
                           timeout_s=cfg.train.dist_timeout_s, heartbeat_timeout_s=cfg.train.heartbeat_timeout_s,
                           bridge_backend=cfg.teacher.stream_backend)
@@ -173,6 +175,8 @@ def train(config: Any, overrides=None) -> Dict[str, Any]:
             return trainer.serve_teacher()
         trainer.setup()
         return trainer.run()
+    except (guards.Preempted, guards.NonFiniteError):
+        raise  # every student rank raises it at the same step: nothing to tell the peers
     except BaseException as exc:
         topology.report_failure(exc)
         raise
@@ -194,15 +198,15 @@ class Trainer:
                                    dp_size=topo.student_ranks, dp_rank=self.rank if topo.role == "student" else 0,
                                    seed=cfg.run.seed, shuffle=cfg.data.shuffle)
         self.stream = MicroBatchStream(self.samples, self.plan, self.tokenizer.pad_token_id)
-        self.start_step = 0
+        self.start_step, self.resume_tag = 0, None
+        self.storage = None
+        if topo.role == "student":
+            # Which ranks share output_dir's file system (multi-node jobs may write to node-local disks).
+            os.makedirs(cfg.run.output_dir, exist_ok=True)
+            self.storage = storage.probe(cfg.run.output_dir)
         if cfg.run.resume:
-            tag = ckpt.latest_tag(cfg.run.output_dir)
-            if tag is None and cfg.run.resume is True:
-                raise ValueError(f"run.resume is set but {ckpt.checkpoint_root(cfg.run.output_dir)!r} holds no "
-                                 f"complete checkpoint")
-            if tag is not None:
-                with open(os.path.join(ckpt.checkpoint_root(cfg.run.output_dir), tag, ckpt.STATE_FILE)) as f:
-                    self.start_step = int(json.load(f)["step"])
+            self.start_step, self.resume_tag = guards.resume_point(cfg, topo, self.rank, self.world, self.device,
+                                                                   self.storage)
         self.end_step = min(tr.max_steps, cfg.run.stop_at_step or tr.max_steps)
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -214,9 +218,6 @@ class Trainer:
             init_deepspeed_comm(self.topo.backend)  # before zero.Init asks deepspeed.comm for the world size
         self.zero3 = self.engine_kind == "deepspeed" and tr.zero_stage == 3
         ds_cfg = deepspeed_config(cfg, self.world) if self.engine_kind == "deepspeed" else None
-        # Which ranks share output_dir's file system (multi-node jobs may write to node-local disks).
-        os.makedirs(cfg.run.output_dir, exist_ok=True)
-        self.storage = storage.probe(cfg.run.output_dir)
         if ds_cfg is not None and not self.storage.shared:
             # local rank 0 of every node writes the module states a ZeRO-0/1/2 resume reads on every rank
             ds_cfg.setdefault("checkpoint", {}).setdefault("use_node_local_storage", True)
@@ -281,10 +282,11 @@ class Trainer:
         else:
             self.engine = TorchEngine(module, cfg, device)
         self.engine.train()
-        if self.start_step > 0:
-            state = ckpt.load(self.engine, cfg.run.output_dir, rank=self.rank, world=self.world)
+        if self.resume_tag is not None:
+            state = ckpt.load(self.engine, cfg.run.output_dir, rank=self.rank, world=self.world, tag=self.resume_tag)
             self.start_step = int(state["step"])
         self.source.start(self.start_step * tr.grad_accum, self.end_step * tr.grad_accum)
+        self.bad_targets = False
         self.acc = torch.zeros(4, dtype=torch.float64)  # loss, divergence, feature sums and tokens since last log
         self.wait_s = 0.0
         return self
@@ -306,6 +308,7 @@ class Trainer:
             tb = self.source.get(b)
             self.wait_s += time.time() - tw
             check_alignment(tb, b, cfg.teacher.source)
+            self.bad_targets = self.bad_targets or guards.targets_bad(tb.logprobs)
             bd, tb = b.to(engine.device), tb.to(engine.device)
             vi = bd.valid_index
             labels = bd.labels.reshape(-1).index_select(0, vi)
@@ -336,12 +339,24 @@ class Trainer:
         t_log = t_train = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        preempt = guards.PreemptionHandler()
         try:
+            preempt.__enter__()
             for step in range(self.start_step, self.end_step):
                 log_now = (step + 1) % tr.log_every == 0 or step + 1 == self.end_step
                 lr_now = self.engine.lr()
+                loss_before = float(self.acc[0])
                 tokens_total += self.step(step, measure=log_now)
                 steps_done += 1
+                # every rank learns, at the same step, whether the loss went non-finite or a signal came
+                loss_sum, stop = guards.agree_step(float(self.acc[0]) - loss_before, preempt.requested is not None,
+                                                   self.device)
+                gn = self.engine.grad_norm()
+                if not math.isfinite(loss_sum) or (gn is not None and not math.isfinite(gn)):
+                    raise guards.NonFiniteError(guards.non_finite_message(
+                        step + 1, loss_sum, gn, first_step=step == self.start_step, bad_targets=self.bad_targets,
+                        last_ckpt=last_ckpt or (self.resume_tag and os.path.join(
+                            ckpt.checkpoint_root(cfg.run.output_dir), self.resume_tag))))
                 logger.advance()
                 if log_now:
                     sums = _dp_sum(self.acc.tolist(), self.device).cpu()
@@ -362,12 +377,17 @@ class Trainer:
                     self.acc.zero_()
                     self.wait_s = 0.0
                     t_log = time.time()
-                stop_here = step + 1 == self.end_step and self.end_step < tr.max_steps
+                stop_here = (step + 1 == self.end_step and self.end_step < tr.max_steps) or stop
                 if (tr.save_every and (step + 1) % tr.save_every == 0) or stop_here:
-                    last_ckpt = ckpt.save(self.engine, cfg.run.output_dir, step + 1, {"max_steps": tr.max_steps},
+                    last_ckpt = ckpt.save(self.engine, cfg.run.output_dir, step + 1,
+                                          {"max_steps": tr.max_steps, "resume_config": ckpt.resume_config(cfg)},
                                           rank=self.rank, world=self.world, keep=2,
-                                          writer=self.storage.is_writer)
+                                          writer=self.storage.is_writer, ranks=self.storage.group)
+                if stop and step + 1 < self.end_step:
+                    raise guards.Preempted(f"stopped by a signal after optimizer step {step + 1}; checkpoint "
+                                           f"{last_ckpt} written — continue with --resume")
         finally:
+            preempt.__exit__()
             self.source.close()
             logger.close()
         elapsed = time.time() - t_train
