@@ -45,11 +45,22 @@ def make_optimizer(params, cfg: Config, device: torch.device):
     return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), eps=tr.eps, **kw)
 
 
-def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+def deepspeed_config(cfg: Config, dp_size: int, hidden_size: Optional[int] = None) -> dict:
+    """The DeepSpeed config of the run; ``train.deepspeed`` entries override every key set here.
+
+    ``hidden_size`` (the student's) sizes ZeRO's communication buckets as transformers' ``"auto"`` does
+    (reduce bucket d², ZeRO-3 prefetch bucket 0.9·d², parameters under 10·d elements kept whole). DeepSpeed's own
+    defaults (5e8-element buckets) allocate a gradient bucket as large as a small model itself, which on a
+    rank that holds 1/world of the states undoes most of what ZeRO-3 saves."""
     tr = cfg.train
     zero = {"stage": tr.zero_stage}
+    if hidden_size and tr.zero_stage >= 2:
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
     if tr.zero_stage == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": False})
+        if hidden_size:
+            zero.update({"stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                         "stage3_param_persistence_threshold": 10 * hidden_size})
     ds = {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": tr.grad_accum,

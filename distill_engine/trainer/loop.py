@@ -217,7 +217,13 @@ class Trainer:
             quiet_deepspeed()
             init_deepspeed_comm(self.topo.backend)  # before zero.Init asks deepspeed.comm for the world size
         self.zero3 = self.engine_kind == "deepspeed" and tr.zero_stage == 3
-        ds_cfg = deepspeed_config(cfg, self.world) if self.engine_kind == "deepspeed" else None
+        ds_cfg = None
+        if self.engine_kind == "deepspeed":
+            try:  # bucket sizes follow the student's width; a bad path is reported by the model loader below
+                width = getattr(_student_config(cfg), "hidden_size", None)
+            except Exception:
+                width = None
+            ds_cfg = deepspeed_config(cfg, self.world, width)
         if ds_cfg is not None and not self.storage.shared:
             # local rank 0 of every node writes the module states a ZeRO-0/1/2 resume reads on every rank
             ds_cfg.setdefault("checkpoint", {}).setdefault("use_node_local_storage", True)
