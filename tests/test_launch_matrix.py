@@ -246,10 +246,11 @@ def test_stream(lab, stage):
 
 
 # Tolerances of ZeRO-3 vs ZeRO-0, both fp32. The first loss depends only on the (identical) initial weights and
-# targets: it may differ by summation order alone (~1e-7 relative). The weights after STEPS AdamW steps differ
-# by the ZeRO-3 gradient reduce-scatter's order of float32 additions (~1e-7 relative per gradient); Adam divides
-# each gradient by its own running RMS, so a relative gradient error ε moves a weight by about lr·ε per step —
-# far below 1e-5 of the update lr·STEPS, except where a coordinate's gradient is itself at rounding level.
+# targets: it may differ by summation order alone (~1e-7 relative; bound 1e-6). The weights after STEPS AdamW
+# steps differ by the order of float32 additions in ZeRO-3's reduce-scatter (~1e-7 relative per gradient
+# element). Adam divides each gradient by its own running RMS, so the error stays ~lr·1e-7 per step where
+# gradients are large, but is amplified where a coordinate's gradient is itself near rounding level: measured
+# 6e-5 of the largest update of the tensor (5.5e-7 absolute) on this test's run. Bound: 5e-4 of the update.
 def test_zero3_equals_zero0(lab):
     r0, r3 = _colocated(lab, 0), _colocated(lab, 3)
     l0, l3 = _losses(r0["dir"]), _losses(r3["dir"])
@@ -260,7 +261,7 @@ def test_zero3_equals_zero0(lab):
         upd = (v - init[k]).abs().max()
         assert upd > 0, k
         err = (w3[k] - v).abs().max()
-        assert err <= 1e-4 * upd + 1e-7, f"{k}: ZeRO-3 weights differ from ZeRO-0 by {err:.3e} (update {upd:.3e})"
+        assert err <= 5e-4 * upd + 1e-7, f"{k}: ZeRO-3 weights differ from ZeRO-0 by {err:.3e} (update {upd:.3e})"
 
 
 def test_zero1_agrees_with_zero0(lab):
