@@ -419,6 +419,33 @@ at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Te
   return dH;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// distill_buf_lse(buf [c,V] fp32, T) -> lse [c] = log Σ_v exp(buf_v / T) per row, where -inf entries (the
+// teacher ids masked out of the chunk logits) count as zero mass and an all -inf row gives -inf.  This is the
+// student's exact rest log-mass pass (issue 15): the same block-wise online log-sum-exp as
+// distill_logits_lse (lse_update with no bias, one sum), rows in parallel.  buf is only read.
+at::Tensor distill_buf_lse(const at::Tensor& buf, double temperature) {
+  at::NoGradGuard no_grad;
+  DE_CHECK_CPU_INPUT(buf);
+  TORCH_CHECK(buf.scalar_type() == at::kFloat, "buf must be float32, got ", buf.scalar_type());
+  DE_CHECK_DIM(buf, 2);
+  check_temperature(temperature);
+  const int64_t c = buf.size(0);
+  const int64_t V = buf.size(1);
+  at::Tensor out = at::empty({c}, buf.options());
+  if (c == 0) return out;
+  float* pbuf = buf.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const float inv_t = static_cast<float>(1.0 / temperature);
+#pragma omp parallel for schedule(static) num_threads(num_threads_for(c* V))
+  for (int64_t r = 0; r < c; ++r) {
+    LseState st;
+    lse_update(st, pbuf + r * V, nullptr, V, inv_t, false);  // reads only (no bias to add)
+    lse_finish(st, true, false, po + r, nullptr);
+  }
+  return out;
+}
+
 // _vexp(x) -> fast_expf applied elementwise (fp32); exported only so the tests can check its accuracy.
 at::Tensor vexp(const at::Tensor& x) {
   DE_CHECK_CPU(x);
@@ -452,6 +479,10 @@ void register_distill_loss(pybind11::module_& m) {
         py::arg("lse_1"), py::arg("s_q"), py::arg("s_1"), py::arg("dW_acc"), py::arg("db_acc"),
         py::arg("sparse_ids") = py::none(), py::arg("sparse_coef") = py::none(),
         py::call_guard<py::gil_scoped_release>());
+  m.def("distill_buf_lse", &distill_buf_lse,
+        "distill_buf_lse(buf fp32 [c,V], temperature) -> fp32 [c] = logsumexp(buf/T) per row; -inf entries "
+        "(masked ids) count as zero mass, an all -inf row gives -inf",
+        py::arg("buf"), py::arg("temperature"), py::call_guard<py::gil_scoped_release>());
   m.def("_vexp", &vexp, "the vectorized polynomial exp used by the kernels, elementwise on fp32 (for tests)",
         py::arg("x"), py::call_guard<py::gil_scoped_release>());
 }
