@@ -119,7 +119,8 @@ def dense_distill_loss(hidden, weight, teacher_ids, teacher_logprobs, *, labels=
     slot = ids >= 0  # [N, k]
     safe = ids.clamp(min=0)
     ninf = float("-inf")
-    in_S = torch.zeros(N, V, dtype=torch.bool, device=logits.device).scatter(1, safe, slot)  # [N, V]
+    # [N, V] membership; scatter_add so that empty slots (pointing at column 0) never overwrite a real id 0
+    in_S = torch.zeros(N, V, dtype=torch.int32, device=logits.device).scatter_add(1, safe, slot.int()) > 0
     logq_rest = torch.logsumexp(z.masked_fill(in_S, ninf), dim=1) - lse  # [N], −inf when S covers V
     rest_empty = in_S.all(1)
     lp = torch.where(slot, teacher_logprobs.double(), torch.full_like(teacher_logprobs, ninf, dtype=torch.float64))
