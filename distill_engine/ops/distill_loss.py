@@ -295,6 +295,16 @@ def _mask_ids(ids_c: torch.Tensor):
     return mids, has
 
 
+def _repeated(ids_c: torch.Tensor) -> torch.Tensor:
+    """[c, k] bool: True at every repeat of an id already present earlier in sorted order (one copy stays False)."""
+    if ids_c.shape[1] < 2:
+        return torch.zeros_like(ids_c, dtype=torch.bool)
+    srt, perm = ids_c.sort(dim=1)
+    rep = torch.zeros_like(srt, dtype=torch.bool)
+    rep[:, 1:] = srt[:, 1:] == srt[:, :-1]
+    return torch.zeros_like(rep).scatter(1, perm, rep)
+
+
 def _mask_buf(buf: torch.Tensor, mids: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
     """Set the teacher ids of every row of the fp32 logits buffer to −inf in place; returns the old values [c, k].
 
@@ -314,22 +324,29 @@ def _mask_buf(buf: torch.Tensor, mids: torch.Tensor, has: torch.Tensor) -> torch
 _FULL_LSE_MIN_LOGQ_REST = -16.0
 
 
-def _chunk_terms(buf, lse_T, lse_1, rest_lse, z_S, ids_c, lp_c, rest_lp_c, labels_c, valid_c, opts: DistillOptions):
+def _chunk_terms(buf, lse_1, rest_lse, z_S, ids_c, lp_c, rest_lp_c, labels_c, valid_c, opts: DistillOptions):
     """Row losses and gradient coefficients of one chunk (upstream gradient 1 per row).
 
     buf has S masked to −inf; z_S [c, k] are the raw logits at the ids (read before masking); rest_lse [c] is
     logsumexp over the vocabulary minus S at temperature T. The dense gradient is s_d·exp(l/T − off) (0 at S),
     the sparse one coef at sparse_ids (S: the whole value, label: −ce_weight).
-    Returns loss [c] fp32, s_d [c], off [c], s_1 [c] | None, sparse_ids [c, m] int64, sparse_coef [c, m] fp32.
+    Returns loss [c] fp32, s_d [c], off [c], lse_1 [c] | None (fp32, for the dense CE term), s_1 [c] | None,
+    sparse_ids [c, m] int64, sparse_coef [c, m] fp32.
     """
     T = float(opts.temperature)
     alpha = 1.0 - float(opts.ce_weight)
     slot = ids_c >= 0
     safe = ids_c.clamp(min=0).long()
-    lse_Td = lse_T.double()
     z_S = z_S.double()
-    logq_S = z_S / T - lse_Td[:, None]
     rest_d = rest_lse.double()
+    # The row's log-sum-exp rebuilt in float64 from its two exact parts: the rest (fp32, but weighted by q_rest
+    # in the sum, so its rounding fades as the student grows confident) and the k raw logits at S (exact).
+    # A repeated id (validate=False) counts once, as in the masked buffer.
+    lse_S = torch.logsumexp(torch.where(slot & ~_repeated(ids_c), z_S / T, float("-inf")), dim=1)
+    lse_Td = torch.logaddexp(rest_d, lse_S)  # [c]
+    if lse_1 is not None and T == 1.0:
+        lse_1 = lse_Td  # the same quantity at T = 1 (and bit-equal offsets let the CPU kernel share one exp)
+    logq_S = z_S / T - lse_Td[:, None]
     logq_rest = rest_d - lse_Td  # exact in log space: −inf only when S covers the vocabulary
     div, b_S, b_rest, cbar, q_S = _category_terms(logq_S, logq_rest, slot, lp_c, rest_lp_c, opts)
     zero = torch.zeros((), dtype=torch.float64, device=buf.device)
@@ -362,8 +379,8 @@ def _chunk_terms(buf, lse_T, lse_1, rest_lse, z_S, ids_c, lp_c, rest_lp_c, label
     loss = loss * vmask
     s_d = s_d * vmask
     sparse_coef = sparse_coef * vmask[:, None]
-    return (loss.float(), s_d.float(), off.float(), (s_1.float() if s_1 is not None else None), sparse_ids,
-            sparse_coef.float())
+    return (loss.float(), s_d.float(), off.float(), (lse_1.float() if lse_1 is not None else None),
+            (s_1.float() if s_1 is not None else None), sparse_ids, sparse_coef.float())
 
 
 class _State:
@@ -414,8 +431,8 @@ def _forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOption
         rest_lse = impl.buf_lse(buf, T)  # [c] logsumexp over V \ S: the one extra reduction
         lab_c = labels[s:e] if labels is not None else None
         rest_c = rest_lp[s:e] if rest_lp is not None else None
-        loss_c, s_q, lse_T, s_1, sp_ids, sp_coef = _chunk_terms(buf, lse_T, lse_1, rest_lse, z_S, ids[s:e], lp[s:e],
-                                                                rest_c, lab_c, valid[s:e], opts)
+        loss_c, s_q, lse_T, lse_1, s_1, sp_ids, sp_coef = _chunk_terms(buf, lse_1, rest_lse, z_S, ids[s:e], lp[s:e],
+                                                                       rest_c, lab_c, valid[s:e], opts)
         loss_rows[s:e] = loss_c
         if st.mode == "precomputed":
             if scale != 1.0:
