@@ -234,7 +234,7 @@ def _category_terms(logq_S: torch.Tensor, logq_rest: torch.Tensor, slot: torch.T
     pS_pos, pr_pos, qS_pos, qr_pos = p_S > 0, p_rest > 0, q_S > 0, q_rest > 0
     lpf = torch.where(pS_pos, lp, zero)
     lprf = torch.where(pr_pos, logp_rest, zero)
-    lqf = torch.where(qS_pos, logq_S, zero)
+    lqf = torch.where(slot, logq_S, zero)  # finite in every slot, even where q underflows (p·log q needs it)
     lqrf = torch.where(qr_pos | torch.isfinite(logq_rest), logq_rest, zero)
 
     if opts.divergence == "forward_kl":

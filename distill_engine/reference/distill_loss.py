@@ -121,12 +121,15 @@ def dense_distill_loss(hidden, weight, teacher_ids, teacher_logprobs, *, labels=
     ninf = float("-inf")
     # [N, V] membership; scatter_add so that empty slots (pointing at column 0) never overwrite a real id 0
     in_S = torch.zeros(N, V, dtype=torch.int32, device=logits.device).scatter_add(1, safe, slot.int()) > 0
-    logq_rest = torch.logsumexp(z.masked_fill(in_S, ninf), dim=1) - lse  # [N], −inf when S covers V
     rest_empty = in_S.all(1)
+    # [N] log q_rest; rows whose S covers V have no rest category (q_rest = p_rest = 0): a finite stand-in
+    # there keeps autograd free of −inf − −inf, and every rest term below vanishes through _xlogy_safe
+    logq_rest = torch.logsumexp(z.masked_fill(in_S & ~rest_empty[:, None], ninf), dim=1) - lse
+    logq_rest = torch.where(rest_empty, torch.zeros_like(logq_rest), logq_rest)
     lp = torch.where(slot, teacher_logprobs.double(), torch.full_like(teacher_logprobs, ninf, dtype=torch.float64))
     logq_S = torch.where(slot, logq.gather(1, safe), torch.full_like(lp, ninf))
     q_S = logq_S.exp()
-    q_rest = logq_rest.exp()
+    q_rest = torch.where(rest_empty, torch.zeros_like(logq_rest), logq_rest.exp())
     has = slot.any(1)
 
     if tail == "renormalize":
