@@ -145,3 +145,35 @@ def test_rest_logprob_reaches_the_loss():
         de.fused_distill_loss(sh, sw, t.ids, t.logprobs, teacher_rest_logprob=torch.zeros(5))
     with pytest.raises(ValueError, match="teacher_rest_logprob"):
         de.fused_distill_loss(sh, sw, t.ids, t.logprobs, teacher_rest_logprob=torch.full((6,), float("nan")))
+
+
+def test_stream_message_and_colocated_source_carry_rest():
+    """The stream's wire message (packed v2 + hidden states) and the co-located source keep rest_logprob."""
+    from distill_engine.teacher.base import TeacherBatch
+    from distill_engine.teacher.codec import decode
+    from distill_engine.teacher.colocated import ColocatedTeacher
+    from distill_engine.teacher.stream import _message
+
+    h, w, b = _exact_inputs(8.0, n=5)
+    t = de.teacher_targets(h, w, 4, bias=b, backend="torch")
+    hid = [torch.randn(5, 3)]
+    hdr, payload = _message(TeacherBatch(t.ids, t.logprobs, 7, hid, t.rest_logprob), "float16", 101, True)
+    nbytes = int(hdr[3])
+    ids, lps, rest = decode(payload.numpy()[:nbytes].tobytes(), where="test", with_rest=True)
+    assert torch.equal(ids, t.ids) and torch.equal(rest, t.rest_logprob)
+    hdr0, payload0 = _message(TeacherBatch(t.ids, t.logprobs, 7), "float16", 101, True)
+    assert decode(payload0.numpy()[:int(hdr0[3])].tobytes(), where="test", with_rest=True)[2] is None
+
+    class _Batch:
+        micro_step = 3
+        input_ids = attention_mask = valid_index = None
+
+        def to(self, device):
+            return self
+
+    for out, want in (((t.ids, t.logprobs, None, t.rest_logprob), t.rest_logprob), ((t.ids, t.logprobs, None), None)):
+        src = ColocatedTeacher(lambda *a, _o=out: _o, device="cpu", seed=0, dp_rank=0, method="topk")
+        tb = src.compute(_Batch())
+        assert (tb.rest_logprob is None) if want is None else torch.equal(tb.rest_logprob, want)
+        moved = tb.to("cpu")
+        assert (moved.rest_logprob is None) == (want is None)
