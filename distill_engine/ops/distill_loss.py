@@ -14,7 +14,16 @@ c̄ = Σ_c b_c, the gradient with respect to the raw logits l = T·z is
 
 so a backend only has to provide two vocabulary-wide passes over a row chunk: the logits with their
 log-sum-exps, and the dense gradient g = s_q·exp(l/T − lse_T) + s_1·exp(l − lse_1) followed by the three
-products dH = g W, dW += gᵀ h, db += Σ g. The per-row [N, k] category math below runs once, in float64.
+products dH = g W, dW += gᵀ h, db += Σ g — plus one reduction, ``buf_lse``, for the exact tail (below).
+The per-row [N, k] category math below runs once, in float64.
+
+Exact tail bucket (issue 15; docs/ARCHITECTURE.md, "The exact tail bucket"): the teacher ids are set to
+−inf in the chunk buffer, lse_rest = buf_lse(buf, T) = log Σ_{v∉S} exp(l_v/T), and lse_T is rebuilt in
+float64 as logaddexp(lse_rest, logsumexp_S(z_S)), so log q_rest = lse_rest − lse_T is exact in log space at
+any confidence (never 1 − Σ_S q, no floor). With S masked the dense pass forms 0 at S and each j ∈ S gets its
+whole gradient α·T·(b_j − q_j·c̄) sparsely; for v ∉ S the dense coefficient is α·T·(b_rest − c̄·q_rest) against
+lse_rest (O(1) at any confidence), or the equivalent α·T·(a_rest − c̄) against lse_T when q_rest > e^-16.
+LOG_FLOOR floors only the teacher's log-probabilities inside reverse KL.
 
 Memory: one fp32 [chunk, V] buffer at a time (``chunk_rows``), never [N, V]. When the loss is a scalar
 (reduction "mean"/"sum") and gradients are needed, the gradients are formed during the forward pass from
