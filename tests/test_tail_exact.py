@@ -229,3 +229,29 @@ def test_rows_covering_the_vocabulary_and_duplicates_stay_finite():
         dup[:, 1] = dup[:, 0]
         out = de.fused_distill_loss(hidden, weight, dup, lp, backend=backend, validate=False, reduction="none")
         assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("tile_cols", [None, "64"])
+def test_cpu_logits_pass_excludes_ids_in_one_pass(tile_cols, monkeypatch):
+    """_C.distill_logits_lse(exclude_ids=...) (the cpu backend's fused rest pass) against a float64 masked
+    log-sum-exp: ids spread over several vocabulary tiles, repeated ids, -1 entries, a row with none, bias."""
+    _skip_unavailable("cpu")
+    if tile_cols:
+        monkeypatch.setenv("DISTILL_ENGINE_CPU_TILE_COLS", tile_cols)
+    ext = _backend.cpu_extension()
+    g = torch.Generator().manual_seed(7)
+    c, d, v = 5, 12, 200
+    h, w, b = torch.randn(c, d, generator=g), torch.randn(v, d, generator=g), torch.randn(v, generator=g)
+    ex = torch.randint(0, v, (c, 6), generator=g)
+    ex[1, 2] = ex[1, 0]  # repeated id
+    ex[2, 3:] = -1  # no id in these slots
+    ex[3, :] = -1  # a row with no id at all
+    for T in (1.0, 2.5):
+        buf, lse_t, lse_1 = ext.distill_logits_lse(h, w, b, T, True, ex)
+        l = h.double() @ w.double().t() + b.double()
+        assert torch.allclose(buf.double(), l, rtol=1e-5, atol=1e-5)  # every logit kept, bias included
+        mask = torch.zeros(c, v, dtype=torch.int32).scatter_add(1, ex.clamp(min=0), (ex >= 0).int()) > 0
+        ref_t = torch.logsumexp((l / T).masked_fill(mask, float("-inf")), 1)
+        ref_1 = torch.logsumexp(l.masked_fill(mask, float("-inf")), 1)
+        assert torch.allclose(lse_t.double(), ref_t, rtol=1e-6, atol=1e-5)
+        assert torch.allclose(lse_1.double(), ref_1, rtol=1e-6, atol=1e-5)

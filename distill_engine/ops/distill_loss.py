@@ -105,6 +105,16 @@ class _CpuExt:
     def buf_lse(buf, temperature):
         return _backend.cpu_extension().distill_buf_lse(buf, float(temperature))
 
+    # The C++ logits pass can leave the teacher ids out of its log-sum-exps itself (same single pass, no
+    # extra reduction over the buffer): the driver then skips buf_lse.
+    fused_rest = True
+
+    @staticmethod
+    def logits_lse_excluding(h, weight, bias, temperature, need_lse1, exclude_ids):
+        buf, rest_T, rest_1 = _backend.cpu_extension().distill_logits_lse(h, weight, bias, float(temperature),
+                                                                          bool(need_lse1), exclude_ids)
+        return buf, rest_T, (rest_1 if need_lse1 else None)
+
 
 def _backend_impl(name: str):
     if name == "torch":
@@ -392,6 +402,32 @@ def _chunk_terms(buf, lse_1, rest_lse, z_S, ids_c, lp_c, rest_lp_c, labels_c, va
             (s_1.float() if s_1 is not None else None), sparse_ids, sparse_coef.float())
 
 
+def _logits_and_rest(impl, h_c, weight, bias, T: float, need1: bool, ids_c):
+    """The chunk's fp32 logits with the teacher ids masked to −inf, and the log-sum-exps the driver needs.
+
+    Returns (buf [c, V], rest_lse [c] = logsumexp over V \\ S at T, lse_1 [c] | None (full, T = 1; at T = 1
+    a placeholder that _chunk_terms replaces), z_S [c, k] raw logits at the ids).
+    """
+    mids, has = _mask_ids(ids_c)
+    if getattr(impl, "fused_rest", False):
+        # the backend leaves S out of its log-sum-exps in the logits pass itself (C++): no second reduction
+        ex = torch.where(has[:, None], mids, torch.full((), -1, dtype=mids.dtype, device=mids.device))
+        buf, rest_lse, rest_1 = impl.logits_lse_excluding(h_c, weight, bias, T, need1 and T != 1.0, ex)
+        z_S = _mask_buf(buf, mids, has)
+        lse_1 = None
+        if need1:
+            if T != 1.0:  # CE's full log-sum-exp: the rest part plus the exact logits at S (positives only)
+                lse_S1 = torch.logsumexp(torch.where((ids_c >= 0) & ~_repeated(ids_c), z_S.double(), float("-inf")), 1)
+                lse_1 = torch.logaddexp(rest_1.double(), lse_S1)
+            else:
+                lse_1 = rest_lse  # replaced by the rebuilt full log-sum-exp in _chunk_terms
+        return buf, rest_lse, lse_1, z_S
+    buf, _, lse_1 = impl.logits_lse(h_c, weight, bias, T, need1, True)  # buf [c, V] fp32
+    z_S = _mask_buf(buf, mids, has)  # [c, k] raw logits at the ids; buf now −inf there
+    rest_lse = impl.buf_lse(buf, T)  # [c] logsumexp over V \ S: the one extra reduction
+    return buf, rest_lse, lse_1, z_S
+
+
 class _State:
     """What the forward pass hands to backward."""
 
@@ -434,10 +470,7 @@ def _forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOption
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         h_c = hidden[s:e]
-        buf, lse_T, lse_1 = impl.logits_lse(h_c, weight, bias, T, need1, True)  # buf [c, V] fp32
-        mids, has = _mask_ids(ids[s:e])
-        z_S = _mask_buf(buf, mids, has)  # [c, k] raw logits at the ids; buf now −inf there
-        rest_lse = impl.buf_lse(buf, T)  # [c] logsumexp over V \ S: the one extra reduction
+        buf, rest_lse, lse_1, z_S = _logits_and_rest(impl, h_c, weight, bias, T, need1, ids[s:e])
         lab_c = labels[s:e] if labels is not None else None
         rest_c = rest_lp[s:e] if rest_lp is not None else None
         loss_c, s_q, lse_T, lse_1, s_1, sp_ids, sp_coef = _chunk_terms(buf, lse_1, rest_lse, z_S, ids[s:e], lp[s:e],
