@@ -26,7 +26,7 @@ LOG_FLOOR = -100.0
 # torch backend: the chunk-level contract
 # ----------------------------------------------------------------------------------------------
 def logits_lse(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float,
-               need_lse1: bool, store: bool = True):
+               need_lse1: bool, store: bool = True, _lse: bool = True):
     """Raw logits of a row chunk and their log-sum-exps.
 
     Returns ``(buf [c, V] fp32, lse_T [c], lse_1 [c] | None)`` with lse_T = logsumexp(l / T).
@@ -37,10 +37,36 @@ def logits_lse(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         buf = torch.addmm(bias.float(), h32, w32.t())  # [c, V]
     else:
         buf = h32 @ w32.t()  # [c, V]
+    if not _lse:
+        return buf, None, None
     lse_1 = torch.logsumexp(buf, dim=1) if need_lse1 else None
     lse_T = torch.logsumexp(buf / temperature, dim=1) if temperature != 1.0 else (
         lse_1 if lse_1 is not None else torch.logsumexp(buf, dim=1))
     return buf, lse_T, lse_1
+
+
+# The chunk driver calls logits_lse_excluding instead of logits_lse + buf_lse (no extra pass over the buffer).
+fused_rest = True
+
+
+def logits_lse_excluding(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float,
+                         need_lse1: bool, exclude_ids: torch.Tensor):
+    """Like logits_lse, but both log-sum-exps leave each row's ``exclude_ids`` [c, m] out (the student's rest
+    mass, issue 15): the ids are set to -inf for the one log-sum-exp pass and restored, so ``buf`` still holds
+    every logit. A row's ids are either all >= 0 (repeats allowed) or all -1 (exclude nothing).
+    """
+    buf, _, _ = logits_lse(h, weight, bias, temperature, False, store=True, _lse=False)
+    ok = exclude_ids >= 0
+    has = ok.any(1, keepdim=True)  # [c, 1]
+    first = exclude_ids.gather(1, ok.to(torch.uint8).argmax(1, keepdim=True))
+    mids = torch.where(ok, exclude_ids, first).clamp(min=0).long()  # [c, m]
+    old = buf.gather(1, mids)
+    buf.scatter_(1, mids, torch.where(has, torch.full((), float("-inf"), device=buf.device), old))
+    rest_1 = torch.logsumexp(buf, dim=1) if need_lse1 else None
+    rest_T = torch.logsumexp(buf / temperature, dim=1) if temperature != 1.0 else (
+        rest_1 if rest_1 is not None else torch.logsumexp(buf, dim=1))
+    buf.scatter_(1, mids, old)
+    return buf, rest_T, rest_1
 
 
 def buf_lse(buf: torch.Tensor, temperature: float) -> torch.Tensor:
