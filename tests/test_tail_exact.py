@@ -255,3 +255,17 @@ def test_cpu_logits_pass_excludes_ids_in_one_pass(tile_cols, monkeypatch):
         ref_1 = torch.logsumexp(l.masked_fill(mask, float("-inf")), 1)
         assert torch.allclose(lse_t.double(), ref_t, rtol=1e-6, atol=1e-5)
         assert torch.allclose(lse_1.double(), ref_1, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton kernels)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_exact_tail(dtype):
+    """The compiled Triton path (GPU runs of the suite) on the same grid, against the same oracle."""
+    _skip_unavailable("triton")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for divergence, beta in DIVERGENCES:
+        for scale_exp in SCALE_EXPS:
+            p_rest = P_RESTS[scale_exp % 4]
+            inputs = tuple(t.cuda() for t in confident_inputs(scale_exp, p_rest, dtype=dtype, seed=scale_exp))
+            got, ref = run_both("triton", inputs, divergence=divergence, beta=beta, chunk_rows=4)
+            check(got, ref, tol, f"cuda/{dtype}/{divergence}(β={beta})/2^{scale_exp}/p_rest={p_rest}")
