@@ -259,7 +259,7 @@ def _rest_logprob(z: torch.Tensor, ids: torch.Tensor, temperature: float, buf_ls
     lse_rest = log Σ_{v∉S} exp(z_v/T) (one masked log-sum-exp pass, ``buf_lse``) and lse_S over the k ids in
     float64: a sum of positives, exact at any confidence, where 1 − Σ_S p would cancel.
     """
-    from .distill_loss import _mask_buf, _mask_ids  # the same masking as the loss's own rest pass
+    from ._tail import _mask_buf, _mask_ids  # the same masking as the loss's own rest pass
 
     mids, has = _mask_ids(ids)
     z_S = _mask_buf(z, mids, has).double() / temperature  # [c, k]
