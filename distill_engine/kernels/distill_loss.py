@@ -16,6 +16,9 @@ Kernels:
 * ``_dense_grad_kernel`` -- elementwise: g from the stored logits, in place in fp32 (fp32 inputs) or
   as a copy in the input dtype for the tensor-core gradient GEMMs (bf16/fp16), plus per-row-block
   column sums for db.
+* ``_buf_lse_kernel`` -- the exact tail's one extra reduction (issue 15): row log-sum-exp of the
+  stored chunk buffer after the driver set the teacher ids to -inf (:func:`buf_lse`); also used by
+  ``teacher_targets`` for the teacher's rest mass.
 * ``_recompute_grad_kernel`` -- buffer-free mode: recomputes a logits tile (same tile GEMM as the
   forward) and writes g for it, so no fp32 [c, V] buffer is ever kept between the passes.
 

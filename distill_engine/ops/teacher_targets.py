@@ -6,7 +6,9 @@ log-probability is z_v − lse_T (method "topk") so ``tail="bucket"`` in ``fused
 true tail mass 1 − Σ_S p.
 
 * ``method="topk"``: the k ids with the largest z (exact; ties may be broken either way), sorted by
-  log-probability descending.
+  log-probability descending, plus ``rest_logprob`` [N]: log Σ_{v∉S} softmax(z)_v, the exact mass outside
+  the ids, from a masked log-sum-exp over the chunk logits (issue 15; ``fused_distill_loss`` takes it as
+  ``teacher_rest_logprob`` so the bucket tail never rebuilds it as 1 − Σ_S p).
 * ``method="sample"`` (random-sampling KD, Anshumann et al. 2025): k draws with replacement from
   softmax(z); duplicates merged; each distinct id gets log(count / k); sorted by count descending, then
   id ascending; empty slots (-1, -inf) pad the row. E[count_v / k] = p_v, so the sparse target is an
