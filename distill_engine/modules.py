@@ -12,7 +12,8 @@ from .ops.distill_loss import DistillOptions, fused_distill_loss
 class FusedDistillLoss(nn.Module):
     """Module form of :func:`distill_engine.fused_distill_loss`; options go to the constructor.
 
-    forward(hidden [N, d], weight [V, d], teacher_ids [N, k], teacher_logprobs [N, k], labels=None, bias=None)
+    forward(hidden [N, d], weight [V, d], teacher_ids [N, k], teacher_logprobs [N, k], labels=None, bias=None,
+            teacher_rest_logprob=None)
     """
 
     def __init__(self, *, divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
@@ -26,9 +27,11 @@ class FusedDistillLoss(nn.Module):
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, teacher_ids: torch.Tensor,
                 teacher_logprobs: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                bias: Optional[torch.Tensor] = None,
+                teacher_rest_logprob: Optional[torch.Tensor] = None) -> torch.Tensor:
         o = self.options
         return fused_distill_loss(hidden, weight, teacher_ids, teacher_logprobs, labels=labels, bias=bias,
+                                  teacher_rest_logprob=teacher_rest_logprob,
                                   divergence=o.divergence, beta=o.beta, temperature=o.temperature,
                                   ce_weight=o.ce_weight, tail=o.tail, ignore_index=o.ignore_index,
                                   reduction=o.reduction, backend=o.backend, validate=o.validate,

@@ -66,7 +66,13 @@ class TeacherHead(nn.Module):
         hidden: Optional[List[torch.Tensor]] = None
         if self.feature_layers is not None:
             hidden = [rows(out.hidden_states[i], valid_index) for i in self.feature_layers]
-        return t.ids, t.logprobs, hidden
+        # 4th element: the exact teacher rest log-mass (None for sampled targets); callers read it as optional
+        return t.ids, t.logprobs, hidden, t.rest_logprob
+
+
+def runner_rest(out) -> Optional[torch.Tensor]:
+    """The teacher rest log-mass of a runner's output tuple (ids, logprobs, hidden[, rest_logprob])."""
+    return out[3] if len(out) > 3 else None
 
 
 class ColocatedTeacher(TeacherSource):
@@ -85,8 +91,9 @@ class ColocatedTeacher(TeacherSource):
         if self.method == "sample":
             gen = sample_generator(self.seed, self.dp_rank if dp_rank is None else dp_rank, batch.micro_step,
                                    self.device)
-        ids, lps, hidden = self.runner(b.input_ids, b.attention_mask, b.valid_index, gen)
-        return TeacherBatch(ids, lps, batch.micro_step, hidden)
+        out = self.runner(b.input_ids, b.attention_mask, b.valid_index, gen)
+        ids, lps, hidden = out[:3]
+        return TeacherBatch(ids, lps, batch.micro_step, hidden, runner_rest(out))
 
     def get(self, batch: Batch) -> TeacherBatch:
         return self.compute(batch)

@@ -83,7 +83,7 @@ class _Link:
 
 
 def _message(tb: TeacherBatch, logprob_dtype: str, vocab_size: int, bitpack_ids: bool):
-    packed = encode(tb.ids, tb.logprobs, logprob_dtype, vocab_size, bitpack_ids)
+    packed = encode(tb.ids, tb.logprobs, logprob_dtype, vocab_size, bitpack_ids, tb.rest_logprob)
     parts = [np.frombuffer(packed, dtype=np.uint8)]
     n_h, width, code = 0, 0, 0
     if tb.hidden:
@@ -179,7 +179,7 @@ class StreamTeacher(TeacherSource):
             raise RuntimeError(f"stream from teacher (global rank {self.src}): got micro-step {step}, expected "
                                f"{expect_step}; teacher and student data plans diverged")
         raw = payload.numpy()
-        ids, lps = decode(raw[:nbytes].tobytes(), where=f"stream from global rank {self.src}")
+        ids, lps, rest = decode(raw[:nbytes].tobytes(), where=f"stream from global rank {self.src}", with_rest=True)
         hidden = None
         if n_h:
             dt = _DTYPES[code]
@@ -188,7 +188,7 @@ class StreamTeacher(TeacherSource):
             for j in range(n_h):
                 chunk = raw[nbytes + j * per: nbytes + (j + 1) * per]
                 hidden.append(torch.from_numpy(chunk.copy()).view(dt).reshape(rows, width))
-        return TeacherBatch(ids, lps, step, hidden)
+        return TeacherBatch(ids, lps, step, hidden, rest)
 
     def start(self, first_micro_step: int, last_micro_step: Optional[int] = None) -> None:
         last = last_micro_step

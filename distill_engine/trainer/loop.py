@@ -319,7 +319,8 @@ class Trainer:
             vi = bd.valid_index
             labels = bd.labels.reshape(-1).index_select(0, vi)
             loss, stats = engine(bd.input_ids, bd.attention_mask, vi, labels, tb.ids, tb.logprobs, tb.hidden,
-                                 scale=scale, validate=validate, measure_divergence=measure)
+                                 scale=scale, validate=validate, measure_divergence=measure,
+                                 teacher_rest_logprob=tb.rest_logprob)
             engine.backward(loss)
             if a == GA - 1 and on_boundary is not None:
                 on_boundary(engine)

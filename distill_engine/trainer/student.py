@@ -43,7 +43,7 @@ class FusedHeadLoss(nn.Module):
                 deepspeed.zero.register_external_parameter(self, lm_head.bias)
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, labels: torch.Tensor,
-                validate: bool, measure_divergence: bool):
+                validate: bool, measure_divergence: bool, rest: Optional[torch.Tensor] = None):
         from ..ops.distill_loss import fused_distill_loss
 
         w = self._lm_head.weight
@@ -56,7 +56,7 @@ class FusedHeadLoss(nn.Module):
             b = None if b is None else b.to(h.dtype)
         with torch.autocast(dev, enabled=False):  # the op picks its own precisions; inputs are cast above
             loss = fused_distill_loss(h, w, ids, lps, labels=labels, bias=b, ce_weight=self.ce_weight,
-                                      reduction="sum", validate=validate, **self.opts)
+                                      reduction="sum", validate=validate, teacher_rest_logprob=rest, **self.opts)
         div = None
         if measure_divergence:
             if self.ce_weight == 0.0:
@@ -65,7 +65,8 @@ class FusedHeadLoss(nn.Module):
                 with torch.no_grad(), torch.autocast(dev, enabled=False):  # an extra pass, on logged steps only
                     div = fused_distill_loss(h.detach(), w.detach(), ids, lps, labels=labels,
                                              bias=None if b is None else b.detach(), ce_weight=0.0,
-                                             reduction="sum", validate=False, **self.opts)
+                                             reduction="sum", validate=False, teacher_rest_logprob=rest,
+                                             **self.opts)
                     div = div / (self.opts["temperature"] ** 2)
         return loss, div
 
@@ -88,14 +89,16 @@ class DistillStudent(nn.Module):
 
     def forward(self, input_ids, attention_mask, valid_index, labels, teacher_ids, teacher_logprobs,
                 teacher_hidden: Optional[Sequence[torch.Tensor]] = None, scale: float = 1.0,
-                validate: bool = False, measure_divergence: bool = False):
+                validate: bool = False, measure_divergence: bool = False,
+                teacher_rest_logprob: Optional[torch.Tensor] = None):
         out = base_model_of(self.student)(input_ids=input_ids, attention_mask=attention_mask,
                                           output_hidden_states=self.features is not None, use_cache=False,
                                           return_dict=True)
         hs = out.last_hidden_state  # [B, L, d]
         d = hs.shape[-1]
         h = hs[:, :-1].reshape(-1, d).index_select(0, valid_index)  # [n, d] loss rows only
-        loss, div = self.head(h, teacher_ids, teacher_logprobs, labels, validate, measure_divergence)
+        loss, div = self.head(h, teacher_ids, teacher_logprobs, labels, validate, measure_divergence,
+                              teacher_rest_logprob)
         total = loss
         feat = None
         if self.features is not None:
