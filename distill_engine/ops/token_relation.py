@@ -14,6 +14,7 @@ few tiles, never O(L²).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import torch
@@ -37,21 +38,28 @@ class _Opts:
     backend: str  # resolved
 
 
+def _cpu_tiles():
+    """(query tile, key tile) rows of the C++ kernel; DISTILL_ENGINE_RELATION_TILE sets both (tests)."""
+    t = os.environ.get("DISTILL_ENGINE_RELATION_TILE")
+    return (int(t), int(t)) if t else (128, 256)
+
+
 class _CpuExt:
     """Adapter from ``_C.token_relation_forward/backward`` (csrc/cpu/token_relation.cpp): fp32, contiguous."""
 
     @staticmethod
     def forward(S, T, heads, mask, causal):
         ext = _backend.cpu_extension()
-        return ext.token_relation_forward(S.float().contiguous(), T.float().contiguous(), heads,
-                                          mask.contiguous(), causal)
+        kl, lse_s, lse_t = ext.token_relation_forward(S.float().contiguous(), T.float().contiguous(), heads,
+                                                      mask.contiguous(), causal, *_cpu_tiles())
+        return kl, lse_s, lse_t
 
     @staticmethod
     def backward(S, T, heads, mask, causal, lse_s, lse_t, c, g, need_s, need_t):
         ext = _backend.cpu_extension()
         dS, dT = ext.token_relation_backward(S.float().contiguous(), T.float().contiguous(), heads,
                                              mask.contiguous(), causal, lse_s, lse_t, c, g.contiguous(),
-                                             need_s, need_t)
+                                             need_s, need_t, *_cpu_tiles())
         return (dS if need_s else None), (dT if need_t else None)
 
 
@@ -85,12 +93,18 @@ def _validate(S, T, heads, mask) -> None:
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B, L)} (attention_mask.bool())")
 
 
-def _check_finite(kl: torch.Tensor, S, T) -> None:
-    if bool(torch.isfinite(kl).all()):
-        return
-    which = "teacher_states" if not bool(torch.isfinite(T).all()) else "student_states"
-    raise ValueError(f"{_OP}: the loss is not finite: {which} contains non-finite values (or its scores "
-                     f"overflow); check the hidden states fed to the relation loss")
+def _check_inputs_finite(S, T) -> None:
+    """O(B·L·d) against the O(B·H·L²·d_h) loss: the kernels' max/exp are not NaN-propagating everywhere."""
+    for name, x in (("teacher_states", T), ("student_states", S)):
+        if not bool(torch.isfinite(x).all()):
+            pos = (~torch.isfinite(x)).nonzero()[0].tolist()
+            raise ValueError(f"{_OP}: {name} contains non-finite values (first at [b, l, d] = {pos}); "
+                             f"check the hidden states fed to the relation loss")
+
+
+def _check_finite(kl: torch.Tensor) -> None:
+    if not bool(torch.isfinite(kl).all()):
+        raise ValueError(f"{_OP}: the loss is not finite (the relation scores overflow float32); scale the states down")
 
 
 class _TokenRelationFn(torch.autograd.Function):
@@ -98,7 +112,7 @@ class _TokenRelationFn(torch.autograd.Function):
     def forward(ctx, S, T, mask, opts: _Opts):
         impl = _impl(opts.backend)
         kl, lse_s, lse_t = impl.forward(S, T, opts.heads, mask, opts.causal)  # [B, H, L] fp32 each
-        _check_finite(kl, S, T)
+        _check_finite(kl)
         ctx.opts = opts
         ctx.save_for_backward(S, T, mask, lse_s, lse_t, kl)
         return _reduce(kl, mask, opts)
@@ -159,10 +173,11 @@ def token_relation_loss(student_states: torch.Tensor, teacher_states: torch.Tens
     B, L, _ = student_states.shape
     dev = student_states.device
     resolved = _backend.resolve_backend(backend, dev, _OP, _CPU_SYMBOL)
+    _check_inputs_finite(student_states.detach(), teacher_states.detach())
     m = mask if mask is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
     opts = _Opts(heads=relation_heads, causal=causal, reduction=reduction, backend=resolved)
     if torch.is_grad_enabled() and (student_states.requires_grad or teacher_states.requires_grad):
         return _TokenRelationFn.apply(student_states, teacher_states, m, opts)
     kl, _, _ = _impl(resolved).forward(student_states, teacher_states, relation_heads, m, causal)
-    _check_finite(kl, student_states, teacher_states)
+    _check_finite(kl)
     return _reduce(kl, m, opts)
