@@ -48,19 +48,21 @@ def _heads(X: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _strip(Sh, Th, m, q0, q1, causal):
-    """Scores of query rows q0:q1 against every key: (aS, aT, valid), [H, c, L] each (valid [c, L])."""
+    """Scores of query rows q0:q1 against keys 0:kn (kn = q1 when causal: later keys are never visible):
+    (aS, aT, valid, kn) with aS, aT [H, c, kn] and valid [c, kn]."""
     cS = 1.0 / math.sqrt(Sh.shape[-1])
     cT = 1.0 / math.sqrt(Th.shape[-1])
-    aS = torch.matmul(Sh[:, q0:q1], Sh.transpose(1, 2)).mul_(cS)  # [H, c, L]
-    aT = torch.matmul(Th[:, q0:q1], Th.transpose(1, 2)).mul_(cT)  # [H, c, L]
-    L = Sh.shape[1]
-    valid = m[q0:q1, None] & m[None, :]  # [c, L]
+    kn = q1 if causal else Sh.shape[1]
+    aS = torch.matmul(Sh[:, q0:q1], Sh[:, :kn].transpose(1, 2)).mul_(cS)  # [H, c, kn]
+    aT = torch.matmul(Th[:, q0:q1], Th[:, :kn].transpose(1, 2)).mul_(cT)  # [H, c, kn]
+    valid = m[q0:q1, None] & m[None, :kn]  # [c, kn]
     if causal:
         rows = torch.arange(q0, q1, device=m.device)
-        valid = valid & (torch.arange(L, device=m.device)[None, :] <= rows[:, None])
-    aS.masked_fill_(~valid, _NEG)
-    aT.masked_fill_(~valid, _NEG)
-    return aS, aT, valid
+        valid = valid & (torch.arange(kn, device=m.device)[None, :] <= rows[:, None])
+    invalid = ~valid
+    aS.masked_fill_(invalid, _NEG)
+    aT.masked_fill_(invalid, _NEG)
+    return aS, aT, valid, kn
 
 
 def forward(S, T, heads: int, mask, causal: bool):
@@ -74,7 +76,7 @@ def forward(S, T, heads: int, mask, causal: bool):
         Sh, Th, m = _heads(S[b], heads), _heads(T[b], heads), mask[b]
         for q0 in range(0, L, ch):
             q1 = min(q0 + ch, L)
-            aS, aT, valid = _strip(Sh, Th, m, q0, q1, causal)
+            aS, aT, valid, _ = _strip(Sh, Th, m, q0, q1, causal)
             ls = torch.logsumexp(aS, dim=-1)  # [H, c]
             lt = torch.logsumexp(aT, dim=-1)
             P = torch.exp(aT - lt[..., None]) * valid  # [H, c, L]
@@ -101,18 +103,18 @@ def backward(S, T, heads: int, mask, causal: bool, lse_s, lse_t, c, g, need_s: b
         dTh = torch.zeros_like(Th) if need_t else None
         for q0 in range(0, L, ch):
             q1 = min(q0 + ch, L)
-            aS, aT, valid = _strip(Sh, Th, m, q0, q1, causal)
+            aS, aT, valid, kn = _strip(Sh, Th, m, q0, q1, causal)
             gr = g[b, :, q0:q1, None]  # [H, c, 1]
             P = torch.exp(aT - lse_t[b, :, q0:q1, None]) * valid
             if need_s:
                 Q = torch.exp(aS - lse_s[b, :, q0:q1, None]) * valid
                 G = (Q - P) * gr  # [H, c, L]
-                dSh[:, q0:q1] += torch.matmul(G, Sh) * cS  # row side
-                dSh += torch.matmul(G.transpose(1, 2), Sh[:, q0:q1]) * cS  # column side
+                dSh[:, q0:q1] += torch.matmul(G, Sh[:, :kn]) * cS  # row side
+                dSh[:, :kn] += torch.matmul(G.transpose(1, 2), Sh[:, q0:q1]) * cS  # column side
             if need_t:
                 G = P * (aT - aS - c[b, :, q0:q1, None]) * gr
-                dTh[:, q0:q1] += torch.matmul(G, Th) * cT
-                dTh += torch.matmul(G.transpose(1, 2), Th[:, q0:q1]) * cT
+                dTh[:, q0:q1] += torch.matmul(G, Th[:, :kn]) * cT
+                dTh[:, :kn] += torch.matmul(G.transpose(1, 2), Th[:, q0:q1]) * cT
         if need_s:
             dS[b] = dSh.transpose(0, 1).reshape(L, d_s)
         if need_t:
