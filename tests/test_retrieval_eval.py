@@ -78,3 +78,46 @@ def test_load_pairs_errors(tmp_path):
     p.write_text('{"query": "a", "positive": "b"}\n')
     with pytest.raises(ValueError, match="has 1 pair"):
         load_pairs(str(p))
+
+
+def test_function_pairs_and_clean_files():
+    from distill_engine.data.retrieval_pairs import clean_files, function_pairs
+    from distill_engine.data.stdlib_corpus import Document
+
+    src = ('import os\n\n'
+           '@decorator\n'
+           'def join(a, b):\n'
+           '    """Join two path parts into one path.\n\n    More text here.\n    """\n'
+           '    x = os.path.join(a, b)\n'
+           '    return x\n\n'
+           'def short():\n    """Too short."""\n    return 1\n\n'
+           'class C:\n'
+           '    async def fetch(self, url):\n'
+           '        """Fetch the resource at the given url and return its bytes."""\n'
+           '        data = await get(url)\n'
+           '        return data\n')
+    pairs = function_pairs(src, "m.py")
+    assert [p["name"] for p in pairs] == ["join", "fetch"]
+    assert pairs[0]["query"] == "Join two path parts into one path."
+    assert pairs[0]["positive"] == "@decorator\ndef join(a, b):\n    x = os.path.join(a, b)\n    return x\n"
+    assert '"""' not in pairs[1]["positive"] and "await get(url)" in pairs[1]["positive"]
+    docs = [Document("code", "a.py", "", "eval"), Document("docs_comments", "a.py", "", "train"),
+            Document("code", "b.py", "", "eval"), Document("docs_comments", "b.py", "", "eval"),
+            Document("json", "json/x.py", "", "eval"), Document("code", "c.py", "", "train")]
+    assert clean_files(docs) == ["b.py", "json/x.py"]  # a.py's docstrings are trained on: not clean
+
+
+def test_demo_retrieval_pairs_never_leak():
+    """The default demo corpus: no pair comes from a file that any slice trains on."""
+    from distill_engine.data.retrieval_pairs import retrieval_pairs
+    from distill_engine.data.stdlib_corpus import CorpusConfig, build_corpus
+    from distill_engine.eval.demo import PRESETS
+
+    p = PRESETS["default"]
+    docs = build_corpus(CorpusConfig(held_out_packages=p.held_out_packages, seed=p.seed, max_chars=dict(p.max_chars)))
+    pairs = retrieval_pairs(docs, max_pairs=p.retrieval_pairs, seed=p.seed)
+    trained = {d.path for d in docs if d.split == "train"}
+    train_text = "\n".join(d.text for d in docs if d.split == "train")
+    assert len(pairs) == p.retrieval_pairs
+    assert not {q["path"] for q in pairs} & trained
+    assert sum(q["query"] in train_text for q in pairs) <= len(pairs) // 20  # only generic phrases may recur

@@ -73,10 +73,13 @@ def _scores(sim: torch.Tensor) -> Dict[str, float]:
             "mrr": float((1.0 / rank.double()).mean())}
 
 
-def evaluate_retrieval(teacher, student, pairs: str, *, baseline=None, tokenizer=None, pooling: str = "mean",
+def evaluate_retrieval(teacher, student, pairs: str, *, baseline=None, others=None, tokenizer=None, pooling: str = "mean",
                        query_column: str = "query", positive_column: str = "positive", max_length: int = 256,
                        batch_size: int = 16, device: str = "auto", dtype: str = "auto") -> dict:
-    """Retrieval metrics of every model on ``pairs``; returns the ``retrieval`` section of report.json."""
+    """Retrieval metrics of every model on ``pairs``; returns the ``retrieval`` section of report.json.
+
+    ``others``: optional {role: model} evaluated beside the student and baseline (e.g. a second student).
+    """
     from ..ops.relation import POOLINGS
     from .evaluate import _resolve_device, _resolve_tokenizer
 
@@ -87,6 +90,7 @@ def evaluate_retrieval(teacher, student, pairs: str, *, baseline=None, tokenizer
     dt = _models.resolve_dtype(dtype, dev)
     tok = _resolve_tokenizer(tokenizer, student, teacher)
     roles = [("teacher", teacher), ("student", student)] + ([("baseline", baseline)] if baseline is not None else [])
+    roles += list((others or {}).items())
     sims, rows = {}, {}
     for role, m in roles:
         model = _models.load_causal_lm(m, role, dtype=dt, device=dev)
