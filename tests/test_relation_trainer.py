@@ -105,3 +105,20 @@ def test_stream_teacher_token_relations(tiny):
     rows = _launch(root, "stream", cfg, 2, ("--teacher-ranks", "1"))
     rel = [r["relation_loss"] for r in rows if "relation_loss" in r]
     assert len(rel) == 3 and all(math.isfinite(x) and x > 0 for x in rel), rows
+
+
+def test_relation_codec_round_trip():
+    import numpy as np
+    import torch
+
+    from distill_engine.teacher.relation_codec import pack_tensors, unpack_tensors
+
+    ts = [torch.randn(3, 5), torch.randn(2, 4, 6).to(torch.bfloat16), torch.zeros(0, 7, dtype=torch.float16)]
+    back = unpack_tensors(pack_tensors(ts), "test")
+    assert [b.dtype for b in back] == [t.dtype for t in ts]
+    assert all(torch.equal(a, b) for a, b in zip(ts, back))
+    raw = pack_tensors(ts)
+    with pytest.raises(RuntimeError, match="relation tensors truncated"):
+        unpack_tensors(raw[:-4], "test")
+    with pytest.raises(RuntimeError, match="unknown dtype code"):
+        unpack_tensors(np.asarray([1, 9, 1, 1], dtype=np.int64).view(np.uint8), "test")
