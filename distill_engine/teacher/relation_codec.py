@@ -44,6 +44,6 @@ def unpack_tensors(raw: np.ndarray, where: str) -> List[torch.Tensor]:
         chunk = raw[off: off + nbytes]
         if chunk.size != nbytes:
             raise RuntimeError(f"{where}: relation tensors truncated ({chunk.size} of {nbytes} bytes)")
-        out.append(torch.from_numpy(chunk.copy()).view(dt).reshape(shape))
+        out.append(torch.from_numpy(chunk.copy()).view(dt).reshape(shape) if nbytes else torch.empty(shape, dtype=dt))
         off += nbytes
     return out
