@@ -15,3 +15,10 @@ try:
     __all__.append("fused_projection_loss")
 except ImportError:  # pragma: no cover
     pass
+try:
+    from .ops.relation import pool_hidden, relation_loss  # noqa: F401
+    from .ops.token_relation import token_relation_loss  # noqa: F401
+
+    __all__ += ["relation_loss", "token_relation_loss", "pool_hidden"]
+except ImportError:  # pragma: no cover
+    pass
