@@ -93,6 +93,19 @@ def test_triton_cublas_logits_mode(monkeypatch):
         de.teacher_targets(h, w, 8, backend="triton")
 
 
+@pytest.mark.skipif(not _backend.triton_available(), reason="no triton")
+@pytest.mark.parametrize("group_m", ["0", "1", "2"])
+def test_triton_topk_grouped_grid_orders(monkeypatch, group_m):
+    # DISTILL_ENGINE_TT_GROUP_M: 3 row blocks x several splits, groups of 1 / 2 (ragged last group) / all row blocks
+    monkeypatch.setenv("DISTILL_ENGINE_TT_GROUP_M", group_m)
+    h, w, b = _inputs(45, 37, 131, bias=True, scale=2.0, seed=16)
+    t = de.teacher_targets(h, w, 8, bias=b, temperature=1.1, backend="triton")
+    _check_topk(t, h, w, b, 8, 1.1, atol=2e-5)
+    monkeypatch.setenv("DISTILL_ENGINE_TT_GROUP_M", "-1")
+    with pytest.raises(ValueError, match="DISTILL_ENGINE_TT_GROUP_M"):
+        de.teacher_targets(h, w, 8, backend="triton")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_topk_chunking_does_not_change_result(backend):
     h, w, b = _inputs(21, 19, 131, bias=True, seed=2)

@@ -36,12 +36,16 @@ Environment knobs (read at every call; for benchmarks and debugging):
 * ``DISTILL_ENGINE_TRITON_LOGITS=cublas`` -- when the buffer is stored, form it with cuBLAS and run
   the log-sum-exp kernel over it (``FROM_BUF``) instead of the fused Triton tile GEMM.
 * ``DISTILL_ENGINE_TRITON_AUTOTUNE=0`` -- on CUDA use the first (heuristic) config, no autotuning.
+* ``DISTILL_ENGINE_GEMM_F32_OUT=0`` -- do not use the fp32-output bf16/fp16 GEMMs (cuBLAS beta = 1 into the fp32
+  dW accumulator); use the fallback (input-dtype output + fp32 add). A one-time RuntimeWarning names the path
+  whenever the fallback runs, forced or because the probe failed.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -288,15 +292,20 @@ _CUDA_V_UNIT = 256
 
 # Tile GEMM configs (first = the heuristic default). bf16/fp16 run on tensor cores (wgmma on
 # Hopper); fp32 runs IEEE FMA dots, where smaller tiles are enough.
+# Register rule (checked by the AOT compile check, distill_engine/kernels/_aot.py, for sm_90a): at most 64 fp32
+# accumulator registers per thread (BLOCK_N·BLOCK_V / (32·num_warps) ≤ 64). The epilogue keeps the tile alive
+# through the store and both temperatures' exp/sum, so 128 accumulators per thread (128×256 at 8 warps,
+# 128×128 or 64×256 at 4 warps) spilled 200–600 B/thread with STORE, and 16 warps cap a thread at 128
+# registers (spills again). The buffer stays fp32: a bf16 buffer would round l by up to |l|·2⁻⁹ (≈0.04 at
+# |l| = 20), i.e. ~4% error in exp(l − lse), far over the 1e-2 bf16 budget of the gradient.
 _CUDA_LP_CONFIGS = [
-    dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3),
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4),
-    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=4),
-    dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3),
 ]
 _CUDA_F32_CONFIGS = [
     dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=3),
-    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3),
 ]
 _CUDA_EW = dict(BLOCK_R=16, BLOCK_C=512, num_warps=8)
 # FROM_BUF (log-sum-exp over a cuBLAS-filled buffer) is a pure streaming pass: no tuning needed.
@@ -375,9 +384,19 @@ def _check_inputs(h, weight, bias):
 # ----------------------------------------------------------------------------------------------
 
 
+_FALLBACK_PATH = ("the gradient GEMMs fall back to a {dtype} output per chunk added into the fp32 accumulators "
+                  "(slower: one extra [V, d] {dtype} temporary per chunk and a rounding of each chunk's dW)")
+
+
 @functools.lru_cache(maxsize=None)
 def _out_dtype_gemm_ok_cached(device_str: str, dtype: torch.dtype) -> bool:
+    """Probe (once per device and dtype) and say so, once, when the fast path is unavailable."""
+    if os.environ.get("DISTILL_ENGINE_GEMM_F32_OUT", "1") == "0":
+        warnings.warn("fused_distill_loss: DISTILL_ENGINE_GEMM_F32_OUT=0: fp32-output GEMMs disabled; "
+                      + _FALLBACK_PATH.format(dtype=dtype), RuntimeWarning, stacklevel=3)
+        return False
     dev = torch.device(device_str)
+    why = None
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
         a = torch.randn(48, 32, generator=gen).to(dev, dtype)
@@ -389,23 +408,32 @@ def _out_dtype_gemm_ok_cached(device_str: str, dtype: torch.dtype) -> bool:
         torch.mm(a_t, b, out_dtype=torch.float32, out=into)
         acc = torch.ones(48, 40, device=dev)
         torch.addmm(acc, a_t, b, alpha=0.5, out_dtype=torch.float32, out=acc)
-        return (
+        ok = (
             out.dtype == torch.float32
             and torch.allclose(out, ref, rtol=1e-3, atol=1e-3)
             and torch.allclose(into, ref, rtol=1e-3, atol=1e-3)
             and torch.allclose(acc, 0.5 * ref + 1, rtol=1e-3, atol=1e-3)
         )
-    except Exception:  # missing overload / unsupported backend or dtype
+        if not ok:
+            why = "it ran but returned wrong values"
+    except Exception as exc:  # missing overload / unsupported backend or dtype: reported below, never silent
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    if why is not None:
+        warnings.warn(f"fused_distill_loss: torch.mm/addmm(..., out_dtype=torch.float32) is unavailable for {dtype} on "
+                      f"{device_str} ({why}); " + _FALLBACK_PATH.format(dtype=dtype), RuntimeWarning, stacklevel=3)
         return False
+    return True
 
 
 def _out_dtype_gemm_ok(t: torch.Tensor) -> bool:
     """Whether ``torch.mm/addmm(..., out_dtype=torch.float32)`` works here for t's dtype (and
-    accumulates in place into an fp32 ``out``).
+    accumulates in place into an fp32 ``out``): dW then accumulates in cuBLAS (beta = 1, fp32 C) with no
+    temporary.
 
     Probed once per (device, dtype) on a small problem, transposed operand and alpha included: the
     dtype overloads exist only in recent torch and only on CUDA; without them the GEMMs fall back to
-    input-dtype outputs.
+    input-dtype outputs, with a one-time RuntimeWarning naming the fallback path.
+    ``DISTILL_ENGINE_GEMM_F32_OUT=0`` forces the fallback (to compare the two paths).
     """
     return t.is_cuda and _out_dtype_gemm_ok_cached(str(t.device), t.dtype)
 

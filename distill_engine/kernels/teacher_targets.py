@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -84,7 +85,7 @@ def _tt_topk_kernel(
     pm_ptr, ps_ptr,          # [C, NSPLIT] fp32: split max / split Σ exp(z − max)
     cv_ptr, ci_ptr,          # [C, NSPLIT, KP] fp32 z values / int32 ids of the split's candidates
     buf_ptr,                 # FROM_BUF: fp32 [C, V] raw logits written by cuBLAS (row stride stride_buf)
-    C, V, D, stride_h, stride_w, stride_buf, inv_t, SPLIT_LEN, NSPLIT,
+    C, V, D, stride_h, stride_w, stride_buf, inv_t, SPLIT_LEN, NSPLIT, GROUP_M,
     K: tl.constexpr, KP: tl.constexpr,
     HAS_BIAS: tl.constexpr, DO_TOPK: tl.constexpr, FROM_BUF: tl.constexpr, DOT_MODE: tl.constexpr,
     BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
@@ -93,9 +94,19 @@ def _tt_topk_kernel(
 
     Candidate slots: K real slots start at −inf, KP − K padding slots sit at +inf so they are never the
     minimum θ. Entries equal to θ are not inserted (strict >): ties keep the earlier id.
+
+    Grid: 1-D over (row block, split), in groups of GROUP_M row blocks that sweep all splits together (row
+    block fastest inside a group), so the programs in flight share GROUP_M blocks of h (L2-resident) while
+    each W tile is read by GROUP_M programs at once. GROUP_M ≥ the number of row blocks is the plain
+    row-block-major order (every row block of split 0, then split 1, ...).
     """
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(C, BM)
+    per_group = GROUP_M * NSPLIT
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_s = (pid % per_group) // group_size
     offs_m = pid_m * BM + tl.arange(0, BM)
     row_ok = offs_m < C
     rows = tl.where(row_ok, offs_m, 0)
@@ -264,6 +275,22 @@ def _plan(h: torch.Tensor, V: int, KP: int):
     return cfg, triton.cdiv(V, split_len), split_len
 
 
+def _group_m(dev: torch.device, n_m: int) -> int:
+    """Row blocks per launch group of the top-k grid; DISTILL_ENGINE_TT_GROUP_M overrides (0: all, i.e. the plain
+    row-block-major order). Under the interpreter 2, so the tests cross group boundaries."""
+    env = os.environ.get("DISTILL_ENGINE_TT_GROUP_M")
+    if env is not None:
+        try:
+            g = int(env)
+        except ValueError:
+            g = -1
+        if g < 0:
+            raise ValueError(f"DISTILL_ENGINE_TT_GROUP_M must be an integer >= 0 (0: row-block-major order), got {env!r}")
+    else:
+        g = 8 if dev.type == "cuda" else 2
+    return max(1, n_m if g == 0 else min(g, n_m))
+
+
 def _launch_meta(cfg: dict) -> dict:
     meta = dict(BM=cfg["BM"], BV=cfg["BV"], BD=cfg["BD"])
     if "num_warps" in cfg:
@@ -293,10 +320,12 @@ def _split_pass(h, weight, bias, k: int, inv_t: float, do_topk: bool, buf: Optio
         ci = torch.empty(c, S, KP, dtype=torch.int32, device=dev)
     else:
         cv, ci = pm, pm  # unused
-    grid = (triton.cdiv(c, cfg["BM"]), S)
-    _tt_topk_kernel[grid](
+    n_m = triton.cdiv(c, cfg["BM"])
+    group_m = _group_m(dev, n_m)
+    _tt_topk_kernel[(n_m * S,)](
         h, weight, bias if bias is not None else h, pm, ps, cv, ci, buf if buf is not None else pm,
         c, V, D, h.stride(0), weight.stride(0), buf.stride(0) if buf is not None else 0, float(inv_t), split_len, S,
+        group_m,
         K=min(k, split_len) if do_topk else 1, KP=KP, HAS_BIAS=bias is not None, DO_TOPK=do_topk,
         FROM_BUF=buf is not None, DOT_MODE=_dot_mode(h), **_launch_meta(cfg),
     )
@@ -347,9 +376,15 @@ def _mm_out_dtype_ok(device_type: str) -> bool:
     """torch.mm(a, b, out_dtype=torch.float32) for half inputs (fp32 output of the tensor-core GEMM)."""
     try:
         a = torch.ones(16, 16, dtype=torch.bfloat16, device=device_type)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError):
-        return False
+        if torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32:
+            return True
+        why = "wrong output dtype"
+    except (TypeError, RuntimeError) as exc:
+        why = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+    warnings.warn(f"teacher_targets: torch.mm(..., out_dtype=torch.float32) is unavailable on {device_type} ({why}); "
+                  "the cuBLAS logits buffer is filled from a half-precision GEMM output (rounded logits)",
+                  RuntimeWarning, stacklevel=3)
+    return False
 
 
 def _raw_logits_into(buf: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
