@@ -109,12 +109,13 @@ _TT_KP = (64, 1, 16, 128, 256)
 
 
 def _tt_topk_configs(m, dt):
-    # the launcher's tile depends on KP: one config per KP, KP carried along as a constexpr
+    # the launcher's tile depends on KP and on FROM_BUF: one config per pair, both carried along as constexprs
     out = []
     for kp in _TT_KP:
-        cfg = m._cuda_config(_torch_dtype(dt), kp)
-        out.append(dict(BM=cfg["BM"], BV=cfg["BV"], BD=cfg["BD"], num_warps=cfg["num_warps"],
-                        num_stages=cfg["num_stages"], KP=kp, K=kp))
+        for from_buf in (False, True):
+            cfg = m._cuda_config(_torch_dtype(dt), kp, from_buf)
+            out.append(dict(BM=cfg["BM"], BV=cfg["BV"], BD=cfg["BD"], num_warps=cfg["num_warps"],
+                            num_stages=cfg["num_stages"], KP=kp, K=kp, FROM_BUF=from_buf))
     return out
 
 
@@ -122,11 +123,11 @@ def _tt_topk_args(dt, c):
     p = _PTR[dt]
     return dict(h_ptr=p, w_ptr=p, b_ptr=p, pm_ptr="*fp32", ps_ptr="*fp32", cv_ptr="*fp32", ci_ptr="*i32",
                 buf_ptr="*fp32", C=_C, V=_V, D=_D, stride_h=_D, stride_w=_D, stride_buf=_V, inv_t=0.5,
-                SPLIT_LEN=4096, NSPLIT=32, DOT_MODE=1 if dt == "fp32" else 0)
+                SPLIT_LEN=4096, NSPLIT=32, GROUP_M=8, DOT_MODE=1 if dt == "fp32" else 0)
 
 
 def _tt_topk_valid(dt, c):
-    # pass 1 of sampling (DO_TOPK=False) runs with KP 16, K 1; FROM_BUF is a top-k path only
+    # pass 1 of sampling (DO_TOPK=False) runs with KP 16, K 1 on the fused tile GEMM; FROM_BUF is a top-k path only
     if not c["DO_TOPK"]:
         return c["KP"] == 16 and not c["FROM_BUF"]
     return True
@@ -178,7 +179,7 @@ REGISTRY: List[Entry] = [
     Entry("loss.recompute_grad", "distill_loss", "_recompute_grad_kernel", True, _ALL, _dl_rec_configs,
           dict(HAS_LSE1=(True, False), HAS_BIAS=(True,), WANT_DB=(True,)), _dl_rec_args),
     Entry("tt.topk", "teacher_targets", "_tt_topk_kernel", True, _ALL, _tt_topk_configs,
-          dict(DO_TOPK=(True, False), FROM_BUF=(False, True), HAS_BIAS=(True,)), _tt_topk_args, _tt_topk_valid),
+          dict(DO_TOPK=(True, False), HAS_BIAS=(True,)), _tt_topk_args, _tt_topk_valid),
     Entry("tt.sample", "teacher_targets", "_tt_sample_kernel", False, _ALL, _tt_sample_configs,
           dict(HAS_BIAS=(True,)), _tt_sample_args),
     Entry("proj.fwd", "projection_loss", "_proj_fwd_kernel", True, _ALL, _proj_configs,
@@ -224,7 +225,8 @@ def specializations(entries=None) -> List[dict]:
                     if e.valid is not None and not e.valid(dt, const):
                         continue
                     args = e.args(dt, const)
-                    tiles = ",".join(f"{k}={v}" for k, v in cfg.items() if k not in _LAUNCH and k not in ("K",))
+                    tiles = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in cfg.items()
+                                     if k not in _LAUNCH and k not in ("K",))
                     flags = ",".join(f"{k}={int(v)}" for k, v in zip(keys, vals) if len(e.flags[k]) > 1)
                     out.append(dict(
                         kernel=e.name, module=e.module, fn=e.fn, hot=e.hot, dtype=dt,

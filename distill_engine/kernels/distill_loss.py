@@ -391,10 +391,6 @@ _FALLBACK_PATH = ("the gradient GEMMs fall back to a {dtype} output per chunk ad
 @functools.lru_cache(maxsize=None)
 def _out_dtype_gemm_ok_cached(device_str: str, dtype: torch.dtype) -> bool:
     """Probe (once per device and dtype) and say so, once, when the fast path is unavailable."""
-    if os.environ.get("DISTILL_ENGINE_GEMM_F32_OUT", "1") == "0":
-        warnings.warn("fused_distill_loss: DISTILL_ENGINE_GEMM_F32_OUT=0: fp32-output GEMMs disabled; "
-                      + _FALLBACK_PATH.format(dtype=dtype), RuntimeWarning, stacklevel=3)
-        return False
     dev = torch.device(device_str)
     why = None
     try:
@@ -435,7 +431,18 @@ def _out_dtype_gemm_ok(t: torch.Tensor) -> bool:
     input-dtype outputs, with a one-time RuntimeWarning naming the fallback path.
     ``DISTILL_ENGINE_GEMM_F32_OUT=0`` forces the fallback (to compare the two paths).
     """
-    return t.is_cuda and _out_dtype_gemm_ok_cached(str(t.device), t.dtype)
+    if not t.is_cuda:
+        return False
+    if os.environ.get("DISTILL_ENGINE_GEMM_F32_OUT", "1") == "0":  # read at every call: benchmarks flip it
+        _warn_forced_fallback(t.dtype)
+        return False
+    return _out_dtype_gemm_ok_cached(str(t.device), t.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_forced_fallback(dtype: torch.dtype) -> None:
+    warnings.warn("fused_distill_loss: DISTILL_ENGINE_GEMM_F32_OUT=0: fp32-output GEMMs disabled; "
+                  + _FALLBACK_PATH.format(dtype=dtype), RuntimeWarning, stacklevel=4)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -233,8 +233,15 @@ def _tt_sample_kernel(
 _INTERP = dict(BM=16, BV=32, BD=16, split_tiles=2)
 
 
-def _cuda_config(dtype: torch.dtype, KP: int) -> dict:
-    """Heuristic CUDA tiles; DISTILL_ENGINE_TT_CONFIG="BM,BV,BD,num_warps,num_stages" overrides them."""
+def _cuda_config(dtype: torch.dtype, KP: int, from_buf: bool = False) -> dict:
+    """Heuristic CUDA tiles; DISTILL_ENGINE_TT_CONFIG="BM,BV,BD,num_warps,num_stages" overrides them.
+
+    bf16/fp16: 64×128 tiles on two warpgroups (wgmma on Hopper) for every k ≤ 256. The candidate lists
+    ([BM, KP] values + ids) share the register file with the [BM, BV] accumulator: at KP = 256 this reaches
+    255 registers per thread without a spill on sm_90a (the AOT check in ``_aot.py`` guards it). Narrower row
+    blocks (16/32) would drop to Ampere-style mma.sync. ``from_buf`` (cuBLAS logits read from a buffer, no tile
+    GEMM): 16×128 tiles on 4 warps, the widest that stays spill-free up to KP = 256.
+    """
     env = os.environ.get("DISTILL_ENGINE_TT_CONFIG")
     if env:
         try:
@@ -242,10 +249,11 @@ def _cuda_config(dtype: torch.dtype, KP: int) -> dict:
         except ValueError as exc:
             raise ValueError(f"DISTILL_ENGINE_TT_CONFIG must be 'BM,BV,BD,num_warps,num_stages', got {env!r}") from exc
         return dict(BM=bm, BV=bv, BD=bd, num_warps=nw, num_stages=ns)
+    if from_buf:
+        return dict(BM=16, BV=128, BD=16, num_warps=4, num_stages=2)
     if dtype == torch.float32:
         return dict(BM=32, BV=64, BD=32, num_warps=4, num_stages=3)
-    bm = 64 if KP <= 64 else (32 if KP <= 128 else 16)
-    return dict(BM=bm, BV=128, BD=64, num_warps=8, num_stages=3)
+    return dict(BM=64, BV=128, BD=64, num_warps=8, num_stages=3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -259,14 +267,14 @@ def _dot_mode(h: torch.Tensor) -> int:
     return 0 if h.device.type == "cuda" else 2
 
 
-def _plan(h: torch.Tensor, V: int, KP: int):
+def _plan(h: torch.Tensor, V: int, KP: int, from_buf: bool = False):
     """(config, n_splits, split_len) for a chunk of h.shape[0] rows."""
     c = h.shape[0]
     if h.device.type != "cuda":
         cfg = dict(_INTERP)
         split_len = cfg.pop("split_tiles") * cfg["BV"]
         return cfg, triton.cdiv(V, split_len), split_len
-    cfg = _cuda_config(h.dtype, KP)
+    cfg = _cuda_config(h.dtype, KP, from_buf)
     row_blocks = triton.cdiv(c, cfg["BM"])
     tiles = triton.cdiv(V, cfg["BV"])
     # about four waves of programs over the SMs, at least 2 tiles per split
@@ -311,7 +319,7 @@ def _split_pass(h, weight, bias, k: int, inv_t: float, do_topk: bool, buf: Optio
     c, D = h.shape
     V = weight.shape[0]
     KP = triton.next_power_of_2(max(k, 1)) if do_topk else 16
-    cfg, S, split_len = _plan(h, V, KP)
+    cfg, S, split_len = _plan(h, V, KP, buf is not None)
     dev = h.device
     pm = torch.empty(c, S, dtype=torch.float32, device=dev)
     ps = torch.empty(c, S, dtype=torch.float32, device=dev)
