@@ -12,7 +12,8 @@ own config tables, the dtypes bf16/fp16/fp32, the constexpr flags, the top-k wid
    (227 KB per block), or any spill in a *hot* kernel (the ones on the training step's critical path).
 
 Results are cached per specialization under ``.aot_cache/`` (gitignored), keyed by the Triton version, the
-kernel module's source text and the specialization, so an unchanged kernel costs nothing on the next run.
+kernel's source key (Triton's ``cache_key``: its text and every jit function it calls) and the specialization,
+so an unchanged kernel costs nothing on the next run.
 
 Usage::
 
@@ -236,15 +237,21 @@ def specializations(entries=None) -> List[dict]:
     return out
 
 
-def _module_source_hash(module: str) -> str:
-    spec = importlib.util.find_spec(_KMOD + module)
-    with open(spec.origin, "rb") as f:
+def _source_key(module: str, fn_name: str) -> str:
+    """Triton's own source key of the kernel (its text and every @triton.jit function it calls), else the module's
+    whole source text (interpreted kernels carry no cache_key)."""
+    fn = getattr(importlib.import_module(_KMOD + module), fn_name)
+    key = getattr(fn, "cache_key", None)
+    if isinstance(key, str):
+        return key
+    with open(importlib.util.find_spec(_KMOD + module).origin, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
 def _cache_key(spec: dict, triton_version: str) -> str:
-    blob = json.dumps([triton_version, _module_source_hash(spec["module"]), spec["fn"], spec["args"], spec["const"],
-                       spec["num_warps"], spec["num_stages"], sys.version_info[:2]], sort_keys=True, default=str)
+    blob = json.dumps([triton_version, _source_key(spec["module"], spec["fn"]), spec["fn"], spec["args"],
+                       spec["const"], spec["num_warps"], spec["num_stages"], sys.version_info[:2]],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

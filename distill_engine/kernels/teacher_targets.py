@@ -30,6 +30,10 @@ is not faithful, and the upcast is exact).
 a cuBLAS GEMM into an fp32 buffer (≤ 2^26 elements) and the same kernel reads them (FROM_BUF) instead of
 running its tile GEMM; for measuring the fused GEMM against cuBLAS.
 
+``DISTILL_ENGINE_TT_GROUP_M`` (read at every call): row blocks per launch group of the top-k grid (default 8 on
+CUDA; 0 = the plain row-block-major order), to compare grid orders in one run. ``DISTILL_ENGINE_TT_CONFIG``
+overrides the tiles (see ``_cuda_config``).
+
 k larger than ``MAX_KERNEL_K`` on this backend: the logits of a sub-chunk go to an fp32 buffer through
 cuBLAS (``reference.teacher_targets.chunk_logits``) and torch.topk selects (memory bounded the same way).
 """
@@ -251,8 +255,8 @@ def _cuda_config(dtype: torch.dtype, KP: int, from_buf: bool = False) -> dict:
         return dict(BM=bm, BV=bv, BD=bd, num_warps=nw, num_stages=ns)
     if from_buf:
         return dict(BM=16, BV=128, BD=16, num_warps=4, num_stages=2)
-    if dtype == torch.float32:
-        return dict(BM=32, BV=64, BD=32, num_warps=4, num_stages=3)
+    if dtype == torch.float32:  # FMA dots; 2 stages: with 3, KP = 128 spilled 24 B on sm_90a
+        return dict(BM=32, BV=64, BD=32, num_warps=4, num_stages=2)
     return dict(BM=64, BV=128, BD=64, num_warps=8, num_stages=3)
 
 
