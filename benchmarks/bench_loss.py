@@ -183,7 +183,8 @@ def build_cases(args):
 
     try:
         from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
-    except Exception:  # not installed (benchmark-only dependency)
+    except Exception as exc:  # not installed (benchmark-only dependency): skipped, and said so
+        print(f"[bench] liger-jsd(beta=0): skipped ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
         LigerFusedLinearJSDFunction = None
     if LigerFusedLinearJSDFunction is not None:
         def liger():
