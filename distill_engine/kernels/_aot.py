@@ -94,7 +94,7 @@ def _dl_ew_args(dt, c):
 
 
 def _dl_rec_configs(m, dt):
-    return [dict((m._CUDA_F32_CONFIGS if dt == "fp32" else m._CUDA_LP_CONFIGS)[0])]
+    return [dict(m._CUDA_RECOMPUTE_F32 if dt == "fp32" else m._CUDA_LP_CONFIGS[0])]
 
 
 def _dl_rec_args(dt, c):
@@ -191,9 +191,9 @@ REGISTRY: List[Entry] = [
 HELPERS = {
     ("distill_loss", "_logits_tile"), ("distill_loss", "_rtne_bf16"), ("teacher_targets", "_tt_logits_tile"),
 }
-# fp16 shares bf16's code path instruction for instruction (16-bit tensor-core operands, fp32 accumulation); on
-# Triton 3.9 every config gave identical registers, spills and shared memory for the two, so fp16 is compiled
-# with each kernel's first (default) config only, to keep the check's cold run short.
+# fp16 shares bf16's code path (16-bit tensor-core operands, fp32 accumulation); on Triton 3.9, compiled in every
+# config, the two had the same spills and shared memory and registers within a few, so fp16 is compiled with each
+# kernel's first (default) config only, to keep the check's cold run short (``fp16_all_configs=True`` widens it).
 # HAS_BIAS is enumerated as True only: the bias adds one vector load per tile, so it is the superset of the
 # bias-free code (checked once by hand: never fewer registers).
 

@@ -307,6 +307,8 @@ _CUDA_F32_CONFIGS = [
     dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=3),
     dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3),
 ]
+# Buffer-free recompute (fp32): its own tile, 2 stages: the first forward config spilled 8 B on Triton 3.6.
+_CUDA_RECOMPUTE_F32 = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2)
 _CUDA_EW = dict(BLOCK_R=16, BLOCK_C=512, num_warps=8)
 # FROM_BUF (log-sum-exp over a cuBLAS-filled buffer) is a pure streaming pass: no tuning needed.
 _CUDA_FROM_BUF = dict(BLOCK_N=16, BLOCK_V=256, BLOCK_D=16, num_warps=4, num_stages=2)
@@ -677,7 +679,7 @@ def dense_grad(
         if interp:
             cfg = dict(_INTERP_TILE)
         else:
-            cfg = dict((_CUDA_F32_CONFIGS if not low else _CUDA_LP_CONFIGS)[0])
+            cfg = dict(_CUDA_RECOMPUTE_F32 if not low else _CUDA_LP_CONFIGS[0])
         g_lp = torch.empty((c, V), device=dev, dtype=h.dtype)
         n_rb = triton.cdiv(c, cfg["BLOCK_N"])
         dbp = torch.empty((n_rb, V), device=dev, dtype=f32) if want_db else g_lp

@@ -240,9 +240,10 @@ _INTERP = dict(BM=16, BV=32, BD=16, split_tiles=2)
 def _cuda_config(dtype: torch.dtype, KP: int, from_buf: bool = False) -> dict:
     """Heuristic CUDA tiles; DISTILL_ENGINE_TT_CONFIG="BM,BV,BD,num_warps,num_stages" overrides them.
 
-    bf16/fp16: 64×128 tiles on two warpgroups (wgmma on Hopper) for every k ≤ 256. The candidate lists
-    ([BM, KP] values + ids) share the register file with the [BM, BV] accumulator: at KP = 256 this reaches
-    255 registers per thread without a spill on sm_90a (the AOT check in ``_aot.py`` guards it). Narrower row
+    bf16/fp16: 64-row tiles on two warpgroups (wgmma on Hopper) for every k ≤ 256, 128 columns wide (64 at
+    KP = 256). The candidate lists ([BM, KP] values + ids) share the register file with the [BM, BV]
+    accumulator: at KP = 256 this reaches 255 registers per thread without a spill on sm_90a with Triton 3.6
+    and 3.9 (the AOT check in ``_aot.py`` guards it). Narrower row
     blocks (16/32) would drop to Ampere-style mma.sync. ``from_buf`` (cuBLAS logits read from a buffer, no tile
     GEMM): 16×128 tiles on 4 warps, the widest that stays spill-free up to KP = 256.
     """
@@ -255,9 +256,10 @@ def _cuda_config(dtype: torch.dtype, KP: int, from_buf: bool = False) -> dict:
         return dict(BM=bm, BV=bv, BD=bd, num_warps=nw, num_stages=ns)
     if from_buf:
         return dict(BM=16, BV=128, BD=16, num_warps=4, num_stages=2)
-    if dtype == torch.float32:  # FMA dots; 2 stages: with 3, KP = 128 spilled 24 B on sm_90a
-        return dict(BM=32, BV=64, BD=32, num_warps=4, num_stages=2)
-    return dict(BM=64, BV=128, BD=64, num_warps=8, num_stages=3)
+    if dtype == torch.float32:  # FMA dots, 2 stages; KP ≥ 128 on 32-wide tiles (64 spilled 16–24 B at KP = 128)
+        return dict(BM=32, BV=32 if KP >= 128 else 64, BD=32, num_warps=4, num_stages=2)
+    # KP = 256 on 64-wide tiles: 64×128 spilled 32 B under Triton 3.6
+    return dict(BM=64, BV=64 if KP > 128 else 128, BD=64, num_warps=8, num_stages=3)
 
 
 @functools.lru_cache(maxsize=None)
