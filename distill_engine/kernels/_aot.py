@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import itertools
 import json
 import os
@@ -293,13 +294,32 @@ def parse_ptxas(log: str) -> dict:
                 stack=first(_RE_STACK), static_smem=first(_RE_SMEM))
 
 
+def _infer_missing(fn, values: dict) -> Tuple[dict, List[str]]:
+    """Fill runtime arguments the registry does not name yet (a kernel that gained an argument): ``*_ptr`` ->
+    an aligned fp32 pointer, anything else -> an int divisible by 16. Constexprs are never guessed: they take
+    the kernel's own default or the registry must name them."""
+    values = dict(values)
+    inferred = []
+    for p in fn.params:
+        if p.name in values:
+            continue
+        if p.is_constexpr:
+            default = getattr(p, "default", inspect.Parameter.empty)
+            if default is inspect.Parameter.empty:
+                raise KeyError(f"{fn.__name__}: constexpr {p.name!r} has no value: add it to its Entry in "
+                               f"distill_engine/kernels/_aot.py (flags or args)")
+            values[p.name] = default
+            continue
+        values[p.name] = "*fp32" if p.name.endswith("_ptr") else 4096
+        inferred.append(p.name)
+    return values, inferred
+
+
 def _signature(fn, values: dict):
     """(signature, constexprs, attrs) as the JIT forms them at launch for these argument values."""
     sig, const, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         name = p.name
-        if name not in values:
-            raise KeyError(f"{fn.__name__}: no value for argument {name!r} in the AOT registry")
         v = values[name]
         if p.is_constexpr:
             sig[name], const[name] = "constexpr", v
@@ -339,7 +359,10 @@ def compile_one(spec: dict) -> dict:
         from triton.backends.compiler import GPUTarget
         mod = importlib.import_module(_KMOD + spec["module"])
         fn = getattr(mod, spec["fn"])
-        sig, const, attrs = _signature(fn, {**spec["args"], **spec["const"]})
+        values, inferred = _infer_missing(fn, {**spec["args"], **spec["const"]})
+        if inferred:
+            row["flags"] = (row["flags"] + " " if row["flags"] else "") + "inferred:" + "/".join(inferred)
+        sig, const, attrs = _signature(fn, values)
         src = ASTSource(fn, sig, const, attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
