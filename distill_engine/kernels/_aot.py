@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import itertools
 import json
@@ -173,19 +174,19 @@ def _cos_args(dt, c):
 _ALL = ("bf16", "fp16", "fp32")
 REGISTRY: List[Entry] = [
     Entry("loss.logits_lse", "distill_loss", "_logits_lse_kernel", True, _ALL, _dl_lse_configs,
-          dict(STORE=(True, False), NEED_LSE1=(True, False), HAS_BIAS=(True,), FROM_BUF=(False,)), _dl_lse_args),
+          dict(STORE=(True, False), NEED_LSE1=(True, False), HAS_BIAS=(True, False), FROM_BUF=(False,)), _dl_lse_args),
     Entry("loss.logits_lse.from_buf", "distill_loss", "_logits_lse_kernel", True, ("bf16",), _dl_lse_frombuf_configs,
-          dict(STORE=(False,), NEED_LSE1=(True, False), HAS_BIAS=(True,), FROM_BUF=(True,)), _dl_lse_args),
+          dict(STORE=(False,), NEED_LSE1=(True, False), HAS_BIAS=(True, False), FROM_BUF=(True,)), _dl_lse_args),
     Entry("loss.dense_grad", "distill_loss", "_dense_grad_kernel", True, _ALL, _dl_ew_configs,
-          dict(HAS_LSE1=(True, False), HAS_BIAS=(True,)), _dl_ew_args),
+          dict(HAS_LSE1=(True, False), HAS_BIAS=(True, False)), _dl_ew_args),
     Entry("loss.recompute_grad", "distill_loss", "_recompute_grad_kernel", True, _ALL, _dl_rec_configs,
-          dict(HAS_LSE1=(True, False), HAS_BIAS=(True,), WANT_DB=(True,)), _dl_rec_args),
+          dict(HAS_LSE1=(True, False), HAS_BIAS=(True, False), WANT_DB=(True,)), _dl_rec_args),
     Entry("tt.topk", "teacher_targets", "_tt_topk_kernel", True, _ALL, _tt_topk_configs,
-          dict(DO_TOPK=(True, False), HAS_BIAS=(True,)), _tt_topk_args, _tt_topk_valid),
+          dict(DO_TOPK=(True, False), HAS_BIAS=(True, False)), _tt_topk_args, _tt_topk_valid),
     Entry("tt.sample", "teacher_targets", "_tt_sample_kernel", False, _ALL, _tt_sample_configs,
-          dict(HAS_BIAS=(True,)), _tt_sample_args),
+          dict(HAS_BIAS=(True, False)), _tt_sample_args),
     Entry("proj.fwd", "projection_loss", "_proj_fwd_kernel", True, _ALL, _proj_configs,
-          dict(KIND=(0, 1), WRITE=(True, False), HAS_BIAS=(True,)), _proj_args),
+          dict(KIND=(0, 1), WRITE=(True, False), HAS_BIAS=(True, False)), _proj_args),
     Entry("proj.cosine_grad", "projection_loss", "_cosine_grad_kernel", False, _ALL, _cos_configs, {}, _cos_args),
 ]
 # @triton.jit device functions that are inlined into the kernels above (compiled as part of them).
@@ -195,8 +196,8 @@ HELPERS = {
 # fp16 shares bf16's code path (16-bit tensor-core operands, fp32 accumulation); on Triton 3.9, compiled in every
 # config, the two had the same spills and shared memory and registers within a few, so fp16 is compiled with each
 # kernel's first (default) config only, to keep the check's cold run short (``fp16_all_configs=True`` widens it).
-# HAS_BIAS is enumerated as True only: the bias adds one vector load per tile, so it is the superset of the
-# bias-free code (checked once by hand: never fewer registers).
+# HAS_BIAS is enumerated both ways: the bias-free code is not always the lighter one (fp32 top-k at KP = 128
+# spilled 8 B without the bias and none with it, Triton 3.6).
 
 
 def _torch_dtype(dt: str):
