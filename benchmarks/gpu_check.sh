@@ -5,7 +5,7 @@
 #
 #     run(command="bash benchmarks/gpu_check.sh", timeout_s=330, carry=[".whl"])
 #
-# * time limit: the script stops itself at GPU_CHECK_TOTAL_S (default 280 s); its step caps add up to 250 s;
+# * time limit: the script stops itself at GPU_CHECK_TOTAL_S (default 280 s); its step caps add up to 240 s;
 #   timeout_s=330 leaves room for the machine's start, and two such runs fit one 15-minute lease.
 # * untracked folders to carry: .whl/ (optional, gitignored): Python wheels for the peer rows, e.g.
 #   liger_kernel-0.8.5-py3-none-any.whl (fetch with `pip download --no-deps liger-kernel==0.8.5 -d .whl`).
