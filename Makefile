@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: venv build test test-fast demo bench clean
+.PHONY: venv build test test-fast demo bench clean aot-check aot-check-3.6
 
 $(STAMP): requirements.txt requirements-bench.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -37,6 +37,22 @@ demo: build
 
 bench: build
 	$(VPY) benchmarks/bench_loss.py
+
+# Ahead-of-time sm_90a compile + register/spill check of every Triton kernel (no GPU needed; also part of `make test`
+# through tests/test_aot_compile.py). Results are cached per kernel source in .aot_cache/.
+aot-check: $(STAMP)
+	PYTHONPATH=$(CURDIR) TRITON_INTERPRET=0 $(VPY) -m distill_engine.kernels._aot
+
+# The same check against Triton 3.6, the version on the GPU image: its own venv (CPU torch from the pin above,
+# for the kernel modules' imports). Run it before each GPU run and whenever a kernel changes.
+VENV36 := .venv-triton36
+$(VENV36)/.installed-stamp:
+	test -x $(VENV36)/bin/python || $(PY) -m venv $(VENV36)
+	$(VENV36)/bin/python -m pip install -q "triton==3.6.*" "$$(grep -E '^torch==' requirements.txt)" numpy
+	touch $@
+
+aot-check-3.6: $(VENV36)/.installed-stamp
+	PYTHONPATH=$(CURDIR) TRITON_INTERPRET=0 $(VENV36)/bin/python -m distill_engine.kernels._aot
 
 clean:
 	rm -rf build distill_engine/_C*.so *.egg-info

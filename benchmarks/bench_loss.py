@@ -58,8 +58,8 @@ def add_args(p):
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--chunk-rows", type=int, default=None, help="chunk_rows for the fused backends (default: theirs)")
-    p.add_argument("--big-chunk", type=int, default=4096,
-                   help="CUDA: also run triton with this chunk_rows (0 = skip)")
+    p.add_argument("--big-chunk", type=int, default=1024,
+                   help="CUDA: also run triton with this chunk_rows (0 = skip); default 1024, the previous GPU policy")
     p.add_argument("--liger-compiled", action="store_true", help="let Liger torch.compile its chunk step")
     p.add_argument("--seed", type=int, default=0)
 
@@ -135,19 +135,26 @@ def build_cases(args):
 
     cases.append(Case("naive", naive, flops=floor, notes="[N,V] logits + log_softmax, autograd"))
 
-    def fused(backend, validate=True, chunk_rows=None, logits_mode=None):
+    def fused(backend, validate=True, chunk_rows=None, logits_mode=None, env=None):
+        env = dict(env or {})
+        if logits_mode is not None:
+            env["DISTILL_ENGINE_TRITON_LOGITS"] = logits_mode
+
         def make():
             h, w, ids, lp, lab = _make_inputs(args)
 
             def loss_fn():
-                if logits_mode is not None:
-                    os.environ["DISTILL_ENGINE_TRITON_LOGITS"] = logits_mode
+                old = {k_: os.environ.get(k_) for k_ in env}
+                os.environ.update(env)
                 try:
                     return de.fused_distill_loss(h, w, ids, lp, labels=lab, temperature=T, backend=backend,
                                                  validate=validate, chunk_rows=chunk_rows or args.chunk_rows)
                 finally:
-                    if logits_mode is not None:
-                        os.environ.pop("DISTILL_ENGINE_TRITON_LOGITS", None)
+                    for k_, v in old.items():
+                        if v is None:
+                            os.environ.pop(k_, None)
+                        else:
+                            os.environ[k_] = v
 
             return _case_step(loss_fn, [h, w])
 
@@ -168,11 +175,16 @@ def build_cases(args):
                           notes="chunk logits by cuBLAS + Triton log-sum-exp pass"))
         if args.big_chunk and args.big_chunk < N:
             cases.append(Case(f"triton[chunk={args.big_chunk}]", fused("triton", chunk_rows=args.big_chunk),
-                              flops=floor, notes="bigger row chunks"))
+                              flops=floor, notes="other row chunk (default policy: 4096 rows at V=128256)"))
+        cases.append(Case("triton[gemm-f32-out=0]", fused("triton", env={"DISTILL_ENGINE_GEMM_F32_OUT": "0"}),
+                          flops=floor, notes="gradient GEMMs without fp32 output (bf16 out + fp32 add)"))
+        cases.append(Case("triton[autotune=0]", fused("triton", env={"DISTILL_ENGINE_TRITON_AUTOTUNE": "0"}),
+                          flops=floor, notes="first (heuristic) tile config, no autotuning"))
 
     try:
         from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
-    except Exception:  # not installed (benchmark-only dependency)
+    except Exception as exc:  # not installed (benchmark-only dependency): skipped, and said so
+        print(f"[bench] liger-jsd(beta=0): skipped ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
         LigerFusedLinearJSDFunction = None
     if LigerFusedLinearJSDFunction is not None:
         def liger():

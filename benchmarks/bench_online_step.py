@@ -151,7 +151,15 @@ def build_cases(args):
                                                                {"DISTILL_ENGINE_TT_LOGITS": "cublas"}),
                           flops=flops_teacher + flops_student, notes="engine_topk_kl, teacher logits by cuBLAS"))
     liger_note = "JSD beta=0.5, chunk %d, compiled=%s" % (args.liger_chunk, dev.startswith("cuda") or args.liger_compiled)
-    # Liger last: its torch.compile warm-up is the slowest part of a GPU run; the others are measured first
+    # Liger last: its torch.compile warm-up is the slowest part of a GPU run; the others are measured first.
+    # Without liger-kernel installed (on the GPU machine: a wheel carried in .whl/) its row is skipped, and said so.
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        print("[bench] liger_jsd: skipped (liger-kernel not installed)", file=sys.stderr, flush=True)
+        liger_cases = []
+    else:
+        liger_cases = [Case("liger_jsd", make_liger, flops=flops_teacher + flops_student, notes=liger_note)]
     return [
         Case("naive", make_naive, flops=flops_teacher + flops_student, notes="full logits, log_softmax, KL, autograd"),
         Case("engine_topk_kl", make_engine("topk", "forward_kl", "bucket"), flops=flops_teacher + flops_student,
@@ -163,7 +171,7 @@ def build_cases(args):
         Case("engine_teacher_only", make_teacher_only, flops=flops_teacher,
              notes=f"de.teacher_targets top-{k} alone (the teacher's share of engine_topk_kl)"),
         *extra,
-        Case("liger_jsd", make_liger, flops=flops_teacher + flops_student, notes=liger_note),
+        *liger_cases,
     ]
 
 

@@ -31,7 +31,9 @@ How a benchmark script uses it::
   recorded (``value``) and its relative difference to the baseline case's value is added to the notes.
 
 Results print as a markdown table (last, so a truncated log still ends with it) and, with ``--json``,
-are written atomically together with the machine description.
+are written atomically together with the machine description. With ``--jsonl FILE`` (or ``$BENCH_JSONL``)
+every case is also appended to FILE as one JSON line the moment it is measured, so a run that is cut
+short (a time limit) still returns every case before the cut.
 """
 from __future__ import annotations
 
@@ -196,6 +198,19 @@ def atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def append_jsonl(path: str, record: dict) -> None:
+    """Append one JSON line and flush it to disk (a single write of a whole line: readers never see half)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    line = json.dumps(record, default=str) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fmt_bytes(b) -> str:
     if b is None or b != b:
         return "n/a"
@@ -236,6 +251,9 @@ def main(build_cases: Callable, description: str = "", add_args: Optional[Callab
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--json", default=None, help="write results + machine info here (atomic)")
     p.add_argument("--md", default=None, help="write the markdown table here (atomic)")
+    p.add_argument("--jsonl", default=os.environ.get("BENCH_JSONL"),
+                   help="append one JSON line per case to this file as soon as it is measured (default: $BENCH_JSONL), "
+                        "so a run cut short keeps every case measured before the cut")
     p.add_argument("--cases", default=None, help="comma-separated subset of case names")
     p.add_argument("--no-isolate", action="store_true", help="CPU: run cases in this process (memory numbers then unreliable)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -291,6 +309,9 @@ def main(build_cases: Callable, description: str = "", add_args: Optional[Callab
             res["floor_fraction"] = case.flops / rate / res["time_s"]
         rows.append(res)
         print(f"[bench] {case.name}: {res.get('time_s', res.get('error'))}", file=sys.stderr, flush=True)
+        if args.jsonl:
+            append_jsonl(args.jsonl, dict(res, bench=os.path.basename(sys.argv[0]), device=args.device,
+                                          dtype=args.dtype, gemm_rate_flops=rate, gemm_shape=[m, n, k]))
 
     # sanity check across cases: steps that return a scalar (the loss) are compared with the baseline's
     base_row = next((r for r in rows if r["case"] == baseline and "value" in r), None)

@@ -93,6 +93,19 @@ def test_triton_cublas_logits_mode(monkeypatch):
         de.teacher_targets(h, w, 8, backend="triton")
 
 
+@pytest.mark.skipif(not _backend.triton_available(), reason="no triton")
+@pytest.mark.parametrize("group_m", ["0", "1", "2"])
+def test_triton_topk_grouped_grid_orders(monkeypatch, group_m):
+    # DISTILL_ENGINE_TT_GROUP_M: 3 row blocks x several splits, groups of 1 / 2 (ragged last group) / all row blocks
+    monkeypatch.setenv("DISTILL_ENGINE_TT_GROUP_M", group_m)
+    h, w, b = _inputs(45, 37, 131, bias=True, scale=2.0, seed=16)
+    t = de.teacher_targets(h, w, 8, bias=b, temperature=1.1, backend="triton")
+    _check_topk(t, h, w, b, 8, 1.1, atol=2e-5)
+    monkeypatch.setenv("DISTILL_ENGINE_TT_GROUP_M", "-1")
+    with pytest.raises(ValueError, match="DISTILL_ENGINE_TT_GROUP_M"):
+        de.teacher_targets(h, w, 8, backend="triton")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_topk_chunking_does_not_change_result(backend):
     h, w, b = _inputs(21, 19, 131, bias=True, seed=2)
@@ -339,8 +352,9 @@ def test_backend_requests_that_cannot_run():
 # CUDA (skipped without a GPU)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,k", [(torch.float32, 1), (torch.float32, 64), (torch.bfloat16, 64),
-                                     (torch.bfloat16, 300)])
+@pytest.mark.parametrize("dtype,k", [(torch.float32, 1), (torch.float32, 64), (torch.float32, 200),
+                                     (torch.bfloat16, 64), (torch.bfloat16, 100), (torch.bfloat16, 256),
+                                     (torch.float16, 64), (torch.bfloat16, 300)])
 def test_cuda_triton_topk(dtype, k):
     h, w, b = _inputs(517, 256, 5003, dtype=dtype, bias=True, scale=2.0, seed=12, device="cuda")
     t = de.teacher_targets(h, w, k, bias=b, temperature=1.3, backend="triton")
@@ -349,11 +363,21 @@ def test_cuda_triton_topk(dtype, k):
 
 
 @pytest.mark.gpu
-def test_cuda_triton_cublas_logits_mode(monkeypatch):
+@pytest.mark.parametrize("group_m", ["0", "1", "8"])
+def test_cuda_triton_topk_grid_orders(monkeypatch, group_m):
+    monkeypatch.setenv("DISTILL_ENGINE_TT_GROUP_M", group_m)
+    h, w, b = _inputs(517, 256, 5003, dtype=torch.bfloat16, bias=True, scale=2.0, seed=13, device="cuda")
+    t = de.teacher_targets(h, w, 64, bias=b, temperature=1.3, backend="triton")
+    _check_topk(t, h, w, b, 64, 1.3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [64, 256])
+def test_cuda_triton_cublas_logits_mode(monkeypatch, k):
     monkeypatch.setenv("DISTILL_ENGINE_TT_LOGITS", "cublas")
     h, w, b = _inputs(517, 256, 5003, dtype=torch.bfloat16, bias=True, scale=2.0, seed=16, device="cuda")
-    t = de.teacher_targets(h, w, 64, bias=b, backend="triton")
-    _check_topk(t, h, w, b, 64, 1.0, atol=2e-2)  # bf16-rounded logits when torch lacks fp32-output GEMMs
+    t = de.teacher_targets(h, w, k, bias=b, backend="triton")
+    _check_topk(t, h, w, b, k, 1.0, atol=2e-2)  # bf16-rounded logits when torch lacks fp32-output GEMMs
 
 
 @pytest.mark.gpu

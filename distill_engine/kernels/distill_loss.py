@@ -39,12 +39,16 @@ Environment knobs (read at every call; for benchmarks and debugging):
 * ``DISTILL_ENGINE_TRITON_LOGITS=cublas`` -- when the buffer is stored, form it with cuBLAS and run
   the log-sum-exp kernel over it (``FROM_BUF``) instead of the fused Triton tile GEMM.
 * ``DISTILL_ENGINE_TRITON_AUTOTUNE=0`` -- on CUDA use the first (heuristic) config, no autotuning.
+* ``DISTILL_ENGINE_GEMM_F32_OUT=0`` -- do not use the fp32-output bf16/fp16 GEMMs (cuBLAS beta = 1 into the fp32
+  dW accumulator); use the fallback (input-dtype output + fp32 add). A one-time RuntimeWarning names the path
+  whenever the fallback runs, forced or because the probe failed.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -323,16 +327,23 @@ _CUDA_V_UNIT = 256
 
 # Tile GEMM configs (first = the heuristic default). bf16/fp16 run on tensor cores (wgmma on
 # Hopper); fp32 runs IEEE FMA dots, where smaller tiles are enough.
+# Register rule (checked by the AOT compile check, distill_engine/kernels/_aot.py, for sm_90a): at most 64 fp32
+# accumulator registers per thread (BLOCK_N·BLOCK_V / (32·num_warps) ≤ 64). The epilogue keeps the tile alive
+# through the store and both temperatures' exp/sum, so 128 accumulators per thread (128×256 at 8 warps,
+# 128×128 or 64×256 at 4 warps) spilled 200–600 B/thread with STORE, and 16 warps cap a thread at 128
+# registers (spills again). The buffer stays fp32: a bf16 buffer would round l by up to |l|·2⁻⁹ (≈0.04 at
+# |l| = 20), i.e. ~4% error in exp(l − lse), far over the 1e-2 bf16 budget of the gradient.
 _CUDA_LP_CONFIGS = [
-    dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3),
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4),
-    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=4),
-    dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3),
 ]
 _CUDA_F32_CONFIGS = [
     dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=3),
-    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3),
 ]
+# Buffer-free recompute (fp32): its own tile, 2 stages: the first forward config spilled 8 B on Triton 3.6.
+_CUDA_RECOMPUTE_F32 = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2)
 _CUDA_EW = dict(BLOCK_R=16, BLOCK_C=512, num_warps=8)
 # FROM_BUF (log-sum-exp over a cuBLAS-filled buffer) is a pure streaming pass: no tuning needed.
 _CUDA_FROM_BUF = dict(BLOCK_N=16, BLOCK_V=256, BLOCK_D=16, num_warps=4, num_stages=2)
@@ -410,9 +421,15 @@ def _check_inputs(h, weight, bias):
 # ----------------------------------------------------------------------------------------------
 
 
+_FALLBACK_PATH = ("the gradient GEMMs fall back to a {dtype} output per chunk added into the fp32 accumulators "
+                  "(slower: one extra [V, d] {dtype} temporary per chunk and a rounding of each chunk's dW)")
+
+
 @functools.lru_cache(maxsize=None)
 def _out_dtype_gemm_ok_cached(device_str: str, dtype: torch.dtype) -> bool:
+    """Probe (once per device and dtype) and say so, once, when the fast path is unavailable."""
     dev = torch.device(device_str)
+    why = None
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
         a = torch.randn(48, 32, generator=gen).to(dev, dtype)
@@ -424,25 +441,45 @@ def _out_dtype_gemm_ok_cached(device_str: str, dtype: torch.dtype) -> bool:
         torch.mm(a_t, b, out_dtype=torch.float32, out=into)
         acc = torch.ones(48, 40, device=dev)
         torch.addmm(acc, a_t, b, alpha=0.5, out_dtype=torch.float32, out=acc)
-        return (
+        ok = (
             out.dtype == torch.float32
             and torch.allclose(out, ref, rtol=1e-3, atol=1e-3)
             and torch.allclose(into, ref, rtol=1e-3, atol=1e-3)
             and torch.allclose(acc, 0.5 * ref + 1, rtol=1e-3, atol=1e-3)
         )
-    except Exception:  # missing overload / unsupported backend or dtype
+        if not ok:
+            why = "it ran but returned wrong values"
+    except Exception as exc:  # missing overload / unsupported backend or dtype: reported below, never silent
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    if why is not None:
+        warnings.warn(f"fused_distill_loss: torch.mm/addmm(..., out_dtype=torch.float32) is unavailable for {dtype} on "
+                      f"{device_str} ({why}); " + _FALLBACK_PATH.format(dtype=dtype), RuntimeWarning, stacklevel=3)
         return False
+    return True
 
 
 def _out_dtype_gemm_ok(t: torch.Tensor) -> bool:
     """Whether ``torch.mm/addmm(..., out_dtype=torch.float32)`` works here for t's dtype (and
-    accumulates in place into an fp32 ``out``).
+    accumulates in place into an fp32 ``out``): dW then accumulates in cuBLAS (beta = 1, fp32 C) with no
+    temporary.
 
     Probed once per (device, dtype) on a small problem, transposed operand and alpha included: the
     dtype overloads exist only in recent torch and only on CUDA; without them the GEMMs fall back to
-    input-dtype outputs.
+    input-dtype outputs, with a one-time RuntimeWarning naming the fallback path.
+    ``DISTILL_ENGINE_GEMM_F32_OUT=0`` forces the fallback (to compare the two paths).
     """
-    return t.is_cuda and _out_dtype_gemm_ok_cached(str(t.device), t.dtype)
+    if not t.is_cuda:
+        return False
+    if os.environ.get("DISTILL_ENGINE_GEMM_F32_OUT", "1") == "0":  # read at every call: benchmarks flip it
+        _warn_forced_fallback(t.dtype)
+        return False
+    return _out_dtype_gemm_ok_cached(str(t.device), t.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_forced_fallback(dtype: torch.dtype) -> None:
+    warnings.warn("fused_distill_loss: DISTILL_ENGINE_GEMM_F32_OUT=0: fp32-output GEMMs disabled; "
+                  + _FALLBACK_PATH.format(dtype=dtype), RuntimeWarning, stacklevel=4)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -697,7 +734,7 @@ def dense_grad(
         if interp:
             cfg = dict(_INTERP_TILE)
         else:
-            cfg = dict((_CUDA_F32_CONFIGS if not low else _CUDA_LP_CONFIGS)[0])
+            cfg = dict(_CUDA_RECOMPUTE_F32 if not low else _CUDA_LP_CONFIGS[0])
         g_lp = torch.empty((c, V), device=dev, dtype=h.dtype)
         n_rb = triton.cdiv(c, cfg["BLOCK_N"])
         dbp = torch.empty((n_rb, V), device=dev, dtype=f32) if want_db else g_lp

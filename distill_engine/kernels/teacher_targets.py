@@ -30,6 +30,10 @@ is not faithful, and the upcast is exact).
 a cuBLAS GEMM into an fp32 buffer (≤ 2^26 elements) and the same kernel reads them (FROM_BUF) instead of
 running its tile GEMM; for measuring the fused GEMM against cuBLAS.
 
+``DISTILL_ENGINE_TT_GROUP_M`` (read at every call): row blocks per launch group of the top-k grid (default 8 on
+CUDA; 0 = the plain row-block-major order), to compare grid orders in one run. ``DISTILL_ENGINE_TT_CONFIG``
+overrides the tiles (see ``_cuda_config``).
+
 k larger than ``MAX_KERNEL_K`` on this backend: the logits of a sub-chunk go to an fp32 buffer through
 cuBLAS (``reference.teacher_targets.chunk_logits``) and torch.topk selects (memory bounded the same way).
 """
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -84,7 +89,7 @@ def _tt_topk_kernel(
     pm_ptr, ps_ptr,          # [C, NSPLIT] fp32: split max / split Σ exp(z − max)
     cv_ptr, ci_ptr,          # [C, NSPLIT, KP] fp32 z values / int32 ids of the split's candidates
     buf_ptr,                 # FROM_BUF: fp32 [C, V] raw logits written by cuBLAS (row stride stride_buf)
-    C, V, D, stride_h, stride_w, stride_buf, inv_t, SPLIT_LEN, NSPLIT,
+    C, V, D, stride_h, stride_w, stride_buf, inv_t, SPLIT_LEN, NSPLIT, GROUP_M,
     K: tl.constexpr, KP: tl.constexpr,
     HAS_BIAS: tl.constexpr, DO_TOPK: tl.constexpr, FROM_BUF: tl.constexpr, DOT_MODE: tl.constexpr,
     BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
@@ -93,9 +98,19 @@ def _tt_topk_kernel(
 
     Candidate slots: K real slots start at −inf, KP − K padding slots sit at +inf so they are never the
     minimum θ. Entries equal to θ are not inserted (strict >): ties keep the earlier id.
+
+    Grid: 1-D over (row block, split), in groups of GROUP_M row blocks that sweep all splits together (row
+    block fastest inside a group), so the programs in flight share GROUP_M blocks of h (L2-resident) while
+    each W tile is read by GROUP_M programs at once. GROUP_M ≥ the number of row blocks is the plain
+    row-block-major order (every row block of split 0, then split 1, ...).
     """
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(C, BM)
+    per_group = GROUP_M * NSPLIT
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_s = (pid % per_group) // group_size
     offs_m = pid_m * BM + tl.arange(0, BM)
     row_ok = offs_m < C
     rows = tl.where(row_ok, offs_m, 0)
@@ -222,8 +237,16 @@ def _tt_sample_kernel(
 _INTERP = dict(BM=16, BV=32, BD=16, split_tiles=2)
 
 
-def _cuda_config(dtype: torch.dtype, KP: int) -> dict:
-    """Heuristic CUDA tiles; DISTILL_ENGINE_TT_CONFIG="BM,BV,BD,num_warps,num_stages" overrides them."""
+def _cuda_config(dtype: torch.dtype, KP: int, from_buf: bool = False) -> dict:
+    """Heuristic CUDA tiles; DISTILL_ENGINE_TT_CONFIG="BM,BV,BD,num_warps,num_stages" overrides them.
+
+    bf16/fp16: 64-row tiles on two warpgroups (wgmma on Hopper) for every k ≤ 256, 128 columns wide (64 at
+    KP = 256). The candidate lists ([BM, KP] values + ids) share the register file with the [BM, BV]
+    accumulator: at KP = 256 this reaches 255 registers per thread without a spill on sm_90a with Triton 3.6
+    and 3.9 (the AOT check in ``_aot.py`` guards it). Narrower row
+    blocks (16/32) would drop to Ampere-style mma.sync. ``from_buf`` (cuBLAS logits read from a buffer, no tile
+    GEMM): 16×128 tiles on 4 warps, the widest that stays spill-free up to KP = 256.
+    """
     env = os.environ.get("DISTILL_ENGINE_TT_CONFIG")
     if env:
         try:
@@ -231,10 +254,14 @@ def _cuda_config(dtype: torch.dtype, KP: int) -> dict:
         except ValueError as exc:
             raise ValueError(f"DISTILL_ENGINE_TT_CONFIG must be 'BM,BV,BD,num_warps,num_stages', got {env!r}") from exc
         return dict(BM=bm, BV=bv, BD=bd, num_warps=nw, num_stages=ns)
-    if dtype == torch.float32:
-        return dict(BM=32, BV=64, BD=32, num_warps=4, num_stages=3)
-    bm = 64 if KP <= 64 else (32 if KP <= 128 else 16)
-    return dict(BM=bm, BV=128, BD=64, num_warps=8, num_stages=3)
+    if from_buf:
+        return dict(BM=16, BV=128, BD=16, num_warps=4, num_stages=2)
+    if dtype == torch.float32:  # FMA dots, 2 stages; KP ≥ 128: 32-wide tiles on 8 warps (4 warps spilled 8–24 B)
+        if KP >= 128:
+            return dict(BM=32, BV=32, BD=32, num_warps=8, num_stages=2)
+        return dict(BM=32, BV=64, BD=32, num_warps=4, num_stages=2)
+    # KP = 256 on 64-wide tiles: 64×128 spilled 32 B under Triton 3.6
+    return dict(BM=64, BV=64 if KP > 128 else 128, BD=64, num_warps=8, num_stages=3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -248,20 +275,36 @@ def _dot_mode(h: torch.Tensor) -> int:
     return 0 if h.device.type == "cuda" else 2
 
 
-def _plan(h: torch.Tensor, V: int, KP: int):
+def _plan(h: torch.Tensor, V: int, KP: int, from_buf: bool = False):
     """(config, n_splits, split_len) for a chunk of h.shape[0] rows."""
     c = h.shape[0]
     if h.device.type != "cuda":
         cfg = dict(_INTERP)
         split_len = cfg.pop("split_tiles") * cfg["BV"]
         return cfg, triton.cdiv(V, split_len), split_len
-    cfg = _cuda_config(h.dtype, KP)
+    cfg = _cuda_config(h.dtype, KP, from_buf)
     row_blocks = triton.cdiv(c, cfg["BM"])
     tiles = triton.cdiv(V, cfg["BV"])
     # about four waves of programs over the SMs, at least 2 tiles per split
     n_splits = max(1, min(tiles // 2 or 1, -(-4 * _sm_count(h.device.index or 0) // row_blocks)))
     split_len = triton.cdiv(tiles, n_splits) * cfg["BV"]
     return cfg, triton.cdiv(V, split_len), split_len
+
+
+def _group_m(dev: torch.device, n_m: int) -> int:
+    """Row blocks per launch group of the top-k grid; DISTILL_ENGINE_TT_GROUP_M overrides (0: all, i.e. the plain
+    row-block-major order). Under the interpreter 2, so the tests cross group boundaries."""
+    env = os.environ.get("DISTILL_ENGINE_TT_GROUP_M")
+    if env is not None:
+        try:
+            g = int(env)
+        except ValueError:
+            g = -1
+        if g < 0:
+            raise ValueError(f"DISTILL_ENGINE_TT_GROUP_M must be an integer >= 0 (0: row-block-major order), got {env!r}")
+    else:
+        g = 8 if dev.type == "cuda" else 2
+    return max(1, n_m if g == 0 else min(g, n_m))
 
 
 def _launch_meta(cfg: dict) -> dict:
@@ -284,7 +327,7 @@ def _split_pass(h, weight, bias, k: int, inv_t: float, do_topk: bool, buf: Optio
     c, D = h.shape
     V = weight.shape[0]
     KP = triton.next_power_of_2(max(k, 1)) if do_topk else 16
-    cfg, S, split_len = _plan(h, V, KP)
+    cfg, S, split_len = _plan(h, V, KP, buf is not None)
     dev = h.device
     pm = torch.empty(c, S, dtype=torch.float32, device=dev)
     ps = torch.empty(c, S, dtype=torch.float32, device=dev)
@@ -293,10 +336,12 @@ def _split_pass(h, weight, bias, k: int, inv_t: float, do_topk: bool, buf: Optio
         ci = torch.empty(c, S, KP, dtype=torch.int32, device=dev)
     else:
         cv, ci = pm, pm  # unused
-    grid = (triton.cdiv(c, cfg["BM"]), S)
-    _tt_topk_kernel[grid](
+    n_m = triton.cdiv(c, cfg["BM"])
+    group_m = _group_m(dev, n_m)
+    _tt_topk_kernel[(n_m * S,)](
         h, weight, bias if bias is not None else h, pm, ps, cv, ci, buf if buf is not None else pm,
         c, V, D, h.stride(0), weight.stride(0), buf.stride(0) if buf is not None else 0, float(inv_t), split_len, S,
+        group_m,
         K=min(k, split_len) if do_topk else 1, KP=KP, HAS_BIAS=bias is not None, DO_TOPK=do_topk,
         FROM_BUF=buf is not None, DOT_MODE=_dot_mode(h), **_launch_meta(cfg),
     )
@@ -347,9 +392,15 @@ def _mm_out_dtype_ok(device_type: str) -> bool:
     """torch.mm(a, b, out_dtype=torch.float32) for half inputs (fp32 output of the tensor-core GEMM)."""
     try:
         a = torch.ones(16, 16, dtype=torch.bfloat16, device=device_type)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError):
-        return False
+        if torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32:
+            return True
+        why = "wrong output dtype"
+    except (TypeError, RuntimeError) as exc:
+        why = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+    warnings.warn(f"teacher_targets: torch.mm(..., out_dtype=torch.float32) is unavailable on {device_type} ({why}); "
+                  "the cuBLAS logits buffer is filled from a half-precision GEMM output (rounded logits)",
+                  RuntimeWarning, stacklevel=3)
+    return False
 
 
 def _raw_logits_into(buf: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -128,10 +128,24 @@ def _backend_impl(name: str):
 
 
 def _default_chunk_rows(V: int, device: torch.device) -> int:
-    """Rows per chunk so one fp32 [chunk, V] buffer stays within a budget (env-overridable)."""
-    # elements of the fp32 buffer: 512 MB on GPU (large GEMMs for the tensor cores), 32 MB on CPU (the CPU GEMMs
-    # are already efficient at a few hundred rows, and the buffer is most of the op's extra memory)
-    default = 2**27 if device.type == "cuda" else 2**23
+    """Rows per chunk so one fp32 [chunk, V] buffer stays within a budget (env-overridable).
+
+    GPU: 2^29 elements (4,096 rows at V = 128,256; a 2 GB fp32 buffer + 1 GB bf16 g), capped at 1/16 of the
+    device's memory. The chunk size sets the fp32 dW accumulator traffic: every chunk's dW += gᵀh reads and
+    writes the whole [V, d] accumulator (4.2 GB at V = 128,256, d = 4,096) and re-reads W twice, so at N = 8,192
+    1,024-row chunks cost ~34 GB of HBM traffic per step, 4,096-row chunks ~8 GB. CPU: 2^23 elements (32 MB;
+    the CPU GEMMs are already efficient at a few hundred rows, and the buffer is most of the op's extra memory).
+    """
+    if device.type == "cuda":
+        default = 2**29
+        try:
+            total = torch.cuda.get_device_properties(device.index if device.index is not None else
+                                                     torch.cuda.current_device()).total_memory
+            default = min(default, max(2**24, total // 16 // 6))  # 6 B per element: fp32 buffer + 16-bit g
+        except (RuntimeError, AssertionError):  # no device properties (mocked devices): keep the default
+            pass
+    else:
+        default = 2**23
     budget = int(os.environ.get("DISTILL_ENGINE_CHUNK_ELEMS", default))
     rows = max(1, budget // max(V, 1))
     # round down to a power of two (GEMM-friendly) but keep at least 16 rows
@@ -540,7 +554,7 @@ def fused_distill_loss(
         reduction: "mean" over rows not ignored (0.0 when none is left) | "sum" | "none" → [N].
         backend: "auto" | "triton" | "cpu" | "torch".
         validate: value checks on ids/log-probs/labels (one host sync each); switch off for speed.
-        chunk_rows: rows per chunk (default: one fp32 [chunk, V] buffer of ≤ 32 MB on CPU, 512 MB on GPU).
+        chunk_rows: rows per chunk (default: one fp32 [chunk, V] buffer of ≤ 32 MB on CPU, 2 GB on GPU).
         teacher_rest_logprob: [N] optional log of the teacher's exact mass outside the row's ids (at
             ``temperature``; ``TeacherTargets.rest_logprob``); -inf for none. Used by tail="bucket"; when
             absent it is log(1 − Σ_S p) from ``teacher_logprobs`` (computed stably, but it cannot resolve a
