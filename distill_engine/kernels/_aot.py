@@ -171,6 +171,28 @@ def _cos_args(dt, c):
                 stride_ym=_D, stride_tm=_D, stride_gm=_D)
 
 
+def _dl_buf_lse_configs(m, dt):
+    return [dict(BLOCK_R=4, BLOCK_C=1024, num_warps=4, num_stages=3)]   # the launcher's CUDA tile
+
+
+def _dl_buf_lse_args(dt, c):
+    return dict(buf_ptr="*fp32", out_ptr="*fp32", C=_C, V=_V, inv_t=0.5, stride_buf=_V)
+
+
+def _rel_configs(m, dt):
+    # the launcher's CUDA tile (DISTILL_ENGINE_RELATION_TILE default 64, 32 for fp32) at d_head 64 for both models
+    t = 32 if dt == "fp32" else 64
+    return [dict(BQ=t, BK=t, BDS=64, BDT=64, num_warps=4, num_stages=3)]
+
+
+def _rel_args(dt, c):
+    p = _PTR[dt]
+    L, H, d = 8192, 12, 768
+    return dict(S_ptr=p, T_ptr=p, M_ptr="*u8", kl_ptr="*fp32", lses_ptr="*fp32", lset_ptr="*fp32", c_ptr="*fp32",
+                g_ptr="*fp32", dS_ptr="*fp32", dT_ptr="*fp32", L=L, H=H, ds=64, dt=64, s_sb=L * d, s_sl=d, s_sd=1,
+                t_sb=L * d, t_sl=d, t_sd=1, c_s=0.125, c_t=0.125, d_ss=d, d_ts=d, UPCAST=False, PREC="ieee")
+
+
 _ALL = ("bf16", "fp16", "fp32")
 REGISTRY: List[Entry] = [
     Entry("loss.logits_lse", "distill_loss", "_logits_lse_kernel", True, _ALL, _dl_lse_configs,
@@ -188,10 +210,19 @@ REGISTRY: List[Entry] = [
     Entry("proj.fwd", "projection_loss", "_proj_fwd_kernel", True, _ALL, _proj_configs,
           dict(KIND=(0, 1), WRITE=(True, False), HAS_BIAS=(True, False)), _proj_args),
     Entry("proj.cosine_grad", "projection_loss", "_cosine_grad_kernel", False, _ALL, _cos_configs, {}, _cos_args),
+    Entry("loss.rest_lse", "distill_loss", "_buf_lse_kernel", True, ("fp32",), _dl_buf_lse_configs, {},
+          _dl_buf_lse_args),
+    Entry("relation.fwd", "token_relation", "_fwd_kernel", False, _ALL, _rel_configs, dict(CAUSAL=(True, False)),
+          _rel_args),
+    Entry("relation.bwd_row", "token_relation", "_bwd_row_kernel", False, _ALL, _rel_configs,
+          dict(CAUSAL=(True, False), NEED_S=(True,), NEED_T=(True, False)), _rel_args),
+    Entry("relation.bwd_col", "token_relation", "_bwd_col_kernel", False, _ALL, _rel_configs,
+          dict(CAUSAL=(True, False), NEED_S=(True,), NEED_T=(True, False)), _rel_args),
 ]
 # @triton.jit device functions that are inlined into the kernels above (compiled as part of them).
 HELPERS = {
     ("distill_loss", "_logits_tile"), ("distill_loss", "_rtne_bf16"), ("teacher_targets", "_tt_logits_tile"),
+    ("token_relation", "_scores"), ("token_relation", "_grad_tiles"),
 }
 # fp16 shares bf16's code path (16-bit tensor-core operands, fp32 accumulation); on Triton 3.9, compiled in every
 # config, the two had the same spills and shared memory and registers within a few, so fp16 is compiled with each
