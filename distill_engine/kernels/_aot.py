@@ -193,6 +193,19 @@ def _rel_args(dt, c):
                 t_sb=L * d, t_sl=d, t_sd=1, c_s=0.125, c_t=0.125, d_ss=d, d_ts=d, UPCAST=False, PREC="ieee")
 
 
+def _rel_bwd_args(dt, c):
+    a = _rel_args(dt, c)
+    del a["kl_ptr"]  # forward-only
+    return a
+
+
+def _rel_fwd_args(dt, c):
+    a = _rel_args(dt, c)
+    for k in ("c_ptr", "g_ptr", "dS_ptr", "dT_ptr", "d_ss", "d_ts"):  # backward-only arguments
+        del a[k]
+    return a
+
+
 _ALL = ("bf16", "fp16", "fp32")
 REGISTRY: List[Entry] = [
     Entry("loss.logits_lse", "distill_loss", "_logits_lse_kernel", True, _ALL, _dl_lse_configs,
@@ -213,11 +226,11 @@ REGISTRY: List[Entry] = [
     Entry("loss.rest_lse", "distill_loss", "_buf_lse_kernel", True, ("fp32",), _dl_buf_lse_configs, {},
           _dl_buf_lse_args),
     Entry("relation.fwd", "token_relation", "_fwd_kernel", False, _ALL, _rel_configs, dict(CAUSAL=(True, False)),
-          _rel_args),
+          _rel_fwd_args),
     Entry("relation.bwd_row", "token_relation", "_bwd_row_kernel", False, _ALL, _rel_configs,
-          dict(CAUSAL=(True, False), NEED_S=(True,), NEED_T=(True, False)), _rel_args),
+          dict(CAUSAL=(True, False), NEED_S=(True,), NEED_T=(True, False)), _rel_bwd_args),
     Entry("relation.bwd_col", "token_relation", "_bwd_col_kernel", False, _ALL, _rel_configs,
-          dict(CAUSAL=(True, False), NEED_S=(True,), NEED_T=(True, False)), _rel_args),
+          dict(CAUSAL=(True, False), NEED_S=(True,), NEED_T=(True, False)), _rel_bwd_args),
 ]
 # @triton.jit device functions that are inlined into the kernels above (compiled as part of them).
 HELPERS = {
