@@ -42,6 +42,7 @@ from .. import _backend
 from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_tensor
 from ..reference import distill_loss as _torch_impl
 from ..reference.distill_loss import LOG_FLOOR
+from .logit_transform import active, check_transform
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("bucket", "renormalize")
@@ -63,6 +64,8 @@ class DistillOptions:
     backend: str = "auto"
     validate: bool = True
     chunk_rows: Optional[int] = None
+    logit_scale: Optional[float] = None  # issue 12: z = s·l, then c·tanh(z/c) (ops/logit_transform.py)
+    softcap: Optional[float] = None
 
     def check(self) -> None:
         check_choice("divergence", self.divergence, DIVERGENCES)
@@ -106,7 +109,11 @@ class _CpuExt:
         return _backend.cpu_extension().distill_buf_lse(buf, float(temperature))
 
 
-def _backend_impl(name: str):
+def _backend_impl(name: str, opts: Optional[DistillOptions] = None):
+    if opts is not None and active(opts.logit_scale, opts.softcap):  # raw logits, transformed elementwise
+        from .logit_transform import TransformChunks
+
+        return TransformChunks(_backend_impl(name), opts.logit_scale, opts.softcap)
     if name == "torch":
         return _torch_impl
     if name == "cpu":
@@ -399,7 +406,7 @@ class _State:
 
 
 def _forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOptions, backend: str, need_grad: bool):
-    impl = _backend_impl(backend)
+    impl = _backend_impl(backend, opts)
     N, d = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -468,7 +475,7 @@ def _forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOption
 
 
 def _backward_recompute(hidden, weight, bias, st: _State, grad_rows: torch.Tensor, opts: DistillOptions, backend: str):
-    impl = _backend_impl(backend)
+    impl = _backend_impl(backend, opts)
     N, d = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -546,6 +553,8 @@ def fused_distill_loss(
     validate: bool = True,
     chunk_rows: Optional[int] = None,
     teacher_rest_logprob: Optional[torch.Tensor] = None,
+    logit_scale: Optional[float] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Distillation loss of a student's lm_head against sparse teacher targets, fused with the lm_head.
 
@@ -569,6 +578,9 @@ def fused_distill_loss(
             ``temperature``; ``TeacherTargets.rest_logprob``); -inf for none. Used by tail="bucket"; when
             absent it is log(1 − Σ_S p) from ``teacher_logprobs`` (computed stably, but it cannot resolve a
             teacher rest mass below the rounding of those log-probs).
+        logit_scale: s, the logits become s·(h Wᵀ + b) (Cohere, Granite = 1/logits_scaling, Falcon-H1, ...).
+        softcap: c, the (scaled) logits become c·tanh(z/c) (Gemma 2/3 ``final_logit_softcapping``); both are
+            applied before ``temperature`` and the CE term, gradients through tanh (ops/logit_transform.py).
 
     The rest category is exact at every confidence (docs/ARCHITECTURE.md, "The exact tail bucket"): the
     student's log q_rest is a log-sum-exp over the vocabulary minus the row's ids, minus the row's
@@ -579,7 +591,8 @@ def fused_distill_loss(
     """
     opts = DistillOptions(divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight, tail=tail,
                           ignore_index=ignore_index, reduction=reduction, backend=backend, validate=validate,
-                          chunk_rows=chunk_rows)
+                          chunk_rows=chunk_rows, logit_scale=logit_scale, softcap=softcap)
+    check_transform(logit_scale, softcap)
     opts.check()
     _validate_inputs(hidden, weight, teacher_ids, teacher_logprobs, labels, bias, opts)
     _validate_rest(teacher_rest_logprob, hidden.shape[0], hidden.device, opts)
