@@ -42,10 +42,15 @@ def rows(x: torch.Tensor, valid_index: torch.Tensor) -> torch.Tensor:
 
 class TeacherHead(nn.Module):
     def __init__(self, model: nn.Module, *, k: int, temperature: float, method: str, backend: str = "auto",
-                 feature_layers: Optional[Sequence[int]] = None):
+                 feature_layers: Optional[Sequence[int]] = None, logit_transform: Optional[tuple] = None):
         super().__init__()
         self.model = model
         self.k, self.temperature, self.method, self.backend = k, temperature, method, backend
+        if logit_transform is None:  # the family's (logit_scale, softcap), by model_type (trainer/families.py)
+            from ..trainer.families import logit_transform as _family_transform
+
+            logit_transform = _family_transform(model.config, "teacher")
+        self.logit_scale, self.softcap = logit_transform
         self.feature_layers = list(feature_layers) if feature_layers else None
         self.model.eval()
         self.model.requires_grad_(False)
@@ -62,7 +67,8 @@ class TeacherHead(nn.Module):
         head = lm_head_of(self.model)
         h = rows(out.last_hidden_state, valid_index)  # [n, d_t]
         t = teacher_targets(h, head.weight, self.k, bias=getattr(head, "bias", None), temperature=self.temperature,
-                            method=self.method, generator=generator, backend=self.backend)
+                            method=self.method, generator=generator, backend=self.backend,
+                            logit_scale=self.logit_scale, softcap=self.softcap)
         hidden: Optional[List[torch.Tensor]] = None
         if self.feature_layers is not None:
             hidden = [rows(out.hidden_states[i], valid_index) for i in self.feature_layers]

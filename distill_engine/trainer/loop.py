@@ -264,7 +264,7 @@ class Trainer:
         lo = cfg.loss
         head = FusedHeadLoss(student.get_output_embeddings(), divergence=lo.divergence, beta=lo.beta,
                              temperature=lo.temperature, ce_weight=self.ce_weight, tail=lo.tail, backend=lo.backend,
-                             zero3=self.zero3)
+                             zero3=self.zero3, **_transform_kwargs(student.config))
         module = DistillStudent(student, head, self.features,
                                 cfg.loss.features.weight if self.features is not None else 1.0)
         if self.engine_kind == "deepspeed":
@@ -298,6 +298,8 @@ class Trainer:
             self.wait_s += time.time() - tw
             check_alignment(tb, b, cfg.teacher.source)
             bd, tb = b.to(engine.device), tb.to(engine.device)
+            if a == 0 and step == self.start_step:  # issue 12: the engine's logits path must be the model's
+                _guard_logits(self, bd)
             vi = bd.valid_index
             labels = bd.labels.reshape(-1).index_select(0, vi)
             loss, stats = engine(bd.input_ids, bd.attention_mask, vi, labels, tb.ids, tb.logprobs, tb.hidden,
@@ -409,12 +411,29 @@ def _peak_memory_gb(device) -> Optional[float]:
         return None
 
 
+def _transform_kwargs(config) -> dict:
+    from .families import logit_transform
+
+    s, c = logit_transform(config, "student")
+    return dict(logit_scale=s, softcap=c)
+
+
+def _guard_logits(trainer, bd) -> None:
+    """First micro-batch: student's (and the colocated teacher's) engine logits == model(...).logits."""
+    from .families import check_logits_path
+
+    check_logits_path(trainer.student, bd.input_ids, bd.attention_mask, key="student")
+    teacher = getattr(trainer, "teacher_model", None)
+    if teacher is not None:
+        check_logits_path(teacher, bd.input_ids, bd.attention_mask, key="teacher")
+
+
 def _teacher_config(cfg: Config):
     """The teacher's model config without its weights (feature-map sizes on student ranks in stream mode)."""
     if cfg.teacher.init is not None:
-        from transformers import LlamaConfig
+        from .families import init_config
 
-        return LlamaConfig(**cfg.teacher.init)
+        return init_config(cfg.teacher.init, "teacher")
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(cfg.teacher.path)
@@ -422,9 +441,9 @@ def _teacher_config(cfg: Config):
 
 def _student_config(cfg: Config):
     if cfg.student.init is not None:
-        from transformers import LlamaConfig
+        from .families import init_config
 
-        return LlamaConfig(**cfg.student.init)
+        return init_config(cfg.student.init, "student")
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(cfg.student.path)

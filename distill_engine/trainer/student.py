@@ -30,10 +30,13 @@ class FusedHeadLoss(nn.Module):
     not as a child, so the student's state dict is unchanged)."""
 
     def __init__(self, lm_head: nn.Module, *, divergence: str, beta: float, temperature: float, ce_weight: float,
-                 tail: str, backend: str, zero3: bool):
+                 tail: str, backend: str, zero3: bool, logit_scale: Optional[float] = None,
+                 softcap: Optional[float] = None):
         super().__init__()
         object.__setattr__(self, "_lm_head", lm_head)
-        self.opts = dict(divergence=divergence, beta=beta, temperature=temperature, tail=tail, backend=backend)
+        # logit_scale/softcap: the student family's transform after the lm_head (trainer/families.py), fused
+        self.opts = dict(divergence=divergence, beta=beta, temperature=temperature, tail=tail, backend=backend,
+                         logit_scale=logit_scale, softcap=softcap)
         self.ce_weight = ce_weight
         if zero3:
             import deepspeed
