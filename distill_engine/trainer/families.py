@@ -85,6 +85,17 @@ def model_from_config(cfg) -> nn.Module:
     return AutoModelForCausalLM.from_config(cfg)
 
 
+def supported_attn(cfg, attn: str) -> str:
+    """``attn`` unless it is "sdpa" and the family's class has no SDPA path (Gemma 2: soft-capped attention
+    scores) — then "eager", which every family has. ``resolve_attn("auto")`` picks "sdpa" on CPU."""
+    if attn != "sdpa":
+        return attn
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping.get(type(cfg), None)
+    return "eager" if cls is not None and not getattr(cls, "_supports_sdpa", True) else attn
+
+
 def logit_transform(config, key: str) -> Tuple[Optional[float], Optional[float]]:
     """(logit_scale, softcap) for the fused ops from a model config, by model_type; raises for unknown ones."""
     mt = getattr(config, "model_type", "?")
@@ -158,7 +169,8 @@ def check_logits_path(model: nn.Module, input_ids, attention_mask, *, key: str, 
     (fp32 1e-3, half precision 5e-2 relative to the logits' range). Run on every rank (the model call is
     collective under ZeRO-3) with the same batch shapes.
     """
-    ids, am = input_ids[:rows], attention_mask[:rows]
+    ids = input_ids[:rows]
+    am = attention_mask[:rows] if attention_mask is not None else None  # None: packed rows, full causal mask
     was_training = model.training
     model.eval()  # dropout off: both paths must be deterministic
     try:
@@ -169,7 +181,7 @@ def check_logits_path(model: nn.Module, input_ids, attention_mask, *, key: str, 
     if got.shape != ref.shape:
         raise ValueError(f"{key}: model type {getattr(model.config, 'model_type', '?')!r}: the engine's logits have "
                          f"shape {tuple(got.shape)}, the model's {tuple(ref.shape)}; distill-engine cannot train it")
-    m = am.bool()
+    m = am.bool() if am is not None else torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     lg, lr = torch.log_softmax(got, -1)[m], torch.log_softmax(ref, -1)[m]  # [n, V] real positions only
     dtype = next(model.parameters()).dtype
     tol = _GUARD_TOL.get(dtype, 5e-2) * max(1.0, float(ref[m].abs().max()) if m.any() else 1.0)

@@ -91,11 +91,11 @@ def load_model(path: Optional[str], init: Optional[dict], *, key: str, dtype: to
     (``model_type`` picks the config class, default "llama"; see families.init_config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .families import init_config, model_from_config
+    from .families import init_config, model_from_config, supported_attn
 
     if init is not None:
         cfg = init_config(init, key)
-        cfg._attn_implementation = attn
+        cfg._attn_implementation = supported_attn(cfg, attn)
         state = torch.random.get_rng_state()
         torch.manual_seed(init_seed)
         try:
@@ -114,7 +114,7 @@ def load_model(path: Optional[str], init: Optional[dict], *, key: str, dtype: to
         check_model_dir(path, f"{key}.path")
         cfg = AutoConfig.from_pretrained(path)
         check_logit_path(cfg, f"{key}.path")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=supported_attn(cfg, attn),
                                                      local_files_only=True)
     check_logit_path(model.config, key)
     return model
