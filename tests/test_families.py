@@ -180,29 +180,58 @@ def test_unknown_transforms_are_refused():
         check_logits_path(model, ids, am, key="student")
 
 
-def test_gemma2_student_cohere_teacher_train_from_the_cli(tmp_path):
-    """Soft-capped student, scaled teacher, one fresh CLI process (DeepSpeed ZeRO-2, 1 rank): trains 2 steps."""
+def _flow(d):
+    return "{" + ", ".join(f"{k}: {'null' if v is None else v}" for k, v in d.items()) + "}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# (student, teacher): a soft-capped student with a tied-head teacher; an MoE student (router aux loss on)
+# with a soft-capped Gemma 2 teacher (same 257-token byte tokenizer) — each from a fresh 2-rank ZeRO-2 launch
+LAUNCHES = [("Gemma 2", "GPT-2"), ("Qwen3-MoE", "Gemma 2")]
+
+
+@pytest.mark.parametrize("student,teacher", LAUNCHES)
+def test_mixed_family_pair_trains_zero2_two_ranks(student, teacher, tmp_path):
+    """One optimizer step from the command a user types: torchrun, 2 ranks (gloo), DeepSpeed ZeRO-2."""
     import json
 
+    from transformers import CONFIG_MAPPING
+
+    for name in (student, teacher):
+        if FAMILIES[name][0] not in CONFIG_MAPPING:
+            pytest.skip(f"{name} is not in the installed transformers")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    g2 = family_init("Gemma 2")
-    co = dict(family_init("Cohere"), vocab_size=257, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    g2["vocab_size"] = 257
-
-    def flow(d):
-        return "{" + ", ".join(f"{k}: {'null' if v is None else v}" for k, v in d.items()) + "}"
-
+    s_init, t_init = dict(family_init(student), vocab_size=257), dict(family_init(teacher), vocab_size=257)
+    if student == "Qwen3-MoE":
+        s_init.update(output_router_logits=True, router_aux_loss_coef=0.01)
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+               DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
+               TRANSFORMERS_VERBOSITY="error")
     for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "distill_engine.cli", "train", "--config", os.path.join(repo, "examples", "tiny_cpu.yaml"),
-           "--output-dir", str(tmp_path / "out"), "--set", "train.max_steps=2", "--set", "train.save_every=0",
-           "--set", "data.max_samples=32", "--set", f"student.init={flow(g2)}", "--set", f"teacher.init={flow(co)}"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "distill_engine.cli", "train", "--config", os.path.join(repo, "examples", "tiny_cpu.yaml"),
+           "--output-dir", str(out), "--set", "train.max_steps=1", "--set", "train.save_every=0",
+           "--set", "train.zero_stage=2", "--set", "train.grad_accum=1", "--set", "train.log_every=1",
+           "--set", "data.max_samples=16", "--set", "data.seq_len=32",
+           "--set", f"student.init={_flow(s_init)}", "--set", f"teacher.init={_flow(t_init)}"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=str(tmp_path))
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["final_loss"]))
+    assert summary["steps"] == 1 and summary["zero_stage"] == 2 and summary["engine"] == "deepspeed"
+    with open(out / "metrics.jsonl") as f:
+        rec = [json.loads(line) for line in f if line.strip()][-1]
+    assert torch.isfinite(torch.tensor(rec["loss"])) and rec.get("grad_norm", 1.0) > 0
+    if student == "Qwen3-MoE":  # the router aux loss is in the objective and reported
+        assert rec["router_aux_loss"] > 0
 
 
 def readme_table() -> str:
@@ -218,3 +247,34 @@ def readme_table() -> str:
 
 if __name__ == "__main__":
     print(readme_table())
+
+
+def test_moe_router_aux_loss_is_kept_like_the_hf_forward():
+    """Qwen3-MoE with output_router_logits: the engine's objective at ce_weight=1 (no teacher term) is the HF
+    loss — mean CE + router_aux_loss_coef · aux — and so are the gradients; the aux is reported in stats[3]."""
+    from distill_engine.teacher.colocated import lm_head_of
+    from distill_engine.trainer.student import DistillStudent, FusedHeadLoss
+
+    student = _build("Qwen3-MoE", 0)
+    student.config.output_router_logits = True
+    student.config.router_aux_loss_coef = 0.5  # large, so a lost aux term cannot hide in the tolerance
+    student.router_aux_loss_coef = 0.5
+    ids, am, valid, labels = _batch(4)
+    n = valid.numel()
+    head = FusedHeadLoss(lm_head_of(student), divergence="forward_kl", beta=0.5, temperature=1.0, ce_weight=1.0,
+                         tail="bucket", backend="auto", zero3=False)
+    module = DistillStudent(student, head)
+    assert module.router is not None
+    empty = torch.full((n, 1), -1, dtype=torch.int32)
+    loss, stats = module(ids, am, valid, labels, empty, torch.full((n, 1), float("-inf")), scale=1.0 / n)
+    params = [p for p in student.parameters()]
+    g_ours = torch.autograd.grad(loss, params, allow_unused=True)
+    hf_labels = ids.masked_fill(am == 0, -100)
+    out = student(input_ids=ids, attention_mask=am, labels=hf_labels, output_router_logits=True)
+    assert out.aux_loss is not None and float(out.aux_loss.detach()) > 0
+    g_hf = torch.autograd.grad(out.loss, params, allow_unused=True)
+    _close(loss, out.loss)
+    _close(stats[3] / n, out.aux_loss)
+    for a, b in zip(g_ours, g_hf):
+        if b is not None:
+            _close(a, b)

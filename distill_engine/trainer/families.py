@@ -190,3 +190,28 @@ def check_logits_path(model: nn.Module, input_ids, attention_mask, *, key: str, 
         raise ValueError(f"{key}: model type {getattr(model.config, 'model_type', '?')!r}: the engine's logits path "
                          f"(base model → lm_head → transform) differs from model(...).logits by {err:.3g} (> {tol:.3g}); "
                          f"the model applies an output transform distill-engine does not know — it cannot be used")
+
+
+# ----------------------------------------------------------------------------------------------
+# MoE students: the router's load-balancing loss
+# ----------------------------------------------------------------------------------------------
+def router_aux_spec(model: nn.Module):
+    """(loss_fn, num_experts, top_k, coef) when the HF forward would add a router auxiliary loss
+    (``config.output_router_logits`` on), else None. The engine's forward stops at the base model, so the
+    trainer adds coef · aux itself (student.py) with the family's own ``load_balancing_loss_func``."""
+    import sys
+
+    cfg = model.config
+    if not getattr(cfg, "output_router_logits", False):
+        return None
+    mt = getattr(cfg, "model_type", "?")
+    fn = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    E = getattr(model, "num_experts", None) or getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    k = getattr(model, "num_experts_per_tok", None) or getattr(cfg, "num_experts_per_tok", None)
+    coef = getattr(model, "router_aux_loss_coef", None)
+    coef = getattr(cfg, "router_aux_loss_coef", None) if coef is None else coef
+    if fn is None or E is None or k is None or coef is None:
+        raise ValueError(f"student: model type {mt!r} has output_router_logits on, but distill-engine cannot find its "
+                         f"router loss (load_balancing_loss_func, num_experts, num_experts_per_tok, "
+                         f"router_aux_loss_coef); set output_router_logits: false to train without it")
+    return fn, int(E), int(k), float(coef)

@@ -277,6 +277,7 @@ class Trainer:
             self.start_step = int(state["step"])
         self.source.start(self.start_step * tr.grad_accum, self.end_step * tr.grad_accum)
         self.acc = torch.zeros(4, dtype=torch.float64)  # loss, divergence, feature sums and tokens since last log
+        self.acc_aux = 0.0  # MoE router aux loss × rows since last log
         self.wait_s = 0.0
         return self
 
@@ -309,8 +310,9 @@ class Trainer:
             if a == GA - 1 and on_boundary is not None:
                 on_boundary(engine)
             engine.step()
-            self.acc[:3] += stats.detach().double().cpu()
+            self.acc[:3] += stats[:3].detach().double().cpu()
             self.acc[3] += b.n_valid
+            self.acc_aux += float(stats[3]) if stats.numel() > 3 else 0.0  # MoE router aux loss (issue 12)
         return total_tokens
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -346,6 +348,9 @@ class Trainer:
                         vals["kl" if lo.divergence == "forward_kl" else lo.divergence] = float(sums[1]) / n
                     if self.features is not None:
                         vals["feature_loss"] = float(sums[2]) / n
+                    if getattr(self.engine.module, "router", None) is not None:  # same on every rank
+                        vals["router_aux_loss"] = float(_dp_sum([self.acc_aux], self.device)[0]) / n
+                    self.acc_aux = 0.0
                     gn = self.engine.grad_norm()
                     if gn is not None:
                         vals["grad_norm"] = gn

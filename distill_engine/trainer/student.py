@@ -75,7 +75,8 @@ class FusedHeadLoss(nn.Module):
 
 
 class DistillStudent(nn.Module):
-    """forward(...) → (loss to backpropagate, [3] detached sums: distillation loss, divergence, feature loss)."""
+    """forward(...) → (loss to backpropagate, [4] detached sums over rows: distillation loss, divergence,
+    feature loss, MoE router aux loss (0 unless the student has output_router_logits on))."""
 
     def __init__(self, student: nn.Module, head: FusedHeadLoss, features: Optional[nn.Module] = None,
                  feature_weight: float = 1.0):
@@ -86,6 +87,9 @@ class DistillStudent(nn.Module):
         self.feature_weight = feature_weight
         lm = lm_head_of(student)
         self.untied = lm.weight is not student.get_input_embeddings().weight
+        from .families import router_aux_spec
+
+        self.router = router_aux_spec(student)  # MoE with output_router_logits: the HF forward's aux loss
 
     def student_feature_layers(self) -> List[int]:
         return sorted({s for s, _ in self.features.layer_pairs}) if self.features is not None else []
@@ -94,15 +98,22 @@ class DistillStudent(nn.Module):
                 teacher_hidden: Optional[Sequence[torch.Tensor]] = None, scale: float = 1.0,
                 validate: bool = False, measure_divergence: bool = False,
                 teacher_rest_logprob: Optional[torch.Tensor] = None):
+        extra = {"output_router_logits": True} if self.router is not None else {}
         out = base_model_of(self.student)(input_ids=input_ids, attention_mask=attention_mask,
                                           output_hidden_states=self.features is not None, use_cache=False,
-                                          return_dict=True)
+                                          return_dict=True, **extra)
         hs = out.last_hidden_state  # [B, L, d]
         d = hs.shape[-1]
         h = hs[:, :-1].reshape(-1, d).index_select(0, valid_index)  # [n, d] loss rows only
         loss, div = self.head(h, teacher_ids, teacher_logprobs, labels, validate, measure_divergence,
                               teacher_rest_logprob)
         total = loss
+        aux = None
+        if self.router is not None and getattr(out, "router_logits", None) is not None:
+            fn, n_exp, top_k, coef = self.router
+            # per-token objective + coef·aux, as the HF forward: × rows here, ÷ tokens by the trainer's scale
+            aux = fn(out.router_logits, n_exp, top_k, attention_mask).float() * h.shape[0]
+            total = total + coef * aux
         feat = None
         if self.features is not None:
             n = h.shape[0]
@@ -117,7 +128,8 @@ class DistillStudent(nn.Module):
                 with torch.autocast(hs.device.type, enabled=False):  # projections run in their own dtype
                     feat = self.features(tuple(s_states), tuple(t_states)) * n  # mean over rows → sum over rows
                 total = total + self.feature_weight * feat
-        stats = torch.stack([loss.detach().float(),
-                             (div if div is not None else torch.zeros((), device=loss.device)).float(),
-                             (feat.detach() if feat is not None else torch.zeros((), device=loss.device)).float()])
+        zero = torch.zeros((), device=loss.device)
+        stats = torch.stack([loss.detach().float(), (div if div is not None else zero).float(),
+                             (feat.detach() if feat is not None else zero).float(),
+                             (aux.detach() if aux is not None else zero).float()])  # [4] sums over rows
         return total * scale, stats
