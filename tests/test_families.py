@@ -180,6 +180,60 @@ def test_unknown_transforms_are_refused():
         check_logits_path(model, ids, am, key="student")
 
 
+def test_padded_vocabularies_teacher_larger_than_tokenizer_and_student():
+    """Rule: the teacher's targets are over the tokenizer's n_tok tokens only (its padding rows dropped before its
+    softmax); the student's softmax runs over all its rows, so its padding rows sit in the rest bucket and get
+    exactly the dense gradient. Teacher V=103 > student V=101 > n_tok=89."""
+    from distill_engine.data.tokenizer import check_shared_vocab
+    from distill_engine.reference.distill_loss import dense_distill_loss
+    from distill_engine.teacher.colocated import TeacherHead, lm_head_of, rows
+    from distill_engine.trainer.families import init_config, model_from_config
+    from distill_engine.trainer.student import DistillStudent, FusedHeadLoss
+
+    n_tok = 89
+
+    def build(mt, v, seed, **kw):
+        cfg = init_config(dict(_BASE, model_type=mt, vocab_size=v, **kw), "x")
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(seed)
+        return model_from_config(cfg).float().eval()
+
+    teacher, student = build("qwen2", 103, 1), build("qwen3", 101, 0, head_dim=8)
+
+    class Tok:  # what check_shared_vocab reads
+        def __len__(self):
+            return n_tok
+
+    check_shared_vocab(Tok(), student.config, teacher.config, allow_padded=True)
+    with pytest.raises(ValueError, match="differs from student vocab_size"):
+        check_shared_vocab(Tok(), student.config, teacher.config)  # the trainer allows padding for colocated only
+    ids, am, valid, labels = _batch(6)
+    ids = ids % n_tok
+    labels = labels % n_tok
+    th = TeacherHead(teacher, k=K, temperature=1.0, method="topk")
+    th.vocab_limit = n_tok
+    t_ids, t_lps, _, t_rest = th(ids, am, valid)
+    assert int(t_ids.max()) < n_tok
+    with torch.no_grad():
+        full = torch.log_softmax(rows(teacher(input_ids=ids, attention_mask=am).logits, valid)[:, :n_tok].double(), 1)
+    d_lps, d_ids = full.topk(K, dim=1)
+    assert torch.equal(t_ids.long(), d_ids)
+    _close(t_lps, d_lps)
+    head = FusedHeadLoss(lm_head_of(student), divergence="forward_kl", beta=0.5, temperature=1.0, ce_weight=CE,
+                         tail="bucket", backend="auto", zero3=False)
+    loss, _ = DistillStudent(student, head)(ids, am, valid, labels, t_ids, t_lps, teacher_rest_logprob=t_rest)
+    w = lm_head_of(student).weight
+    (g_fused,) = torch.autograd.grad(loss, [w])
+    s_logits = rows(student(input_ids=ids, attention_mask=am).logits, valid)  # [n, 101]: padding rows included
+    dense = dense_distill_loss(s_logits, torch.eye(101, dtype=torch.float64), d_ids, d_lps, labels=labels,
+                               ce_weight=CE, reduction="sum",
+                               teacher_rest_logprob=torch.logsumexp(full.scatter(1, d_ids, float("-inf")), 1))
+    (g_dense,) = torch.autograd.grad(dense, [w])
+    _close(loss, dense)
+    _close(g_fused, g_dense)
+    assert float(g_dense[n_tok:].abs().max()) > 0  # the padding rows do get a (dense) gradient
+
+
 def _flow(d):
     return "{" + ", ".join(f"{k}: {'null' if v is None else v}" for k, v in d.items()) + "}"
 
@@ -192,8 +246,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-# (student, teacher): a soft-capped student with a tied-head teacher; an MoE student (router aux loss on)
-# with a soft-capped Gemma 2 teacher (same 257-token byte tokenizer) — each from a fresh 2-rank ZeRO-2 launch
+# (student, teacher): a soft-capped student with a tied-head teacher; an MoE student (router aux loss on,
+# vocabulary padded to 272) with a soft-capped Gemma 2 teacher padded to 264 (one 257-token byte tokenizer) —
+# each from a fresh 2-rank ZeRO-2 launch
 LAUNCHES = [("Gemma 2", "GPT-2"), ("Qwen3-MoE", "Gemma 2")]
 
 
@@ -209,8 +264,9 @@ def test_mixed_family_pair_trains_zero2_two_ranks(student, teacher, tmp_path):
             pytest.skip(f"{name} is not in the installed transformers")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     s_init, t_init = dict(family_init(student), vocab_size=257), dict(family_init(teacher), vocab_size=257)
-    if student == "Qwen3-MoE":
-        s_init.update(output_router_logits=True, router_aux_loss_coef=0.01)
+    if student == "Qwen3-MoE":  # router aux loss on, and padded vocabularies (tokenizer: 257 tokens)
+        s_init.update(output_router_logits=True, router_aux_loss_coef=0.01, vocab_size=272)
+        t_init.update(vocab_size=264)
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
                TRANSFORMERS_VERBOSITY="error")

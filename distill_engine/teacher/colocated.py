@@ -51,6 +51,9 @@ class TeacherHead(nn.Module):
 
             logit_transform = _family_transform(model.config, "teacher")
         self.logit_scale, self.softcap = logit_transform
+        # padded vocabularies (issue 12): targets over the first vocab_limit rows (the tokenizer's tokens) only;
+        # the teacher's padding rows are dropped before its softmax, so a target never names a padding id
+        self.vocab_limit: Optional[int] = None
         self.feature_layers = list(feature_layers) if feature_layers else None
         self.model.eval()
         self.model.requires_grad_(False)
@@ -66,7 +69,10 @@ class TeacherHead(nn.Module):
                                         return_dict=True)
         head = lm_head_of(self.model)
         h = rows(out.last_hidden_state, valid_index)  # [n, d_t]
-        t = teacher_targets(h, head.weight, self.k, bias=getattr(head, "bias", None), temperature=self.temperature,
+        w, b = head.weight, getattr(head, "bias", None)
+        if self.vocab_limit is not None and self.vocab_limit < w.shape[0]:
+            w, b = w[:self.vocab_limit], (b[:self.vocab_limit] if b is not None else None)  # [n_tok, d_t]
+        t = teacher_targets(h, w, self.k, bias=b, temperature=self.temperature,
                             method=self.method, generator=generator, backend=self.backend,
                             logit_scale=self.logit_scale, softcap=self.softcap)
         hidden: Optional[List[torch.Tensor]] = None

@@ -230,7 +230,10 @@ class Trainer:
             runner, tmodel = load_teacher_runner(cfg, device, student_config=student.config)
             teacher_model_cfg = tmodel.config
             self.teacher_model = tmodel
-            check_shared_vocab(tok, student.config, tmodel.config, tokenizer_for_model(cfg.teacher.path))
+            check_shared_vocab(tok, student.config, tmodel.config, tokenizer_for_model(cfg.teacher.path),
+                               allow_padded=True)
+            if int(tmodel.config.vocab_size) != int(student.config.vocab_size):  # padded vocabularies (issue 12)
+                (runner.module if hasattr(runner, "module") else runner).vocab_limit = len(tok)
             self.source = ColocatedTeacher(runner, device=device, seed=cfg.run.seed, dp_rank=self.rank,
                                            method=cfg.teacher.method)
         elif cfg.teacher.source == "cache":
