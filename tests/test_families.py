@@ -334,3 +334,37 @@ def test_moe_router_aux_loss_is_kept_like_the_hf_forward():
     for a, b in zip(g_ours, g_hf):
         if b is not None:
             _close(a, b)
+
+
+def test_eval_fuses_each_familys_transform(tmp_path):
+    """distill-engine eval on a soft-capped teacher (Gemma 2) and a scaled student (Cohere): every per-slice
+    metric equals the float64 dense computation from model(...).logits (the transforms are in the metrics)."""
+    import json
+
+    from _eval_tiny import make_tokenizer, save_model, write_eval_data
+    from test_eval import _dense_slice_stats
+
+    from distill_engine.eval import evaluate
+
+    tok = make_tokenizer(tmp_path / "tok")
+    v = len(tok)
+    models = {}
+    for role, name, seed in (("teacher", "Gemma 2", 1), ("student", "Cohere", 0)):
+        init = dict(family_init(name), vocab_size=v, max_position_embeddings=128)
+        from distill_engine.trainer.families import init_config, model_from_config
+
+        cfg = init_config(init, role)
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(seed)
+        models[role] = save_model(model_from_config(cfg).float().eval(), tok, tmp_path / role)
+    data = write_eval_data(tmp_path / "heldout.jsonl")
+    report = evaluate(models["teacher"], models["student"], data, out_dir=str(tmp_path / "report"), max_length=64,
+                      batch_size=3, chunk_rows=7, vocab_tile=50, progress=False)
+    records = [json.loads(line) for line in open(data)]
+    for sl in report["slices"]:
+        texts = [r["text"] for r in records if r["slice"] == sl["name"]]
+        ref = _dense_slice_stats(tok, models["teacher"], models["student"], texts)
+        assert sl["teacher"]["ppl"] == pytest.approx(ref["teacher_ppl"], rel=1e-4)
+        assert sl["student"]["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
+        assert sl["student"]["kl"] == pytest.approx(ref["kl"], rel=1e-4, abs=1e-6)
+        assert sl["student"]["top1"] == pytest.approx(ref["top1"])

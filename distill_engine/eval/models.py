@@ -114,11 +114,7 @@ def check_logit_path(model: torch.nn.Module, role: str) -> None:
     if cfg is not None:  # by model_type (issue 12): Falcon-H1's lm_head_multiplier is no key of the old list
         from ..trainer.families import logit_transform
 
-        s, c = logit_transform(cfg, role)  # raises for a transform key on a family it does not know
-        if s is not None or c is not None:
-            raise ValueError(f"{role}: model type {getattr(cfg, 'model_type', '?')!r} transforms the logits after "
-                             f"the lm_head (scale {s}, soft-cap {c}); evaluation from final hidden states does not "
-                             f"model that transform yet (training does)")
+        logit_transform(cfg, role)  # raises for a transform key on a family it does not know; known ones are fused
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise ValueError(f"{role}: model {type(model).__name__} has no output embedding (lm_head); pass a causal LM")
     if not hasattr(model, "base_model_prefix") or not hasattr(model, getattr(model, "base_model_prefix", "")):
