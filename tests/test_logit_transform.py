@@ -76,11 +76,12 @@ def test_loss_and_grads_match_dense_oracle_fp32(backend, case, transform):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_softcap_matches_oracle(backend):
+@pytest.mark.parametrize("transform", [(0.7, 4.0), (0.7, None), (0.25, None)])  # buffer path ×2, folded scale
+def test_bf16_transforms_match_oracle(backend, transform):
     _skip(backend)
     h, w, b, ids, lp, labels, rest = _inputs(torch.bfloat16, seed=3)
-    kw = dict(labels=labels, divergence="forward_kl", ce_weight=0.2, temperature=1.0, logit_scale=0.7,
-              softcap=4.0, teacher_rest_logprob=rest)
+    kw = dict(labels=labels, divergence="forward_kl", ce_weight=0.2, temperature=1.0, logit_scale=transform[0],
+              softcap=transform[1], teacher_rest_logprob=rest)
     hh, ww, bb = (x.detach().clone().requires_grad_(True) for x in (h, w, b))
     loss = fused_distill_loss(hh, ww, ids, lp, bias=bb, backend=backend, **kw)
     loss.backward()

@@ -42,7 +42,7 @@ from .. import _backend
 from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_tensor
 from ..reference import distill_loss as _torch_impl
 from ..reference.distill_loss import LOG_FLOOR
-from .logit_transform import active, check_transform
+from .logit_transform import active, check_transform, fold_scale
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("bucket", "renormalize")
@@ -589,10 +589,13 @@ def fused_distill_loss(
     only to the teacher's log-probabilities (slots and rest) inside reverse KL, where a teacher probability
     of 0 would make the loss infinite; it never touches the student's log q, forward KL or JSD.
     """
+    check_transform(logit_scale, softcap)
+    if fold_scale(hidden, logit_scale, softcap):  # s·l = (s·h)Wᵀ + s·b exactly: the backend's own fast path
+        hidden, bias = hidden * float(logit_scale), (bias * float(logit_scale) if bias is not None else None)
+        logit_scale = None
     opts = DistillOptions(divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight, tail=tail,
                           ignore_index=ignore_index, reduction=reduction, backend=backend, validate=validate,
                           chunk_rows=chunk_rows, logit_scale=logit_scale, softcap=softcap)
-    check_transform(logit_scale, softcap)
     opts.check()
     _validate_inputs(hidden, weight, teacher_ids, teacher_logprobs, labels, bias, opts)
     _validate_rest(teacher_rest_logprob, hidden.shape[0], hidden.device, opts)

@@ -14,8 +14,9 @@ How the backends get it without new kernels: the transform is elementwise on the
 log-sum-exps are re-taken over z); ``dense_grad`` forms g = dL/dz over the buffer, multiplies by
 dz/dl = s·(1 − (z/c)²) (s without a cap; 0 where a teacher id is masked to −inf), adds the sparse
 coefficients times dz/dl at their ids (raw logits at those ids re-formed by a small gather-dot, since the
-masked buffer no longer holds them) and runs the three GEMMs in fp32 (torch). The scale is applied in fp32
-on the buffer, not folded into half-precision hidden states, so bf16 inputs lose nothing to it.
+masked buffer no longer holds them) and runs the three GEMMs in fp32 (torch). A scale without a cap is folded
+into the inputs instead (``fold_scale``: fp32 inputs, or a power-of-two scale in any dtype), so the backend's
+kernels run unchanged; other scales on half inputs go through the buffer in fp32 and lose nothing to rounding.
 :class:`TransformTargets` does the same for ``teacher_targets`` (top-k / sampling on the transformed,
 tempered buffer). Cost: the GEMMs of the backend's logits pass stay; the gradient GEMMs run in torch fp32.
 """
@@ -38,6 +39,15 @@ def check_transform(logit_scale, softcap) -> None:
     if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
                                     and math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be a finite number > 0 or None (no capping), got {softcap!r}")
+
+
+def fold_scale(hidden: torch.Tensor, logit_scale, softcap) -> bool:
+    """True when a scale without cap can be folded into the inputs, s·l = (s·h)Wᵀ + s·b, without changing the
+    result: fp32 inputs (one rounding at 2^-24), or any dtype when s is a power of two (exact; Cohere's 1/16,
+    Granite's 1/8, ...). Then the backend's fused kernels run unchanged (autograd carries s into dH, db)."""
+    if softcap is not None or logit_scale is None or float(logit_scale) == 1.0:
+        return False
+    return hidden.dtype == torch.float32 or math.frexp(float(logit_scale))[0] == 0.5
 
 
 def active(logit_scale, softcap) -> bool:
