@@ -162,15 +162,17 @@ _GUARD_TOL = {torch.float32: 1e-3, torch.float64: 1e-6}
 
 
 @torch.no_grad()
-def check_logits_path(model: nn.Module, input_ids, attention_mask, *, key: str, rows: int = 2) -> None:
+def check_logits_path(model: nn.Module, input_ids, attention_mask, *, key: str, rows: int = 2,
+                      positions: int = 32) -> None:
     """Stop with a one-line error when the engine's logits path does not reproduce ``model(...).logits``.
 
-    Compares log-softmaxes (what the loss sees) of ``rows`` sequences, in the model's dtype tolerance
-    (fp32 1e-3, half precision 5e-2 relative to the logits' range). Run on every rank (the model call is
-    collective under ZeRO-3) with the same batch shapes.
+    Compares log-softmaxes (what the loss sees) of the first ``positions`` tokens of ``rows`` sequences (causal:
+    a prefix is a valid input; it keeps the [rows, positions, V] logits small for any model), in the model's
+    dtype tolerance (fp32 1e-3, half precision 5e-2 relative to the logits' range). Run on every rank (the
+    model call is collective under ZeRO-3).
     """
-    ids = input_ids[:rows]
-    am = attention_mask[:rows] if attention_mask is not None else None  # None: packed rows, full causal mask
+    ids = input_ids[:rows, :positions]
+    am = attention_mask[:rows, :positions] if attention_mask is not None else None  # None: packed, causal
     was_training = model.training
     model.eval()  # dropout off: both paths must be deterministic
     try:
