@@ -49,7 +49,8 @@ class TeacherHead(nn.Module):
         if logit_transform is None:  # the family's (logit_scale, softcap), by model_type (trainer/families.py)
             from ..trainer.families import logit_transform as _family_transform
 
-            logit_transform = _family_transform(model.config, "teacher")
+            cfg = getattr(model, "config", None)
+            logit_transform = _family_transform(cfg, "teacher") if cfg is not None else (None, None)
         self.logit_scale, self.softcap = logit_transform
         # padded vocabularies (issue 12): targets over the first vocab_limit rows (the tokenizer's tokens) only;
         # the teacher's padding rows are dropped before its softmax, so a target never names a padding id
