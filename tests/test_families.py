@@ -155,7 +155,7 @@ def test_init_refuses_unknown_keys_and_types():
     assert type(init_config(dict(hidden_size=32, num_attention_heads=4), "s")).__name__ == "LlamaConfig"
 
 
-def test_unknown_transforms_are_refused():
+def test_unknown_transforms_are_refused(tmp_path):
     from transformers import LlamaConfig
 
     from distill_engine.trainer.families import check_logits_path, logit_transform
@@ -164,6 +164,18 @@ def test_unknown_transforms_are_refused():
     cfg.logit_scale = 2.0  # a transform key on a family the table does not know
     with pytest.raises(ValueError, match=r"model type 'llama' sets logit_scale=2.0.*does not implement"):
         logit_transform(cfg, "teacher")
+    # the same from a checkpoint directory, before the weights are loaded
+    import json
+
+    from distill_engine.trainer.models import load_model
+
+    d = tmp_path / "odd"
+    _build("Llama", 0).save_pretrained(str(d))
+    raw = json.loads((d / "config.json").read_text())
+    raw["lm_head_multiplier"] = 0.5
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"teacher.path: model type 'llama' sets lm_head_multiplier=0.5"):
+        load_model(str(d), None, key="teacher", dtype=torch.float32, attn="eager")
 
     # a model whose forward transforms its logits in a way no key announces: the guard stops it
     model = _build("Llama", 0)
