@@ -18,11 +18,16 @@ class FusedDistillLoss(nn.Module):
 
     def __init__(self, *, divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                  ce_weight: float = 0.0, tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
-                 backend: str = "auto", validate: bool = True, chunk_rows: Optional[int] = None):
+                 backend: str = "auto", validate: bool = True, chunk_rows: Optional[int] = None,
+                 logit_scale: Optional[float] = None, softcap: Optional[float] = None):
         super().__init__()
         self.options = DistillOptions(divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight,
                                       tail=tail, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                                      validate=validate, chunk_rows=chunk_rows)
+                                      validate=validate, chunk_rows=chunk_rows, logit_scale=logit_scale,
+                                      softcap=softcap)
+        from .ops.logit_transform import check_transform
+
+        check_transform(logit_scale, softcap)
         self.options.check()  # fail at construction, not at the first batch
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, teacher_ids: torch.Tensor,
@@ -35,7 +40,7 @@ class FusedDistillLoss(nn.Module):
                                   divergence=o.divergence, beta=o.beta, temperature=o.temperature,
                                   ce_weight=o.ce_weight, tail=o.tail, ignore_index=o.ignore_index,
                                   reduction=o.reduction, backend=o.backend, validate=o.validate,
-                                  chunk_rows=o.chunk_rows)
+                                  chunk_rows=o.chunk_rows, logit_scale=o.logit_scale, softcap=o.softcap)
 
     def extra_repr(self) -> str:
         o = self.options

@@ -69,8 +69,12 @@ def tokenizer_fingerprint(tok) -> str:
 
 
 def check_shared_vocab(tokenizer, student_config, teacher_config=None, teacher_tokenizer=None,
-                       *, teacher_where: str = "teacher.path") -> None:
-    """Refuse a teacher/student pair that does not index one vocabulary, and a tokenizer larger than the model."""
+                       *, teacher_where: str = "teacher.path", allow_padded: bool = False) -> None:
+    """Refuse a teacher/student pair that does not index one vocabulary, and a tokenizer larger than the model.
+
+    ``allow_padded`` (colocated teacher, issue 12): vocab sizes may differ when both cover the tokenizer —
+    embedding rows beyond it are padding (Qwen pads to multiples of 128/256); the caller then restricts the
+    teacher's targets to the tokenizer's tokens (TeacherHead.vocab_limit)."""
     n_tok = len(tokenizer)
     v_s = int(student_config.vocab_size)
     if n_tok > v_s:
@@ -79,7 +83,9 @@ def check_shared_vocab(tokenizer, student_config, teacher_config=None, teacher_t
                          f"(data.tokenizer) or resize the student's embeddings")
     if teacher_config is not None:
         v_t = int(teacher_config.vocab_size)
-        if v_t != v_s:
+        if v_t != v_s and allow_padded and n_tok <= v_t:
+            pass  # padded vocabularies: targets over the tokenizer's n_tok tokens only
+        elif v_t != v_s:
             raise ValueError(f"teacher vocab_size={v_t} ({teacher_where}) differs from student vocab_size={v_s}: "
                              f"distillation on token ids needs one shared vocabulary; build the student with the "
                              f"teacher's tokenizer and vocab_size")

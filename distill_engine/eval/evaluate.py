@@ -210,6 +210,11 @@ def evaluate(
     t_nll = torch.zeros(n_slices, dtype=torch.float64)
     sums = {role: _Sums(n_slices) for role in students}
     tw, tb = _models.lm_head(t_model)
+    from ..trainer.families import check_logits_path, logit_transform  # issue 12: each family's transform
+
+    t_tr = logit_transform(t_model.config, "teacher")
+    s_tr = {role: logit_transform(sm.config, role) for role, sm in students.items()}
+    guarded = False
     progress = _progress(total=sum(len(w.ids) - 1 for w in windows), enabled=cfg.progress)
     with torch.no_grad():
         for inp, mask, lab, sid in _data.batches(windows, cfg.batch_size, tok.pad_token_id):
@@ -217,17 +222,23 @@ def evaluate(
             valid = lab.ne(-100)                                    # [B, L]
             rows_sid = sid.to(device)[:, None].expand_as(lab)[valid].cpu()  # [N]
             y = lab[valid]                                          # [N]
+            if not guarded:  # first batch: the hidden-state path must reproduce each model's own logits
+                for role, mm in (("teacher", t_model), *students.items()):
+                    check_logits_path(mm, inp, mask, key=role)
+                guarded = True
             h_t = _models.final_hidden(t_model, inp, mask)[valid]   # [N, d_t]
             tokens.index_add_(0, rows_sid, torch.ones(len(y), dtype=torch.float64))
             t_done = False
             targets = None
             if use_obj:  # the teacher's top-k once per batch, shared by every student
-                targets = teacher_targets(h_t, tw, obj_k, bias=tb, backend=cfg.backend)
+                targets = teacher_targets(h_t, tw, obj_k, bias=tb, backend=cfg.backend, logit_scale=t_tr[0],
+                                          softcap=t_tr[1])
             for role, sm in students.items():
                 sw, sb = _models.lm_head(sm)
                 h_s = _models.final_hidden(sm, inp, mask)[valid]    # [N, d_s]
                 m = token_metrics(h_t, tw, h_s, sw, y, teacher_bias=tb, student_bias=sb,
-                                  chunk_rows=cfg.chunk_rows, vocab_tile=cfg.vocab_tile)
+                                  chunk_rows=cfg.chunk_rows, vocab_tile=cfg.vocab_tile, teacher_transform=t_tr,
+                                  student_transform=s_tr[role])
                 if not t_done:
                     t_nll.index_add_(0, rows_sid, m.teacher_nll.cpu())
                     t_done = True
@@ -238,7 +249,8 @@ def evaluate(
                 s.add(rows_sid, "top5", m.topk)
                 if use_obj:
                     s.add(rows_sid, "kl_obj", objective_kl(h_t, tw, h_s, sw, k=obj_k, teacher_bias=tb,
-                                                           student_bias=sb, backend=cfg.backend, targets=targets))
+                                                           student_bias=sb, backend=cfg.backend, targets=targets,
+                                                           student_transform=s_tr[role]))
             progress.update(len(y))
     progress.close()
 

@@ -50,12 +50,28 @@ def _tile_sizes(n: int, v: int, chunk_rows: Optional[int], vocab_tile: Optional[
     return min(rows, max(n, 1)), tile
 
 
-def _tile_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], v0: int, v1: int) -> torch.Tensor:
-    # [c, d] @ [d, v1-v0] -> [c, v1-v0] in float32
+def _tile_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], v0: int, v1: int,
+                 transform=None) -> torch.Tensor:
+    # [c, d] @ [d, v1-v0] -> [c, v1-v0] in float32; transform = the family's (logit_scale, softcap) (issue 12)
     wt = w[v0:v1].to(torch.float32)
-    if b is None:
-        return h @ wt.t()
-    return torch.addmm(b[v0:v1].to(torch.float32), h, wt.t())
+    z = h @ wt.t() if b is None else torch.addmm(b[v0:v1].to(torch.float32), h, wt.t())
+    if transform is not None and (transform[0] is not None or transform[1] is not None):
+        from ..ops.logit_transform import transform_
+
+        transform_(z, 1.0 if transform[0] is None else float(transform[0]), transform[1])
+    return z
+
+
+def _transform_f64(z: torch.Tensor, transform) -> torch.Tensor:
+    """The family's (logit_scale, softcap) on float64 label logits (out of place)."""
+    if transform is None:
+        return z
+    s, c = transform
+    if s is not None:
+        z = z * float(s)
+    if c is not None:
+        z = float(c) * torch.tanh(z / float(c))
+    return z
 
 
 def _merge_topk(vals: Optional[torch.Tensor], ids: Optional[torch.Tensor], tile: torch.Tensor, v0: int, k: int):
@@ -84,11 +100,14 @@ def token_metrics(
     top: int = 5,
     chunk_rows: Optional[int] = None,
     vocab_tile: Optional[int] = None,
+    teacher_transform=None,
+    student_transform=None,
 ) -> TokenMetrics:
     """Exact teacher/student comparison for N rows (see the module docstring for the math).
 
     teacher_hidden [N, d_t], teacher_weight [V, d_t], student_hidden [N, d_s], student_weight [V, d_s],
-    labels [N] in [0, V) (drop ignored positions before calling).
+    labels [N] in [0, V) (drop ignored positions before calling). ``teacher_transform`` /
+    ``student_transform``: (logit_scale, softcap) of each model's family (trainer/families.logit_transform).
     """
     check_tensor("teacher_hidden", teacher_hidden, ndim=2, dtypes=FLOAT_DTYPES)
     n = teacher_hidden.shape[0]
@@ -134,8 +153,8 @@ def token_metrics(
         t_top_v = t_top_i = s_top_v = s_top_i = None
         for v0 in range(0, v, tile):
             v1 = min(v, v0 + tile)
-            zt = _tile_logits(ht, teacher_weight, teacher_bias, v0, v1)  # [c, tile] fp32
-            zs = _tile_logits(hs, student_weight, student_bias, v0, v1)  # [c, tile] fp32
+            zt = _tile_logits(ht, teacher_weight, teacher_bias, v0, v1, teacher_transform)  # [c, tile] fp32
+            zs = _tile_logits(hs, student_weight, student_bias, v0, v1, student_transform)  # [c, tile] fp32
             t_top_v, t_top_i = _merge_topk(t_top_v, t_top_i, zt, v0, 1)
             s_top_v, s_top_i = _merge_topk(s_top_v, s_top_i, zs, v0, top)
 
@@ -164,6 +183,7 @@ def token_metrics(
             zt_y = zt_y + teacher_bias[y].to(f64)
         if student_bias is not None:
             zs_y = zs_y + student_bias[y].to(f64)
+        zt_y, zs_y = _transform_f64(zt_y, teacher_transform), _transform_f64(zs_y, student_transform)
         out_t_nll[r0:r1] = lse_t - zt_y
         out_s_nll[r0:r1] = lse_s - zs_y
         # KL ≥ 0 mathematically; clamp the float round-off of a near-identical pair.
@@ -186,6 +206,8 @@ def objective_kl(
     student_bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
     targets=None,
+    teacher_transform=None,
+    student_transform=None,
 ) -> torch.Tensor:
     """Per-row forward KL over the teacher's top-k plus one tail bucket, through the engine's own ops.
 
@@ -201,7 +223,10 @@ def objective_kl(
     if not isinstance(k, int) or k < 1 or k > v:
         raise ValueError(f"objective_k must be an int in [1, {v}], got {k!r}")
     if targets is None:
-        targets = de.teacher_targets(teacher_hidden, teacher_weight, k, bias=teacher_bias, backend=backend)
+        ts, tc = teacher_transform or (None, None)
+        targets = de.teacher_targets(teacher_hidden, teacher_weight, k, bias=teacher_bias, backend=backend,
+                                     logit_scale=ts, softcap=tc)
+    ss, sc = student_transform or (None, None)
     dtype = student_weight.dtype
     kl = de.fused_distill_loss(
         student_hidden.to(dtype),
@@ -214,6 +239,8 @@ def objective_kl(
         reduction="none",
         backend=backend,
         teacher_rest_logprob=getattr(targets, "rest_logprob", None),  # the teacher's exact tail mass (issue 15)
+        logit_scale=ss,
+        softcap=sc,
     )
     return kl.detach().to(torch.float64)
 

@@ -21,8 +21,6 @@ WEIGHT_FILES = (
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-# Config attributes that put a transform between h·Wᵀ and the softmax; the hidden-state path would miss it.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
 def _subdirs_with_model(path: str):
@@ -113,13 +111,10 @@ def load_causal_lm(model, role: str, *, dtype: torch.dtype, device: torch.device
 
 def check_logit_path(model: torch.nn.Module, role: str) -> None:
     cfg = getattr(model, "config", None)
-    for attr in _LOGIT_TRANSFORMS:
-        val = getattr(cfg, attr, None)
-        if val not in (None, 1, 1.0, 0, 0.0, False):
-            raise ValueError(
-                f"{role}: config.{attr}={val!r} transforms the logits after the lm_head; evaluation from final "
-                f"hidden states does not model that transform yet"
-            )
+    if cfg is not None:  # by model_type (issue 12): Falcon-H1's lm_head_multiplier is no key of the old list
+        from ..trainer.families import logit_transform
+
+        logit_transform(cfg, role)  # raises for a transform key on a family it does not know; known ones are fused
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise ValueError(f"{role}: model {type(model).__name__} has no output embedding (lm_head); pass a causal LM")
     if not hasattr(model, "base_model_prefix") or not hasattr(model, getattr(model, "base_model_prefix", "")):

@@ -43,6 +43,7 @@ from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_finite_r
 from ..reference import distill_loss as _torch_impl
 from ..reference.distill_loss import LOG_FLOOR
 from ._tail import _logits_and_rest, _mask_buf, _mask_ids, _repeated
+from .logit_transform import active, check_transform, fold_scale
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("bucket", "renormalize")
@@ -64,6 +65,8 @@ class DistillOptions:
     backend: str = "auto"
     validate: bool = True
     chunk_rows: Optional[int] = None
+    logit_scale: Optional[float] = None  # issue 12: z = s·l, then c·tanh(z/c) (ops/logit_transform.py)
+    softcap: Optional[float] = None
 
     def check(self) -> None:
         check_choice("divergence", self.divergence, DIVERGENCES)
@@ -117,7 +120,11 @@ class _CpuExt:
         return buf, rest_T, (rest_1 if need_lse1 else None)
 
 
-def _backend_impl(name: str):
+def _backend_impl(name: str, opts: Optional[DistillOptions] = None):
+    if opts is not None and active(opts.logit_scale, opts.softcap):  # raw logits, transformed elementwise
+        from .logit_transform import TransformChunks
+
+        return TransformChunks(_backend_impl(name), opts.logit_scale, opts.softcap)
     if name == "torch":
         return _torch_impl
     if name == "cpu":
@@ -392,7 +399,7 @@ class _State:
 
 
 def _forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOptions, backend: str, need_grad: bool):
-    impl = _backend_impl(backend)
+    impl = _backend_impl(backend, opts)
     N, d = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -458,7 +465,7 @@ def _forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOption
 
 
 def _backward_recompute(hidden, weight, bias, st: _State, grad_rows: torch.Tensor, opts: DistillOptions, backend: str):
-    impl = _backend_impl(backend)
+    impl = _backend_impl(backend, opts)
     N, d = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -536,6 +543,8 @@ def fused_distill_loss(
     validate: bool = True,
     chunk_rows: Optional[int] = None,
     teacher_rest_logprob: Optional[torch.Tensor] = None,
+    logit_scale: Optional[float] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Distillation loss of a student's lm_head against sparse teacher targets, fused with the lm_head.
 
@@ -559,6 +568,9 @@ def fused_distill_loss(
             ``temperature``; ``TeacherTargets.rest_logprob``); -inf for none. Used by tail="bucket"; when
             absent it is log(1 − Σ_S p) from ``teacher_logprobs`` (computed stably, but it cannot resolve a
             teacher rest mass below the rounding of those log-probs).
+        logit_scale: s, the logits become s·(h Wᵀ + b) (Cohere, Granite = 1/logits_scaling, Falcon-H1, ...).
+        softcap: c, the (scaled) logits become c·tanh(z/c) (Gemma 2/3 ``final_logit_softcapping``); both are
+            applied before ``temperature`` and the CE term, gradients through tanh (ops/logit_transform.py).
 
     The rest category is exact at every confidence (docs/ARCHITECTURE.md, "The exact tail bucket"): the
     student's log q_rest is a log-sum-exp over the vocabulary minus the row's ids, minus the row's
@@ -567,9 +579,13 @@ def fused_distill_loss(
     only to the teacher's log-probabilities (slots and rest) inside reverse KL, where a teacher probability
     of 0 would make the loss infinite; it never touches the student's log q, forward KL or JSD.
     """
+    check_transform(logit_scale, softcap)
+    if fold_scale(hidden, logit_scale, softcap):  # s·l = (s·h)Wᵀ + s·b exactly: the backend's own fast path
+        hidden, bias = hidden * float(logit_scale), (bias * float(logit_scale) if bias is not None else None)
+        logit_scale = None
     opts = DistillOptions(divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight, tail=tail,
                           ignore_index=ignore_index, reduction=reduction, backend=backend, validate=validate,
-                          chunk_rows=chunk_rows)
+                          chunk_rows=chunk_rows, logit_scale=logit_scale, softcap=softcap)
     opts.check()
     _validate_inputs(hidden, weight, teacher_ids, teacher_logprobs, labels, bias, opts)
     _validate_rest(teacher_rest_logprob, hidden.shape[0], hidden.device, opts)

@@ -37,6 +37,7 @@ import torch
 from .. import _backend
 from .._validate import FLOAT_DTYPES, check_choice, check_tensor
 from ..reference import teacher_targets as _torch_impl
+from .logit_transform import active as transform_active, check_transform
 
 METHODS = ("topk", "sample")
 _CPU_SYMBOL = "teacher_topk_chunk"
@@ -353,8 +354,14 @@ def draw_uniforms(N: int, k: int, generator: Optional[torch.Generator], device: 
 # ----------------------------------------------------------------------------------------------
 # the op
 # ----------------------------------------------------------------------------------------------
-def _run(hidden, weight, bias, opts: TeacherTargetsOptions, generator, backend: str) -> TeacherTargets:
+def _run(hidden, weight, bias, opts: TeacherTargetsOptions, generator, backend: str,
+         transform=(None, None)) -> TeacherTargets:
     impl = _backend_impl(backend)
+    if transform_active(*transform):  # transformed logits in the op's buffer; the rest pass reads them there
+        from .distill_loss import _backend_impl as _loss_impl
+        from .logit_transform import TransformTargets
+
+        impl = TransformTargets(_loss_impl(backend), *transform, backend == "torch")
     N = hidden.shape[0]
     V = weight.shape[0]
     dev = hidden.device
@@ -408,6 +415,8 @@ def teacher_targets(
     backend: str = "auto",
     chunk_rows: Optional[int] = None,
     validate: bool = True,
+    logit_scale: Optional[float] = None,
+    softcap: Optional[float] = None,
 ) -> TeacherTargets:
     """Top-k or sampled teacher targets from the teacher's final hidden states, never forming [N, V].
 
@@ -422,6 +431,8 @@ def teacher_targets(
         backend: "auto" | "triton" | "cpu" | "torch".
         chunk_rows: rows per chunk (default: one fp32 [chunk, V] buffer ≤ 32 MB on CPU, 512 MB on GPU).
         validate: check hidden/weight/bias for non-finite values first (one pass over them; one host sync).
+        logit_scale / softcap: the teacher's logits are z = s·(h Wᵀ + b), then c·tanh(z/c) when ``softcap``,
+            before ``temperature`` — as in ``fused_distill_loss`` (ops/logit_transform.py).
 
     Returns:
         TeacherTargets(ids [N, k] int32 (-1 empty), logprobs [N, k] float32 (-inf empty), vocab_size=V,
@@ -434,6 +445,7 @@ def teacher_targets(
     if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
         raise ValueError(f"hidden must be [N, d_t], got shape {tuple(hidden.shape)}; flatten it with hidden.flatten(0, 1)")
     _validate_inputs(hidden, weight, bias, generator, opts)
+    check_transform(logit_scale, softcap)
     which = _backend.resolve_backend(backend, hidden.device, "teacher_targets", _CPU_SYMBOL)
     with torch.no_grad():
         hidden, weight = hidden.detach(), weight.detach()
@@ -442,4 +454,4 @@ def teacher_targets(
             return TeacherTargets(torch.empty(0, k, dtype=torch.int32, device=hidden.device),
                                   torch.empty(0, k, dtype=torch.float32, device=hidden.device), weight.shape[0],
                                   torch.empty(0, dtype=torch.float32, device=hidden.device) if method == "topk" else None)
-        return _run(hidden, weight, bias, opts, generator, which)
+        return _run(hidden, weight, bias, opts, generator, which, (logit_scale, softcap))

@@ -125,7 +125,8 @@ def teacher_rest_from_slots(lp: torch.Tensor, slot: torch.Tensor) -> torch.Tenso
 
 def dense_distill_loss(hidden, weight, teacher_ids, teacher_logprobs, *, labels=None, bias=None,
                        divergence="forward_kl", beta=0.5, temperature=1.0, ce_weight=0.0, tail="bucket",
-                       ignore_index=-100, reduction="mean", teacher_rest_logprob=None) -> torch.Tensor:
+                       ignore_index=-100, reduction="mean", teacher_rest_logprob=None, logit_scale=None,
+                       softcap=None) -> torch.Tensor:
     """The definitions of issue 2, on full float64 logits, entirely in log space; differentiate with autograd.
 
     log q_rest = logsumexp over the vocabulary minus the row's (unique, non-empty) teacher ids − the row's
@@ -137,6 +138,10 @@ def dense_distill_loss(hidden, weight, teacher_ids, teacher_logprobs, *, labels=
     logits = h @ w.t()  # [N, V]
     if bias is not None:
         logits = logits + bias.double()
+    if logit_scale is not None:  # issue 12: z = s·l, soft-capped to c·tanh(z/c); the loss runs on z
+        logits = logits * float(logit_scale)
+    if softcap is not None:
+        logits = float(softcap) * torch.tanh(logits / float(softcap))
     N, V = logits.shape
     z = logits / temperature
     lse = torch.logsumexp(z, dim=1)  # [N]

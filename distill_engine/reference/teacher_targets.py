@@ -73,7 +73,11 @@ def sample_chunk(h, weight, bias, inv_t: float, u: torch.Tensor, buf) -> Tuple[t
     The buffer is turned into probabilities in place; the cumulative sum runs in float64 one
     vocabulary block at a time, each draw resolved by ``searchsorted`` in the block that holds it.
     """
-    z = chunk_logits(h, weight, bias, inv_t, buf)  # [c, V]
+    return sample_from_z(chunk_logits(h, weight, bias, inv_t, buf), u)
+
+
+def sample_from_z(z: torch.Tensor, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The inverse-CDF walk of ``sample_chunk`` on tempered logits z [c, V] (fp32 scratch, overwritten)."""
     c, V = z.shape
     lse = row_lse(z)
     p = z.sub_(lse[:, None]).exp_()  # [c, V] probabilities, in place
@@ -101,11 +105,16 @@ def sample_chunk(h, weight, bias, inv_t: float, u: torch.Tensor, buf) -> Tuple[t
 # ----------------------------------------------------------------------------------------------
 # float64 dense oracle (tests only: materialises [N, V])
 # ----------------------------------------------------------------------------------------------
-def dense_teacher_logprobs(hidden, weight, bias=None, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax((h Wᵀ + b) / T) in float64, [N, V]."""
+def dense_teacher_logprobs(hidden, weight, bias=None, temperature: float = 1.0, logit_scale=None,
+                           softcap=None) -> torch.Tensor:
+    """log softmax(z / T) in float64, [N, V], z = s·(h Wᵀ + b), soft-capped to c·tanh(z/c) when softcap."""
     logits = hidden.double() @ weight.double().t()
     if bias is not None:
         logits = logits + bias.double()
+    if logit_scale is not None:
+        logits = logits * float(logit_scale)
+    if softcap is not None:
+        logits = float(softcap) * torch.tanh(logits / float(softcap))
     return torch.log_softmax(logits / temperature, dim=1)
 
 

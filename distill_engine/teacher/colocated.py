@@ -42,11 +42,21 @@ def rows(x: torch.Tensor, valid_index: torch.Tensor) -> torch.Tensor:
 
 class TeacherHead(nn.Module):
     def __init__(self, model: nn.Module, *, k: int, temperature: float, method: str, backend: str = "auto",
-                 feature_layers: Optional[Sequence[int]] = None, relation: Optional[dict] = None):
+                 feature_layers: Optional[Sequence[int]] = None, relation: Optional[dict] = None,
+                 logit_transform: Optional[tuple] = None):
         super().__init__()
         self.model = model
         self.relation = relation  # trainer.relation.relation_spec: the tensors loss.relation needs (issue 16)
         self.k, self.temperature, self.method, self.backend = k, temperature, method, backend
+        if logit_transform is None:  # the family's (logit_scale, softcap), by model_type (trainer/families.py)
+            from ..trainer.families import logit_transform as _family_transform
+
+            cfg = getattr(model, "config", None)
+            logit_transform = _family_transform(cfg, "teacher") if cfg is not None else (None, None)
+        self.logit_scale, self.softcap = logit_transform
+        # padded vocabularies (issue 12): targets over the first vocab_limit rows (the tokenizer's tokens) only;
+        # the teacher's padding rows are dropped before its softmax, so a target never names a padding id
+        self.vocab_limit: Optional[int] = None
         self.feature_layers = list(feature_layers) if feature_layers else None
         self.model.eval()
         self.model.requires_grad_(False)
@@ -65,8 +75,12 @@ class TeacherHead(nn.Module):
                                             return_dict=True)
         head = lm_head_of(self.model)
         h = rows(out.last_hidden_state, valid_index)  # [n, d_t]
-        t = teacher_targets(h, head.weight, self.k, bias=getattr(head, "bias", None), temperature=self.temperature,
-                            method=self.method, generator=generator, backend=self.backend)
+        w, b = head.weight, getattr(head, "bias", None)
+        if self.vocab_limit is not None and self.vocab_limit < w.shape[0]:
+            w, b = w[:self.vocab_limit], (b[:self.vocab_limit] if b is not None else None)  # [n_tok, d_t]
+        t = teacher_targets(h, w, self.k, bias=b, temperature=self.temperature,
+                            method=self.method, generator=generator, backend=self.backend,
+                            logit_scale=self.logit_scale, softcap=self.softcap)
         hidden: Optional[List[torch.Tensor]] = None
         if self.feature_layers is not None:
             hidden = [rows(out.hidden_states[i], valid_index) for i in self.feature_layers]

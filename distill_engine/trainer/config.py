@@ -16,7 +16,7 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       tensorboard: true
     student:
       path: null                    # local Hugging Face model directory ...
-      init: null                    # ... or a LlamaConfig dict: build a fresh model (tiny demo runs)
+      init: null                    # ... or a config dict (model_type: default llama): a fresh model
       init_seed: 0
       attn_implementation: auto     # auto: flash_attention_2 when installed and on CUDA, else sdpa
       gradient_checkpointing: false
@@ -24,7 +24,7 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
     teacher:
       source: colocated             # colocated | cache | stream | none  (`teacher: none` is a shorthand)
       path: null                    # local HF model (colocated, stream, cache-teacher)
-      init: null                    # or a LlamaConfig dict (tiny demo runs)
+      init: null                    # or a config dict with model_type (tiny demo runs)
       init_seed: 1
       dtype: auto                   # auto: bfloat16 on CUDA, float32 on CPU | float32 | bfloat16
       attn_implementation: auto

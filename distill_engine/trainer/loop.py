@@ -248,7 +248,10 @@ class Trainer:
             runner, tmodel = load_teacher_runner(cfg, device, student_config=student.config)
             teacher_model_cfg = tmodel.config
             self.teacher_model = tmodel
-            check_shared_vocab(tok, student.config, tmodel.config, tokenizer_for_model(cfg.teacher.path))
+            check_shared_vocab(tok, student.config, tmodel.config, tokenizer_for_model(cfg.teacher.path),
+                               allow_padded=True)
+            if int(tmodel.config.vocab_size) != int(student.config.vocab_size):  # padded vocabularies (issue 12)
+                (runner.module if hasattr(runner, "module") else runner).vocab_limit = len(tok)
             self.source = ColocatedTeacher(runner, device=device, seed=cfg.run.seed, dp_rank=self.rank,
                                            method=cfg.teacher.method)
         elif cfg.teacher.source == "cache":
@@ -282,7 +285,7 @@ class Trainer:
         lo = cfg.loss
         head = FusedHeadLoss(student.get_output_embeddings(), divergence=lo.divergence, beta=lo.beta,
                              temperature=lo.temperature, ce_weight=self.ce_weight, tail=lo.tail, backend=lo.backend,
-                             zero3=self.zero3)
+                             zero3=self.zero3, **_transform_kwargs(student.config))
         self.relation = None
         if lo.relation is not None:  # issue 16
             if teacher_model_cfg is None:
@@ -303,6 +306,7 @@ class Trainer:
         self.bad_targets = False
         self.acc = torch.zeros(4, dtype=torch.float64)  # loss, divergence, feature sums and tokens since last log
         self.rel_acc = torch.zeros(2, dtype=torch.float64)  # relation loss sum and micro-batch count (issue 16)
+        self.acc_aux = 0.0  # MoE router aux loss × rows since last log
         self.wait_s = 0.0
         return self
 
@@ -325,6 +329,8 @@ class Trainer:
             check_alignment(tb, b, cfg.teacher.source)
             self.bad_targets = self.bad_targets or guards.targets_bad(tb.logprobs)
             bd, tb = b.to(engine.device), tb.to(engine.device)
+            if a == 0 and step == self.start_step:  # issue 12: the engine's logits path must be the model's
+                _guard_logits(self, bd)
             vi = bd.valid_index
             labels = bd.labels.reshape(-1).index_select(0, vi)
             extra = {} if self.relation is None else {"teacher_relation": tb.relation, "relation_scale": 1.0 / GA}
@@ -337,8 +343,9 @@ class Trainer:
             engine.step()
             self.acc[:3] += stats[:3].detach().double().cpu()
             if self.relation is not None:
-                self.rel_acc += torch.tensor([float(stats[3]), 1.0], dtype=torch.float64)
+                self.rel_acc += torch.tensor([float(stats[4]), 1.0], dtype=torch.float64)
             self.acc[3] += b.n_valid
+            self.acc_aux += float(stats[3]) if stats.numel() > 3 else 0.0  # MoE router aux loss (issue 12)
         return total_tokens
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -390,6 +397,9 @@ class Trainer:
                         rs = _dp_sum(self.rel_acc.tolist(), self.device).cpu()
                         vals["relation_loss"] = float(rs[0]) / max(float(rs[1]), 1.0)
                         self.rel_acc.zero_()
+                    if getattr(self.engine.module, "router", None) is not None:  # same on every rank
+                        vals["router_aux_loss"] = float(_dp_sum([self.acc_aux], self.device)[0]) / n
+                    self.acc_aux = 0.0
                     gn = self.engine.grad_norm()
                     if gn is not None:
                         vals["grad_norm"] = gn
@@ -462,12 +472,29 @@ def _peak_memory_gb(device) -> Optional[float]:
         return None
 
 
+def _transform_kwargs(config) -> dict:
+    from .families import logit_transform
+
+    s, c = logit_transform(config, "student")
+    return dict(logit_scale=s, softcap=c)
+
+
+def _guard_logits(trainer, bd) -> None:
+    """First micro-batch: student's (and the colocated teacher's) engine logits == model(...).logits."""
+    from .families import check_logits_path
+
+    check_logits_path(trainer.student, bd.input_ids, bd.attention_mask, key="student")
+    teacher = getattr(trainer, "teacher_model", None)
+    if teacher is not None:
+        check_logits_path(teacher, bd.input_ids, bd.attention_mask, key="teacher")
+
+
 def _teacher_config(cfg: Config):
     """The teacher's model config without its weights (feature-map sizes on student ranks in stream mode)."""
     if cfg.teacher.init is not None:
-        from transformers import LlamaConfig
+        from .families import init_config
 
-        return LlamaConfig(**cfg.teacher.init)
+        return init_config(cfg.teacher.init, "teacher")
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(cfg.teacher.path)
@@ -475,9 +502,9 @@ def _teacher_config(cfg: Config):
 
 def _student_config(cfg: Config):
     if cfg.student.init is not None:
-        from transformers import LlamaConfig
+        from .families import init_config
 
-        return LlamaConfig(**cfg.student.init)
+        return init_config(cfg.student.init, "student")
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(cfg.student.path)

@@ -19,9 +19,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
-
-
 class _Zero3Switch:
     """What transformers' loading code asks of its (weakly referenced) DeepSpeed config object."""
 
@@ -82,24 +79,23 @@ def check_model_dir(path: str, key: str) -> None:
 
 
 def check_logit_path(config, key: str) -> None:
-    for attr in _LOGIT_TRANSFORMS:
-        val = getattr(config, attr, None)
-        if val not in (None, 0, 0.0, 1, 1.0, False):
-            raise ValueError(f"{key}: config.{attr}={val!r} transforms the logits after the lm_head; the fused "
-                             f"loss works from final hidden states and would miss it")
+    """Refuse a model whose logit transform the engine does not implement (families.logit_transform raises)."""
+    from .families import logit_transform
+
+    logit_transform(config, key)
 
 
 def load_model(path: Optional[str], init: Optional[dict], *, key: str, dtype: torch.dtype, attn: str,
                init_seed: int = 0) -> nn.Module:
-    """A causal LM from ``path`` (local, offline), or built from the ``init`` LlamaConfig dict with ``init_seed``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    """A causal LM from ``path`` (local, offline), or built from the ``init`` config dict with ``init_seed``
+    (``model_type`` picks the config class, default "llama"; see families.init_config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .families import init_config, model_from_config, supported_attn
 
     if init is not None:
-        try:
-            cfg = LlamaConfig(**init)
-        except TypeError as e:
-            raise ValueError(f"{key}.init: not a valid LlamaConfig ({e})") from None
-        cfg._attn_implementation = attn
+        cfg = init_config(init, key)
+        cfg._attn_implementation = supported_attn(cfg, attn)
         state = torch.random.get_rng_state()
         torch.manual_seed(init_seed)
         try:
@@ -109,16 +105,16 @@ def load_model(path: Optional[str], init: Optional[dict], *, key: str, dtype: to
 
                 cfg.dtype = dtype
                 with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
-                    model = LlamaForCausalLM(cfg)
+                    model = model_from_config(cfg)
             else:
-                model = LlamaForCausalLM(cfg).to(dtype)
+                model = model_from_config(cfg).to(dtype)
         finally:
             torch.random.set_rng_state(state)
     else:
         check_model_dir(path, f"{key}.path")
         cfg = AutoConfig.from_pretrained(path)
         check_logit_path(cfg, f"{key}.path")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=supported_attn(cfg, attn),
                                                      local_files_only=True)
     check_logit_path(model.config, key)
     return model

@@ -30,10 +30,13 @@ class FusedHeadLoss(nn.Module):
     not as a child, so the student's state dict is unchanged)."""
 
     def __init__(self, lm_head: nn.Module, *, divergence: str, beta: float, temperature: float, ce_weight: float,
-                 tail: str, backend: str, zero3: bool):
+                 tail: str, backend: str, zero3: bool, logit_scale: Optional[float] = None,
+                 softcap: Optional[float] = None):
         super().__init__()
         object.__setattr__(self, "_lm_head", lm_head)
-        self.opts = dict(divergence=divergence, beta=beta, temperature=temperature, tail=tail, backend=backend)
+        # logit_scale/softcap: the student family's transform after the lm_head (trainer/families.py), fused
+        self.opts = dict(divergence=divergence, beta=beta, temperature=temperature, tail=tail, backend=backend,
+                         logit_scale=logit_scale, softcap=softcap)
         self.ce_weight = ce_weight
         if zero3:
             import deepspeed
@@ -72,8 +75,9 @@ class FusedHeadLoss(nn.Module):
 
 
 class DistillStudent(nn.Module):
-    """forward(...) → (loss to backpropagate, [3] detached sums: distillation loss, divergence, feature loss;
-    [4] with the relation loss of the micro-batch appended when ``relation`` is set)."""
+    """forward(...) → (loss to backpropagate, [4] detached sums over rows: distillation loss, divergence,
+    feature loss, MoE router aux loss (0 unless the student has output_router_logits on); [5] with the
+    relation loss of the micro-batch appended when ``relation`` is set)."""
 
     def __init__(self, student: nn.Module, head: FusedHeadLoss, features: Optional[nn.Module] = None,
                  feature_weight: float = 1.0, relation: Optional[nn.Module] = None):
@@ -85,6 +89,9 @@ class DistillStudent(nn.Module):
         self.relation = relation  # trainer.relation.RelationTerm (loss.relation, issue 16)
         lm = lm_head_of(student)
         self.untied = lm.weight is not student.get_input_embeddings().weight
+        from .families import router_aux_spec
+
+        self.router = router_aux_spec(student)  # MoE with output_router_logits: the HF forward's aux loss
 
     def student_feature_layers(self) -> List[int]:
         return sorted({s for s, _ in self.features.layer_pairs}) if self.features is not None else []
@@ -94,10 +101,12 @@ class DistillStudent(nn.Module):
                 validate: bool = False, measure_divergence: bool = False,
                 teacher_rest_logprob: Optional[torch.Tensor] = None, teacher_relation=None,
                 relation_scale: float = 1.0):
+        extra = {"output_router_logits": True} if self.router is not None else {}
+
         def call():
             return base_model_of(self.student)(input_ids=input_ids, attention_mask=attention_mask,
                                                output_hidden_states=self.features is not None, use_cache=False,
-                                               return_dict=True)
+                                               return_dict=True, **extra)
         store = None
         if self.relation is not None:
             out, store = self.relation.run(self.student, call)  # Q/K/V hooks around the forward (kind: token)
@@ -109,6 +118,12 @@ class DistillStudent(nn.Module):
         loss, div = self.head(h, teacher_ids, teacher_logprobs, labels, validate, measure_divergence,
                               teacher_rest_logprob)
         total = loss
+        aux = None
+        if self.router is not None and getattr(out, "router_logits", None) is not None:
+            fn, n_exp, top_k, coef = self.router
+            # per-token objective + coef·aux, as the HF forward: × rows here, ÷ tokens by the trainer's scale
+            aux = fn(out.router_logits, n_exp, top_k, attention_mask).float() * h.shape[0]
+            total = total + coef * aux
         feat = None
         if self.features is not None:
             n = h.shape[0]
@@ -123,9 +138,10 @@ class DistillStudent(nn.Module):
                 with torch.autocast(hs.device.type, enabled=False):  # projections run in their own dtype
                     feat = self.features(tuple(s_states), tuple(t_states)) * n  # mean over rows → sum over rows
                 total = total + self.feature_weight * feat
-        stats = [loss.detach().float(),
-                 (div if div is not None else torch.zeros((), device=loss.device)).float(),
-                 (feat.detach() if feat is not None else torch.zeros((), device=loss.device)).float()]
+        zero = torch.zeros((), device=loss.device)
+        stats = [loss.detach().float(), (div if div is not None else zero).float(),
+                 (feat.detach() if feat is not None else zero).float(),
+                 (aux.detach() if aux is not None else zero).float()]  # [4] sums over rows
         total = total * scale
         if self.relation is not None:
             # a per-micro-batch mean: relation_scale (1/grad_accum) averages it over the step's micro-batches
