@@ -102,7 +102,7 @@ def test_fused_objective_equals_dense_from_hf_logits(name, tmp_path):
     ids, am, valid, labels = _batch(2)
 
     # the teacher, engine path vs the HF forward's logits (float64 top-k + exact rest mass)
-    t_ids, t_lps, _, t_rest = TeacherHead(teacher, k=K, temperature=T, method="topk", backend="auto")(ids, am, valid)
+    t_ids, t_lps, _, t_rest = TeacherHead(teacher, k=K, temperature=T, method="topk", backend="auto")(ids, am, valid)[:4]
     with torch.no_grad():
         t_logits = rows(teacher(input_ids=ids, attention_mask=am).logits, valid).double()  # [n, V]
     lp_full = torch.log_softmax(t_logits / T, dim=1)
@@ -224,7 +224,7 @@ def test_padded_vocabularies_teacher_larger_than_tokenizer_and_student():
     labels = labels % n_tok
     th = TeacherHead(teacher, k=K, temperature=1.0, method="topk")
     th.vocab_limit = n_tok
-    t_ids, t_lps, _, t_rest = th(ids, am, valid)
+    t_ids, t_lps, _, t_rest = th(ids, am, valid)[:4]
     assert int(t_ids.max()) < n_tok
     with torch.no_grad():
         full = torch.log_softmax(rows(teacher(input_ids=ids, attention_mask=am).logits, valid)[:, :n_tok].double(), 1)

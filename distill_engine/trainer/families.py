@@ -69,14 +69,20 @@ def init_config(init: dict, key: str):
         raise ValueError(f"{key}.init.model_type={mt!r} is not a causal-LM model type of the installed transformers; "
                          f"use one of e.g. {', '.join(sorted(lm_types)[:12])}, ...")
     cls = CONFIG_MAPPING[mt]
-    unknown = sorted(set(kw) - _known_keys(cls))
+    known = _known_keys(cls)
+    unknown = sorted(set(kw) - known)
     if unknown:
-        raise ValueError(f"{key}.init: {', '.join(unknown)} not known to {cls.__name__} (model_type {mt!r}); "
-                         f"fix the spelling or drop them")
+        import difflib
+
+        hints = [f"did you mean {m[0]!r} for {k!r}?" for k in unknown
+                 if (m := difflib.get_close_matches(k, known, n=1))]
+        raise ValueError(f"{key}.init: {', '.join(unknown)} not known to {cls.__name__} (model_type {mt!r})"
+                         f"{' (' + '; '.join(hints) + ')' if hints else ''}; fix the spelling or drop them")
     try:
         return cls(**kw)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{key}.init: not a valid {cls.__name__} ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # TypeError, ValueError, huggingface_hub's strict-dataclass validation errors
+        msg = " ".join(str(e).split())[:200]
+        raise ValueError(f"{key}.init: not a valid {cls.__name__} ({msg})") from None
 
 
 def model_from_config(cfg) -> nn.Module:

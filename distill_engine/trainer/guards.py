@@ -217,37 +217,24 @@ def check_model_files(path: str, key: str) -> None:
 
 
 def check_init(init, key: str) -> None:
-    """``init`` is a LlamaConfig dict: every key known to LlamaConfig (no typos), values it accepts."""
+    """``init`` builds a model config: its ``model_type`` (default llama) picks the config class, every key must be
+    known to that class (no typos), and the values must be ones it accepts."""
     if init is None:
         return
-    import difflib
+    from .families import init_config
 
-    from transformers import LlamaConfig
-
-    # the fields LlamaConfig serializes, plus the legacy spellings it still accepts and converts
-    known = set(LlamaConfig().to_dict()) | {"dtype", "torch_dtype", "attn_implementation", "rope_theta",
-                                            "rope_scaling", "output_attentions", "name_or_path"}
-    unknown = [k for k in init if k not in known]
-    if unknown:
-        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1)) else "")
-                 for k in unknown]
-        raise ValueError(f"{key}: unknown LlamaConfig key(s) {', '.join(hints)}")
-    try:
-        cfg = LlamaConfig(**init)
-    except Exception as e:
-        raise ValueError(f"{key}: LlamaConfig rejects these values ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
-            from None
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+    cfg = init_config(init, key[:-len(".init")] if key.endswith(".init") else key)
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
         v = getattr(cfg, name, None)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ValueError(f"{key}.{name} must be a positive integer, got {v!r}")
-    kv = cfg.num_key_value_heads
-    if not isinstance(kv, int) or kv < 1 or cfg.num_attention_heads % kv:
-        raise ValueError(f"{key}.num_key_value_heads={kv!r} must be a positive divisor of num_attention_heads="
-                         f"{cfg.num_attention_heads}")
-    if "head_dim" not in init and cfg.hidden_size % cfg.num_attention_heads:
-        raise ValueError(f"{key}.hidden_size={cfg.hidden_size} is not divisible by num_attention_heads="
-                         f"{cfg.num_attention_heads}")
+    kv, heads = getattr(cfg, "num_key_value_heads", None), getattr(cfg, "num_attention_heads", None)
+    if isinstance(kv, int) and isinstance(heads, int) and (kv < 1 or heads % kv):
+        raise ValueError(f"{key}.num_key_value_heads={kv!r} must be a positive divisor of num_attention_heads={heads}")
+    hidden = getattr(cfg, "hidden_size", None)
+    if ("head_dim" not in init and isinstance(hidden, int) and isinstance(heads, int) and heads > 0
+            and hidden % heads):
+        raise ValueError(f"{key}.hidden_size={hidden} is not divisible by num_attention_heads={heads}")
 
 
 def preflight(cfg) -> None:
