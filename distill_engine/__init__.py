@@ -5,6 +5,7 @@ Public API (see README.md):
     teacher_targets, TeacherTargets                 -- fused top-k / sampled target extraction
     pack_targets, unpack_targets, PackedTargets     -- compact target packing for caches and streams
     fused_projection_loss, HiddenStateDistiller     -- feature (hidden-state) distillation
+    logprobs_at                                     -- log-probs at given ids, streamed over the vocabulary
     train, evaluate                                 -- the trainer and the evaluation
 Heavy optional parts (Triton, the C++ extension, DeepSpeed, transformers) load lazily.
 """
@@ -25,6 +26,7 @@ _LAZY = {
     "unpack_targets": "distill_engine.ops.packing",
     "PackedTargets": "distill_engine.ops.packing",
     "fused_projection_loss": "distill_engine.ops.projection_loss",
+    "logprobs_at": "distill_engine.ops.logprobs_at",
     "HiddenStateDistiller": "distill_engine.distiller",
     "train": "distill_engine.trainer",
     "evaluate": "distill_engine.eval",

@@ -15,3 +15,9 @@ try:
     __all__.append("fused_projection_loss")
 except ImportError:  # pragma: no cover
     pass
+try:
+    from .ops.logprobs_at import logprobs_at  # noqa: F401
+
+    __all__.append("logprobs_at")
+except ImportError:  # pragma: no cover
+    pass
