@@ -272,7 +272,16 @@ class Trainer:
                 layer_map=f.layer_map if isinstance(f.layer_map, str) else [tuple(p) for p in f.layer_map])
             self.features.to(s_dtype)
         lo = cfg.loss
-        head = FusedHeadLoss(student.get_output_embeddings(), divergence=lo.divergence, beta=lo.beta,
+        self.on_policy = None
+        head_cls = FusedHeadLoss
+        if lo.on_policy is not None and lo.on_policy.fraction > 0:
+            from .onpolicy import OnPolicy, OnPolicyHeadLoss
+
+            head_cls = OnPolicyHeadLoss
+            self.on_policy = OnPolicy(cfg, student, rank=self.rank, device=device, zero3=self.zero3,
+                                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                      teacher_model=getattr(self, "teacher_model", None))
+        head = head_cls(student.get_output_embeddings(), divergence=lo.divergence, beta=lo.beta,
                              temperature=lo.temperature, ce_weight=self.ce_weight, tail=lo.tail, backend=lo.backend,
                              zero3=self.zero3)
         module = DistillStudent(student, head, self.features,
@@ -299,13 +308,18 @@ class Trainer:
         cfg, GA = self.cfg, self.cfg.train.grad_accum
         lo = cfg.loss
         batches = [self.stream.batch(step * GA + a) for a in range(GA)]
+        if self.on_policy is not None:  # λ of the micro-steps: the student's own continuations instead
+            batches = [self.on_policy.rollout(b) for b in batches]
         total_tokens = float(_dp_sum([sum(b.n_valid for b in batches)], self.device)[0])
         scale = self.world / max(total_tokens, 1.0)
         validate = lo.validate == "always" or (lo.validate == "first" and step == self.start_step)
         engine = self.engine
         for a, b in enumerate(batches):
             tw = time.time()
-            tb = self.source.get(b)
+            sampled = self.on_policy is not None and self.on_policy.sampled and self.on_policy.is_on(b.micro_step)
+            if self.on_policy is not None:
+                engine.module.head.sampled = sampled
+            tb = self.on_policy.teacher_batch(b) if sampled else self.source.get(b)
             self.wait_s += time.time() - tw
             check_alignment(tb, b, cfg.teacher.source)
             self.bad_targets = self.bad_targets or guards.targets_bad(tb.logprobs)
