@@ -418,6 +418,8 @@ class Trainer:
             "checkpoint": last_ckpt, "output_dir": cfg.run.output_dir, "engine": self.engine_kind,
             "zero_stage": tr.zero_stage, "teacher_source": cfg.teacher.source, "metrics": logger.path,
         }
+        if self.on_policy is not None:
+            summary["on_policy_micro_batches"] = self.on_policy.rollouts
         if is_main and cfg.run.progress != "false":
             sys.stderr.write(format_summary(summary) + "\n")
         return summary
