@@ -141,6 +141,8 @@ BASE = {"student": {"path": "s"}, "teacher": {"path": "t"}, "data": {"train_file
     ({"loss": {"on_policy": {}}, "teacher": "none"}, "teacher.source is none"),
     ({"loss": {"on_policy": {"objective": "sampled_reverse_kl"}}, "teacher": {"path": "t", "zero3": True}},
      "teacher.zero3"),
+    ({"loss": {"on_policy": {"objective": "sampled_reverse_kl"}}, "teacher": {"path": "t", "source": "stream",
+                                                                               "ranks": 1}}, "teacher.source: colocated"),
 ])
 def test_on_policy_config_errors(extra, msg):
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}

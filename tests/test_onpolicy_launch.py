@@ -30,21 +30,21 @@ def lab(tmp_path_factory):
     return lab
 
 
-def _launch(lab, name, stage, *, on_policy=None, extra=None, args=None):
+def _launch(lab, name, stage, *, on_policy=None, extra=None, args=None, source="colocated"):
     sections = dict(extra or {})
     sections["loss"] = dict(sections.get("loss", {}), divergence="jsd", beta=0.5, ce_weight=0.0,
                             on_policy=dict(ON_POLICY, **(on_policy or {})))
     sections["train"] = dict(sections.get("train", {}), max_steps=STEPS, save_every=0)
-    return lm._launch(lab, name, stage, extra=sections, args=args)
+    return lm._launch(lab, name, stage, extra=sections, args=args, source=source)
 
 
 def _expected_rollouts(first_step=0):
     return sum(is_on_policy(SEED, t, ON_POLICY["fraction"]) for t in range(first_step * 2, STEPS * 2))
 
 
-def _check(run, stage):
+def _check(run, stage, source="colocated"):
     s = run["summary"]
-    assert s["zero_stage"] == stage and s["steps"] == STEPS and s["teacher_source"] == "colocated", s
+    assert s["zero_stage"] == stage and s["steps"] == STEPS and s["teacher_source"] == source, s
     # the λ mix is the same on every rank and neither all on- nor all off-policy here
     assert s["on_policy_micro_batches"] == _expected_rollouts() and 0 < _expected_rollouts() < STEPS * 2
     losses = lm._losses(run["dir"])
@@ -90,3 +90,13 @@ def test_on_policy_zero3_partitioned_generation(lab):
     _check(run, 3)
     l0, l3 = lm._losses(_launch(lab, "op_z0", 0)["dir"]), lm._losses(run["dir"])
     assert abs(l0[0] - l3[0]) <= 1e-5 * abs(l0[0]), (l0, l3)
+
+
+def test_on_policy_stream_teacher(lab):
+    """2 student ranks + 1 teacher rank (``--teacher-ranks 1``): the students send their generated micro-batches
+    to the teacher rank and receive packed targets; the first loss equals colocated on-policy's up to the fp16
+    packing of the teacher log-probs."""
+    run = _launch(lab, "op_stream_z2", 2, source="stream")
+    _check(run, 2, "stream")
+    l0, ls = lm._losses(_launch(lab, "op_z0", 0)["dir"]), lm._losses(run["dir"])
+    assert abs(l0[0] - ls[0]) <= 1e-3 * abs(l0[0]), (l0, ls)

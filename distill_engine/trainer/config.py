@@ -415,9 +415,9 @@ def _validate_on_policy(cfg: Config) -> None:
     if t.source == "cache":
         raise ValueError("loss.on_policy needs the teacher to score the student's own samples, but "
                          "teacher.source: cache holds targets for fixed text; use teacher.source: colocated")
-    if t.source == "stream":
-        raise ValueError("loss.on_policy with teacher.source: stream is not supported yet; use teacher.source: "
-                         "colocated")
+    if t.source == "stream" and op.objective == "sampled_reverse_kl":
+        raise ValueError("loss.on_policy.objective: sampled_reverse_kl needs the teacher in the student's process; "
+                         "use teacher.source: colocated (or objective: divergence with the stream teacher)")
     if t.source == "none":
         raise ValueError("loss.on_policy needs a teacher to score the student's samples; teacher.source is none")
     if cfg.loss.features is not None and op.objective == "sampled_reverse_kl":

@@ -310,6 +310,10 @@ class Trainer:
         batches = [self.stream.batch(step * GA + a) for a in range(GA)]
         if self.on_policy is not None:  # λ of the micro-steps: the student's own continuations instead
             batches = [self.on_policy.rollout(b) for b in batches]
+            if hasattr(self.source, "submit"):  # stream teacher: the teacher ranks score the generated batches
+                for b in batches:
+                    if self.on_policy.is_on(b.micro_step):
+                        self.source.submit(b)
         total_tokens = float(_dp_sum([sum(b.n_valid for b in batches)], self.device)[0])
         scale = self.world / max(total_tokens, 1.0)
         validate = lo.validate == "always" or (lo.validate == "first" and step == self.start_step)
@@ -435,10 +439,15 @@ class Trainer:
         colocated = ColocatedTeacher(runner, device=self.device, seed=cfg.run.seed, dp_rank=0, method=cfg.teacher.method)
         GA = cfg.train.grad_accum
         t0 = time.time()
+        on_policy = None
+        if cfg.loss.on_policy is not None and cfg.loss.on_policy.fraction > 0:
+            from .onpolicy import is_on_policy
+
+            on_policy = lambda t: is_on_policy(cfg.run.seed, t, cfg.loss.on_policy.fraction)  # noqa: E731
         n = serve(self.topo, colocated, self.stream, self.start_step * GA, self.end_step * GA,
                   prefetch=cfg.teacher.prefetch, logprob_dtype=cfg.teacher.logprob_dtype,
                   vocab_size=int(tmodel.config.vocab_size), bitpack_ids=cfg.teacher.bitpack_ids,
-                  timeout_s=cfg.train.dist_timeout_s)
+                  timeout_s=cfg.train.dist_timeout_s, on_policy=on_policy)
         return {"role": "teacher", "teacher_rank": self.topo.rank, "micro_batches_sent": n,
                 "elapsed_s": time.time() - t0, "output_dir": cfg.run.output_dir}
 
