@@ -169,7 +169,8 @@ def test_demo_smoke_preset_end_to_end(tmp_path, capsys):
     rc = main(["demo", "--preset", "smoke", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc in (0, 1)  # 1: the smoke run is too short to show both effects, which the demo then says
-    assert "[6/6] eval" in printed and "| `code` | distilled on |" in printed and "(b) coverage warning" in printed
+    assert "[7/8] eval" in printed and "[8/8] eval: the on-policy student" in printed and \
+        "| on-policy (GKD) |" in printed and "| `code` | distilled on |" in printed and "(b) coverage warning" in printed
     report = json.loads((out / "report" / "report.json").read_text())
     assert [s["name"] for s in report["slices"]] == ["code", "docs_comments", "email", "json", "xml"]
     assert report["distill_slices"] == ["code"] and report["models"] == ["student", "baseline"]
