@@ -159,3 +159,12 @@ def test_on_policy_config_defaults():
     assert (o.fraction, o.objective, o.gather_for_generation, o.top_p) == (0.25, "divergence", True, 1.0)
     assert cfg.data.prompt_field == "q" and from_dict(BASE).data.prompt_field == "prompt"
     assert from_dict(BASE).loss.on_policy is None
+
+
+def test_prompt_column_is_refused_not_ignored(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "abc", "prompt": "a"}\n')
+    with pytest.raises(ValueError, match="data.prompt_field: .* has a 'prompt' column") as exc:
+        op.check_prompt_column([str(f)], "prompt")
+    assert "\n" not in str(exc.value)
+    op.check_prompt_column([str(f)], "question")  # a name the data does not use: fine

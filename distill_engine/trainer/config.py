@@ -63,7 +63,7 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       train_files: []               # .jsonl / .json / .txt / .parquet
       format: auto                  # auto | json | text | parquet
       text_field: text
-      prompt_field: prompt          # on-policy: the prompt column (when the data has one; not yet read)
+      prompt_field: prompt          # on-policy: a prompt column (not supported yet: data having it is refused)
       text_sample_by: document      # text files: document | paragraph | line
       tokenizer: null               # tokenizer dir or "byte"; default: the student's directory
       seq_len: 256
