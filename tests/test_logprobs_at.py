@@ -125,3 +125,15 @@ def test_bad_input_one_line_error(kwargs, match):
 def test_empty_rows():
     out = de.logprobs_at(torch.randn(0, 4), torch.randn(11, 4), torch.zeros(0, 3, dtype=torch.long))
     assert out.shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_only_gradient_every_backend(backend):
+    """weight/bias frozen (as the teacher's, or a student's lm_head outside the graph): only dH is formed."""
+    _skip_unavailable(backend)
+    hidden, weight, b, ids = _inputs(10, 12, 67, 3, seed=4)
+    h = hidden.clone().requires_grad_(True)
+    (de.logprobs_at(h, weight, ids, bias=b, temperature=1.7, backend=backend, chunk_rows=3) * 2.0).sum().backward()
+    h64 = hidden.double().requires_grad_(True)
+    (dense_logprobs_at(h64, weight, ids, bias=b, temperature=1.7) * 2.0).sum().backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-5)
