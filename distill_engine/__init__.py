@@ -6,6 +6,7 @@ Public API (see README.md):
     pack_targets, unpack_targets, PackedTargets     -- compact target packing for caches and streams
     fused_projection_loss, HiddenStateDistiller     -- feature (hidden-state) distillation
     relation_loss, token_relation_loss, pool_hidden -- relation-based distillation (issue 16)
+    logprobs_at                                     -- log-probs at given ids, streamed over the vocabulary
     train, evaluate                                 -- the trainer and the evaluation
 Heavy optional parts (Triton, the C++ extension, DeepSpeed, transformers) load lazily.
 """
@@ -26,6 +27,7 @@ _LAZY = {
     "unpack_targets": "distill_engine.ops.packing",
     "PackedTargets": "distill_engine.ops.packing",
     "fused_projection_loss": "distill_engine.ops.projection_loss",
+    "logprobs_at": "distill_engine.ops.logprobs_at",
     "HiddenStateDistiller": "distill_engine.distiller",
     "relation_loss": "distill_engine.ops.relation",
     "pool_hidden": "distill_engine.ops.relation",

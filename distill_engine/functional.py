@@ -20,5 +20,9 @@ try:
     from .ops.token_relation import token_relation_loss  # noqa: F401
 
     __all__ += ["relation_loss", "token_relation_loss", "pool_hidden"]
+
+    from .ops.logprobs_at import logprobs_at  # noqa: F401
+
+    __all__.append("logprobs_at")
 except ImportError:  # pragma: no cover
     pass

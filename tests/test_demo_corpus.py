@@ -169,8 +169,9 @@ def test_demo_smoke_preset_end_to_end(tmp_path, capsys):
     rc = main(["demo", "--preset", "smoke", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc in (0, 1)  # 1: the smoke run is too short to show both effects, which the demo then says
-    assert "[7/8] eval" in printed and "| `code` | distilled on |" in printed and "(b) coverage warning" in printed
-    assert "[8/8] retrieval" in printed and "| relation_student |" in printed and "Retrieval recall@1: teacher" in printed
+    assert "[8/10] eval" in printed and "| `code` | distilled on |" in printed and "(b) coverage warning" in printed
+    assert "[9/10] eval: the on-policy student" in printed and "| on-policy (GKD) |" in printed
+    assert "[10/10] retrieval" in printed and "| relation_student |" in printed and "Retrieval recall@1: teacher" in printed
     report = json.loads((out / "report" / "report.json").read_text())
     assert [s["name"] for s in report["slices"]] == ["code", "docs_comments", "email", "json", "xml"]
     assert report["distill_slices"] == ["code"] and report["models"] == ["student", "baseline"]

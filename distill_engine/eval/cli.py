@@ -57,6 +57,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective-k", type=int, default=64, help="k of the top-k objective KL (0 = skip)")
     p.add_argument("--metrics", action="append", metavar="[LABEL=]JSONL",
                    help="trainer metrics JSONL for the training-curve plot (repeatable)")
+    p.add_argument("--on-policy-samples", type=int, default=0,
+                   help="prompts per slice for the on-policy metric: the teacher's NLL of each student's own "
+                        "continuations (0 = skip)")
+    p.add_argument("--on-policy-prompt-tokens", type=int, default=16)
+    p.add_argument("--on-policy-max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -110,6 +115,8 @@ def run_eval(args: argparse.Namespace) -> int:
         distill_slices=args.distill_slices, coverage_factor=args.coverage_factor, max_length=args.max_length,
         batch_size=args.batch_size, max_tokens_per_slice=args.max_tokens_per_slice, objective_k=args.objective_k,
         device=args.device, dtype=args.dtype, progress=not args.no_progress,
+        on_policy_samples=args.on_policy_samples, on_policy_prompt_tokens=args.on_policy_prompt_tokens,
+        on_policy_max_new_tokens=args.on_policy_max_new_tokens,
     )
     print(summary_text(report))
     if args.retrieval:

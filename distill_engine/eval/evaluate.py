@@ -52,6 +52,9 @@ class EvalConfig:
     dtype: str = "auto"                        # "auto" (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     backend: str = "auto"                      # backend of the engine ops
     progress: bool = True
+    on_policy_samples: int = 0                 # prompts per slice for the on-policy metric (0 = skip)
+    on_policy_prompt_tokens: int = 16          # ... each the first tokens of a held-out window
+    on_policy_max_new_tokens: int = 32         # ... continued by each student (temperature 1, top-p 1)
 
     def validate(self) -> "EvalConfig":
         def bad(key, want, got):
@@ -76,6 +79,12 @@ class EvalConfig:
                 bad(key, "an int ≥ 1", v)
         if self.max_tokens_per_slice is not None and (not isinstance(self.max_tokens_per_slice, int) or self.max_tokens_per_slice < 1):
             bad("max_tokens_per_slice", "an int ≥ 1 or None", self.max_tokens_per_slice)
+        if not isinstance(self.on_policy_samples, int) or isinstance(self.on_policy_samples, bool) or self.on_policy_samples < 0:
+            bad("on_policy_samples", "an int ≥ 0 (0 skips the on-policy metric)", self.on_policy_samples)
+        for key in ("on_policy_prompt_tokens", "on_policy_max_new_tokens"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(key, "an int ≥ 1", v)
         if not isinstance(self.objective_k, int) or self.objective_k < 0:
             bad("objective_k", "an int ≥ 0 (0 skips the top-k objective KL)", self.objective_k)
         for key in ("chunk_rows", "vocab_tile"):
@@ -253,6 +262,14 @@ def evaluate(
                                                            student_transform=s_tr[role]))
             progress.update(len(y))
     progress.close()
+    onpol = None
+    if cfg.on_policy_samples > 0:  # the teacher's NLL of each student's own continuations, per slice
+        from .onpolicy import on_policy_metrics
+
+        onpol = on_policy_metrics(windows, n_slices, t_model, students, tok, samples=cfg.on_policy_samples,
+                                  prompt_tokens=cfg.on_policy_prompt_tokens,
+                                  max_new_tokens=cfg.on_policy_max_new_tokens, batch_size=cfg.batch_size,
+                                  device=device, backend=cfg.backend)
 
     report = _build_report(
         cfg, names, tokens, t_nll, sums, use_obj, obj_k, distill,
@@ -261,11 +278,29 @@ def evaluate(
                  "data": os.fspath(data) if isinstance(data, (str, os.PathLike)) else "<records>"},
         seconds=time.time() - started,
     )
+    if onpol is not None:
+        _add_on_policy(report, onpol)
     if out_dir is not None:
         from .report import write_report
 
         write_report(report, out_dir, metrics=metrics)
     return report
+
+
+def _add_on_policy(report: dict, onpol: dict) -> None:
+    """report["slices"][i][role]["on_policy"] and report["overall"][role]["on_policy"] (token-weighted)."""
+    for i, r in enumerate(report["slices"]):
+        for role, per in onpol.items():
+            if r.get(role) and per[i] is not None:
+                r[role]["on_policy"] = per[i]
+    for role, per in onpol.items():
+        got = [p for p in per if p is not None]
+        n = sum(p["tokens"] for p in got)
+        if report["overall"].get(role) and n:
+            report["overall"][role]["on_policy"] = {
+                "tokens": n, "prompts": sum(p["prompts"] for p in got),
+                "teacher_nll": sum(p["teacher_nll"] * p["tokens"] for p in got) / n,
+                "student_nll": sum(p["student_nll"] * p["tokens"] for p in got) / n}
 
 
 def _resolve_tokenizer(tokenizer, student, teacher):

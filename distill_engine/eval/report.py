@@ -76,6 +76,27 @@ def summary_text(report: dict) -> str:
     return "\n".join(parts)
 
 
+def on_policy_markdown(report: dict) -> List[str]:
+    """The on-policy metric table (eval with on_policy_samples > 0), else nothing."""
+    roles = [r for r in report["models"] if (report["overall"].get(r) or {}).get("on_policy")]
+    if not roles:
+        return []
+    cfg = report["config"]
+    lines = ["## On-policy: the teacher's NLL of each student's own continuations", "",
+             f"Each student continues the first {cfg['on_policy_prompt_tokens']} tokens of up to "
+             f"{cfg['on_policy_samples']} held-out windows per slice ({cfg['on_policy_max_new_tokens']} new tokens, "
+             "temperature 1); lower teacher NLL = the student's own text looks more like the teacher's.", "",
+             "| slice | " + " | ".join(f"{r} teacher-NLL | {r} self-NLL" for r in roles) + " |",
+             "|---|" + "---|---|" * len(roles)]
+    for row in report["slices"] + [dict(report["overall"], name="**overall**")]:
+        cells = []
+        for r in roles:
+            m = (row.get(r) or {}).get("on_policy")
+            cells += [f"{m['teacher_nll']:.3f}", f"{m['student_nll']:.3f}"] if m else ["–", "–"]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown_report(report: dict, plots: Mapping[str, str]) -> str:
     src = report["sources"]
     cfg = report["config"]
@@ -97,6 +118,7 @@ def markdown_report(report: dict, plots: Mapping[str, str]) -> str:
                   f"nats/token against the baseline's {k['baseline']:.3f}: the student is "
                   + ("closer to" if f["student_closer_than_baseline_on_distill_slices"] else "**not** closer to")
                   + " the teacher.", ""]
+    lines += on_policy_markdown(report)
     lines += [
         "## How to read this", "",
         "- **ppl**: perplexity on the held-out text (exp of the mean next-token negative log-likelihood); "

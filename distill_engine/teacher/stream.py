@@ -37,6 +37,11 @@ _HDR = 8
 _DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}
 _CODES = {v: k for k, v in _DTYPES.items()}
 _TAG_HDR, _TAG_PAY = 0, 1
+# On-policy (loss.on_policy with a stream teacher): the student sends each generated micro-batch to its teacher
+# rank (header int64 [5]: magic, micro-step, B, L, has-mask; payload int64: input_ids [B, L], labels [B, L-1],
+# then the attention mask [B, L] when padded), and receives the packed targets back like any other micro-batch.
+ROLLOUT_MAGIC = 0x524F4C4C  # "ROLL"
+_TAG_RHDR, _TAG_RPAY = 2, 3
 
 
 def _wait(work, timeout_s: float, what: str) -> None:
@@ -103,9 +108,37 @@ def _message(tb: TeacherBatch, logprob_dtype: str, vocab_size: int, bitpack_ids:
     return hdr, payload
 
 
+def _rollout_message(batch: Batch):
+    B, L = batch.input_ids.shape
+    parts = [batch.input_ids.reshape(-1), batch.labels.reshape(-1)]
+    if batch.attention_mask is not None:
+        parts.append(batch.attention_mask.reshape(-1))
+    hdr = torch.tensor([ROLLOUT_MAGIC, batch.micro_step, B, L, int(batch.attention_mask is not None)],
+                       dtype=torch.int64)
+    return hdr, torch.cat([p.to(torch.int64).cpu() for p in parts])
+
+
+def _recv_rollout(link: "_Link", src: int, expect_step: int, template: Batch) -> Batch:
+    """The student's generated micro-batch ``expect_step`` (the teacher may wait while the student trains)."""
+    hdr = link.recv(5, torch.int64, src, _TAG_RHDR, timeout_s=max(link.timeout, 3600.0))
+    magic, step, B, L, has_mask = (int(x) for x in hdr)
+    if magic != ROLLOUT_MAGIC or step != expect_step:
+        raise RuntimeError(f"on-policy stream from student (global rank {src}): expected the rollout of micro-step "
+                           f"{expect_step}, got header {hdr.tolist()}; teacher and student plans diverged")
+    pay = link.recv(B * L + B * (L - 1) + (B * L if has_mask else 0), torch.int64, src, _TAG_RPAY)
+    ids = pay[:B * L].reshape(B, L)
+    labels = pay[B * L:B * L + B * (L - 1)].reshape(B, L - 1)
+    mask = pay[B * L + B * (L - 1):].reshape(B, L) if has_mask else None
+    return Batch(ids, mask, labels, template.sample_ids, step)
+
+
 def serve(topo, teacher, stream: MicroBatchStream, first: int, last: int, *, prefetch: int,
-          logprob_dtype: str, vocab_size: int, bitpack_ids: bool = False, timeout_s: float = 600.0) -> int:
-    """Teacher-rank main loop: targets for micro-steps [first, last) of every served student. Returns the count."""
+          logprob_dtype: str, vocab_size: int, bitpack_ids: bool = False, timeout_s: float = 600.0,
+          on_policy=None) -> int:
+    """Teacher-rank main loop: targets for micro-steps [first, last) of every served student. Returns the count.
+
+    ``on_policy(t) -> bool``: micro-steps whose batches the students generate; those are received from the
+    student (``StreamTeacher.submit``) instead of being read from the data plan."""
     link = _Link(topo, timeout_s)
     students = topo.students_of(topo.rank)
     q: "queue.Queue" = queue.Queue(maxsize=max(1, prefetch))
@@ -130,6 +163,8 @@ def serve(topo, teacher, stream: MicroBatchStream, first: int, last: int, *, pre
         for t in range(first, last):
             for s in students:
                 batch = stream.batch(t, dp_rank=s)
+                if on_policy is not None and on_policy(t):
+                    batch = _recv_rollout(link, s, t, batch)
                 tb = teacher.compute(batch, dp_rank=s)
                 hdr, payload = _message(tb, logprob_dtype, vocab_size, bitpack_ids)
                 while True:
@@ -170,6 +205,31 @@ class StreamTeacher(TeacherSource):
         self._q: "queue.Queue" = queue.Queue(maxsize=max(1, prefetch))
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._out: "queue.Queue" = queue.Queue()  # on-policy rollouts to send (unbounded: at most grad_accum)
+        self._sender: Optional[threading.Thread] = None
+        self._send_error: List[BaseException] = []
+
+    def submit(self, batch: Batch) -> None:
+        """On-policy: send the student's generated micro-batch to the teacher rank (from a background thread, so
+        the training loop never blocks on a teacher that is still busy with earlier micro-batches)."""
+        if self._send_error:
+            raise self._send_error[0]
+        if self._sender is None:
+            def send_loop():
+                try:
+                    while True:
+                        item = self._out.get()
+                        if item is None:
+                            return
+                        self.link.send(item[0], self.src, _TAG_RHDR)
+                        self.link.send(item[1], self.src, _TAG_RPAY)
+                except BaseException as exc:
+                    self._send_error.append(exc)
+                    self._q.put(exc)  # surfaces in get()
+
+            self._sender = threading.Thread(target=send_loop, name="onpolicy-rollout-sender", daemon=True)
+            self._sender.start()
+        self._out.put(_rollout_message(batch))
 
     def _recv_one(self, expect_step: int, first: bool = False) -> TeacherBatch:
         # the first message also waits for the teacher ranks to load the teacher model
@@ -236,5 +296,8 @@ class StreamTeacher(TeacherSource):
 
     def close(self) -> None:
         self._stop.set()
+        if self._sender is not None:
+            self._out.put(None)
+            self._sender.join(timeout=2)
         if self._thread is not None:
             self._thread.join(timeout=2)

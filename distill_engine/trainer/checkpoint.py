@@ -43,7 +43,8 @@ _TAG_RE = re.compile(r"^step(\d{8})$")
 # run it claims to continue (the world size is checked separately).
 RESUME_KEYS = ("run.seed", "data.seq_len", "data.packing", "data.add_eos", "data.shuffle", "data.max_samples",
                "data.train_files", "train.micro_batch_size", "train.grad_accum", "loss.divergence", "loss.beta",
-               "loss.temperature", "loss.ce_weight", "loss.tail", "loss.features", "teacher.k", "teacher.method")
+               "loss.temperature", "loss.ce_weight", "loss.tail", "loss.features", "teacher.k", "teacher.method",
+               "loss.on_policy")
 
 
 def _barrier() -> None:

@@ -52,10 +52,19 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       validate: first               # first (check the first micro-batches) | always | never
       features: null                # feature distillation, e.g. {layer_map: uniform, kind: mse, weight: 1.0}
       relation: null                # relation distillation, e.g. {kind: similarity, pooling: mean, weight: 1.0}
+      on_policy: null               # on-policy distillation (GKD), e.g.:
+        # fraction: 0.5               # λ: share of micro-batches the student generates (0 off-policy, 1 fully)
+        # prompt_tokens: 16           # the student continues the first prompt_tokens tokens of each sample
+        # max_new_tokens: 32
+        # temperature: 1.0            # sampling temperature (> 0)
+        # top_p: 1.0                  # nucleus sampling, in (0, 1]
+        # objective: divergence       # divergence (loss.divergence on the generated tokens) | sampled_reverse_kl
+        # gather_for_generation: true # ZeRO-3: generate with one full copy of the student (memory: its params)
     data:
       train_files: []               # .jsonl / .json / .txt / .parquet
       format: auto                  # auto | json | text | parquet
       text_field: text
+      prompt_field: prompt          # on-policy: a prompt column (not supported yet: data having it is refused)
       text_sample_by: document      # text files: document | paragraph | line
       tokenizer: null               # tokenizer dir or "byte"; default: the student's directory
       seq_len: 256
@@ -167,6 +176,17 @@ class RelationConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    fraction: float = 0.5
+    prompt_tokens: int = 16
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    objective: Literal["divergence", "sampled_reverse_kl"] = "divergence"
+    gather_for_generation: bool = True
+
+
+@dataclass
 class LossConfig:
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = 0.5
@@ -177,6 +197,7 @@ class LossConfig:
     validate: Literal["first", "always", "never"] = "first"
     features: Optional[FeatureConfig] = None
     relation: Optional[RelationConfig] = None
+    on_policy: Optional[OnPolicyConfig] = None
 
 
 @dataclass
@@ -184,6 +205,7 @@ class DataConfig:
     train_files: List[str] = field(default_factory=list)
     format: Literal["auto", "json", "text", "parquet"] = "auto"
     text_field: str = "text"
+    prompt_field: str = "prompt"
     text_sample_by: Literal["document", "paragraph", "line"] = "document"
     tokenizer: Optional[str] = None
     seq_len: int = 256
@@ -261,6 +283,9 @@ def _convert(key: str, tp, value):
                 return _convert(key, a, value)
             except ValueError as e:
                 errors.append(e)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) and isinstance(value, dict):
+            raise errors[0]  # an optional section: name the bad key inside it, not the whole section
         raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -387,6 +412,8 @@ def validate(cfg: Config) -> Config:
         _validate_relation(lo.relation, t.source)
     if not d.train_files:
         raise ValueError("data.train_files is empty; list .jsonl / .txt / .parquet files")
+    if lo.on_policy is not None:
+        _validate_on_policy(cfg)
     if tr.precision == "bf16" and tr.engine == "torch":
         pass  # the torch engine trains in autocast-free bf16 params; allowed
     return cfg
@@ -405,6 +432,34 @@ def _validate_relation(r: RelationConfig, source: str) -> None:
     if not isinstance(r.layer_map, str) and (not r.layer_map or any(len(p) != 2 for p in r.layer_map)):
         raise ValueError(f"loss.relation.layer_map must be a non-empty list of [student_layer, teacher_layer] "
                          f"pairs, got {r.layer_map!r}")
+
+
+def _validate_on_policy(cfg: Config) -> None:
+    op, t = cfg.loss.on_policy, cfg.teacher
+    if not 0.0 <= op.fraction <= 1.0:
+        raise ValueError(f"loss.on_policy.fraction must be in [0, 1] (the share of generated micro-batches), "
+                         f"got {op.fraction}")
+    for key, v in (("prompt_tokens", op.prompt_tokens), ("max_new_tokens", op.max_new_tokens),
+                   ("temperature", op.temperature)):
+        _positive(f"loss.on_policy.{key}", v)
+    if not 0.0 < op.top_p <= 1.0:
+        raise ValueError(f"loss.on_policy.top_p must be in (0, 1], got {op.top_p}")
+    if op.fraction == 0.0:
+        return
+    if t.source == "cache":
+        raise ValueError("loss.on_policy needs the teacher to score the student's own samples, but "
+                         "teacher.source: cache holds targets for fixed text; use teacher.source: colocated")
+    if t.source == "stream" and op.objective == "sampled_reverse_kl":
+        raise ValueError("loss.on_policy.objective: sampled_reverse_kl needs the teacher in the student's process; "
+                         "use teacher.source: colocated (or objective: divergence with the stream teacher)")
+    if t.source == "none":
+        raise ValueError("loss.on_policy needs a teacher to score the student's samples; teacher.source is none")
+    if cfg.loss.features is not None and op.objective == "sampled_reverse_kl":
+        raise ValueError("loss.on_policy.objective: sampled_reverse_kl does not combine with loss.features; use "
+                         "objective: divergence or remove loss.features")
+    if op.objective == "sampled_reverse_kl" and t.zero3:
+        raise ValueError("loss.on_policy.objective: sampled_reverse_kl does not support teacher.zero3 yet; use "
+                         "objective: divergence or teacher.zero3: false")
 
 
 def parse_override(text: str):

@@ -283,7 +283,16 @@ class Trainer:
                 layer_map=f.layer_map if isinstance(f.layer_map, str) else [tuple(p) for p in f.layer_map])
             self.features.to(s_dtype)
         lo = cfg.loss
-        head = FusedHeadLoss(student.get_output_embeddings(), divergence=lo.divergence, beta=lo.beta,
+        self.on_policy = None
+        head_cls = FusedHeadLoss
+        if lo.on_policy is not None and lo.on_policy.fraction > 0:
+            from .onpolicy import OnPolicy, OnPolicyHeadLoss
+
+            head_cls = OnPolicyHeadLoss
+            self.on_policy = OnPolicy(cfg, student, rank=self.rank, device=device, zero3=self.zero3,
+                                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                      teacher_model=getattr(self, "teacher_model", None))
+        head = head_cls(student.get_output_embeddings(), divergence=lo.divergence, beta=lo.beta,
                              temperature=lo.temperature, ce_weight=self.ce_weight, tail=lo.tail, backend=lo.backend,
                              zero3=self.zero3, **_transform_kwargs(student.config))
         self.relation = None
@@ -318,13 +327,22 @@ class Trainer:
         cfg, GA = self.cfg, self.cfg.train.grad_accum
         lo = cfg.loss
         batches = [self.stream.batch(step * GA + a) for a in range(GA)]
+        if self.on_policy is not None:  # λ of the micro-steps: the student's own continuations instead
+            batches = [self.on_policy.rollout(b) for b in batches]
+            if hasattr(self.source, "submit"):  # stream teacher: the teacher ranks score the generated batches
+                for b in batches:
+                    if self.on_policy.is_on(b.micro_step):
+                        self.source.submit(b)
         total_tokens = float(_dp_sum([sum(b.n_valid for b in batches)], self.device)[0])
         scale = self.world / max(total_tokens, 1.0)
         validate = lo.validate == "always" or (lo.validate == "first" and step == self.start_step)
         engine = self.engine
         for a, b in enumerate(batches):
             tw = time.time()
-            tb = self.source.get(b)
+            sampled = self.on_policy is not None and self.on_policy.sampled and self.on_policy.is_on(b.micro_step)
+            if self.on_policy is not None:
+                engine.module.head.sampled = sampled
+            tb = self.on_policy.teacher_batch(b) if sampled else self.source.get(b)
             self.wait_s += time.time() - tw
             check_alignment(tb, b, cfg.teacher.source)
             self.bad_targets = self.bad_targets or guards.targets_bad(tb.logprobs)
@@ -437,6 +455,8 @@ class Trainer:
             "checkpoint": last_ckpt, "output_dir": cfg.run.output_dir, "engine": self.engine_kind,
             "zero_stage": tr.zero_stage, "teacher_source": cfg.teacher.source, "metrics": logger.path,
         }
+        if self.on_policy is not None:
+            summary["on_policy_micro_batches"] = self.on_policy.rollouts
         if is_main and cfg.run.progress != "false":
             sys.stderr.write(format_summary(summary) + "\n")
         return summary
@@ -453,10 +473,15 @@ class Trainer:
         colocated = ColocatedTeacher(runner, device=self.device, seed=cfg.run.seed, dp_rank=0, method=cfg.teacher.method)
         GA = cfg.train.grad_accum
         t0 = time.time()
+        on_policy = None
+        if cfg.loss.on_policy is not None and cfg.loss.on_policy.fraction > 0:
+            from .onpolicy import is_on_policy
+
+            on_policy = lambda t: is_on_policy(cfg.run.seed, t, cfg.loss.on_policy.fraction)  # noqa: E731
         n = serve(self.topo, colocated, self.stream, self.start_step * GA, self.end_step * GA,
                   prefetch=cfg.teacher.prefetch, logprob_dtype=cfg.teacher.logprob_dtype,
                   vocab_size=int(tmodel.config.vocab_size), bitpack_ids=cfg.teacher.bitpack_ids,
-                  timeout_s=cfg.train.dist_timeout_s)
+                  timeout_s=cfg.train.dist_timeout_s, on_policy=on_policy)
         return {"role": "teacher", "teacher_rank": self.topo.rank, "micro_batches_sent": n,
                 "elapsed_s": time.time() - t0, "output_dir": cfg.run.output_dir}
 

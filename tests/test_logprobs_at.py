@@ -1,0 +1,139 @@
+"""logprobs_at against the float64 dense oracle: every backend, odd shapes, prime V, duplicates, strides, grads."""
+import math
+
+import pytest
+import torch
+
+import distill_engine as de
+import distill_engine.functional as DF
+from distill_engine import _backend
+from distill_engine.reference.logprobs_at import dense_logprobs_at
+
+BACKENDS = ["torch", "cpu", "triton"]
+
+
+def _skip_unavailable(backend):
+    if backend == "cpu" and not _backend.cpu_extension_has("distill_logits_lse"):
+        pytest.skip("C++ extension not built (run `make build`)")
+    if backend == "triton":
+        if not _backend.triton_available():
+            pytest.skip("triton not installed")
+        try:
+            import distill_engine.kernels.distill_loss  # noqa: F401
+        except ImportError as exc:
+            pytest.skip(f"triton kernels not importable: {exc}")
+
+
+def _inputs(N, d, V, m, dtype=torch.float32, seed=0, bias=True, dup=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(N, d, generator=g) / math.sqrt(d) * 3).to(dtype)
+    weight = torch.randn(V, d, generator=g).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    ids = torch.randint(0, V, (N, m), generator=g)
+    if dup and m > 1:
+        ids[:, -1] = ids[:, 0]  # a repeated id in every row
+    return hidden, weight, b, ids
+
+
+def _check(backend, N, d, V, m, *, dtype=torch.float32, T=1.0, bias=True, chunk_rows=None, seed=0,
+           strided=False, ids_dtype=torch.int64, tol=None):
+    _skip_unavailable(backend)
+    hidden, weight, b, ids = _inputs(N, d, V, m, dtype, seed=seed, bias=bias)
+    if strided:  # non-contiguous views of the same values
+        hidden = hidden.t().contiguous().t()  # column-major
+        weight = torch.stack([weight, weight], dim=2)[:, :, 0]  # row stride 2·d
+        assert not hidden.is_contiguous() and not weight.is_contiguous()
+    ids = ids.to(ids_dtype)
+    if strided:
+        ids = torch.stack([ids, ids], dim=2)[:, :, 1]
+    h = hidden.clone().requires_grad_(True) if not strided else hidden.detach().requires_grad_(True)
+    w = weight.clone().requires_grad_(True) if not strided else weight.detach().requires_grad_(True)
+    bb = b.clone().requires_grad_(True) if b is not None else None
+    out = de.logprobs_at(h, w, ids, bias=bb, temperature=T, backend=backend, chunk_rows=chunk_rows)
+    assert out.shape == (N, m) and out.dtype == torch.float32
+    g = torch.Generator().manual_seed(seed + 1)
+    up = torch.randn(N, m, generator=g)
+    (out * up).sum().backward()
+
+    h64 = hidden.double().requires_grad_(True)
+    w64 = weight.double().requires_grad_(True)
+    b64 = b.double().requires_grad_(True) if b is not None else None
+    ref = dense_logprobs_at(h64, w64, ids, bias=b64, temperature=T)
+    (ref * up.double()).sum().backward()
+    rtol = tol if tol is not None else (1e-5 if dtype == torch.float32 else 2e-2)
+    atol = rtol * 10
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=rtol, atol=atol)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=rtol, atol=atol)
+    if b is not None:
+        torch.testing.assert_close(bb.grad.double(), b64.grad, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,d,V,m,T", [(7, 13, 97, 3, 1.0), (19, 16, 131, 5, 2.0), (1, 5, 2, 2, 0.7)])
+def test_matches_dense_oracle(backend, N, d, V, m, T):
+    _check(backend, N, d, V, m, T=T, chunk_rows=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_bias_int32_ids_strided(backend):
+    _check(backend, 11, 12, 89, 4, bias=False, ids_dtype=torch.int32, strided=True, T=1.3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_bf16_inputs(backend):
+    _check(backend, 9, 16, 101, 3, dtype=torch.bfloat16, tol=2e-2)
+
+
+def test_only_hidden_grad_and_functional_export():
+    hidden, weight, b, ids = _inputs(6, 8, 53, 2)
+    h = hidden.clone().requires_grad_(True)
+    out = DF.logprobs_at(h, weight, ids, bias=b)
+    out.sum().backward()
+    h64 = hidden.double().requires_grad_(True)
+    dense_logprobs_at(h64, weight, ids, bias=b).sum().backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-5)
+    # each row's log-probs over all ids sum (in prob space) to 1
+    all_ids = torch.arange(53).expand(6, 53)
+    full = de.logprobs_at(hidden, weight, all_ids, bias=b)
+    torch.testing.assert_close(full.double().exp().sum(1), torch.ones(6, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(ids=torch.tensor([[0, 53]])), "ids must lie in"),
+    (dict(ids=torch.tensor([[-1, 0]])), "ids must lie in"),
+    (dict(ids=torch.zeros(1, 2)), "ids must have dtype"),
+    (dict(ids=torch.zeros(2, 2, dtype=torch.long)), "ids has shape"),
+    (dict(ids=torch.zeros(1, 0, dtype=torch.long)), "at least one column"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(bias=torch.zeros(7)), "bias has shape"),
+    (dict(chunk_rows=0), "chunk_rows"),
+    (dict(backend="gpu"), "backend must be one of"),
+    (dict(hidden=torch.full((1, 8), float("nan"))), "hidden contains non-finite"),
+    (dict(weight=torch.zeros(53, 8, dtype=torch.float64)), "weight must have dtype"),
+])
+def test_bad_input_one_line_error(kwargs, match):
+    args = dict(hidden=torch.randn(1, 8), weight=torch.randn(53, 8), ids=torch.tensor([[1, 2]]))
+    args.update(kwargs)
+    hidden, weight, ids = args.pop("hidden"), args.pop("weight"), args.pop("ids")
+    with pytest.raises(ValueError, match=match) as exc:
+        de.logprobs_at(hidden, weight, ids, **args)
+    assert "\n" not in str(exc.value)
+
+
+def test_empty_rows():
+    out = de.logprobs_at(torch.randn(0, 4), torch.randn(11, 4), torch.zeros(0, 3, dtype=torch.long))
+    assert out.shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_only_gradient_every_backend(backend):
+    """weight/bias frozen (as the teacher's, or a student's lm_head outside the graph): only dH is formed."""
+    _skip_unavailable(backend)
+    hidden, weight, b, ids = _inputs(10, 12, 67, 3, seed=4)
+    h = hidden.clone().requires_grad_(True)
+    (de.logprobs_at(h, weight, ids, bias=b, temperature=1.7, backend=backend, chunk_rows=3) * 2.0).sum().backward()
+    h64 = hidden.double().requires_grad_(True)
+    (dense_logprobs_at(h64, weight, ids, bias=b, temperature=1.7) * 2.0).sum().backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,102 @@
+"""On-policy distillation as users launch it: each configuration in a FRESH 2-rank ``torchrun`` +
+``python -m distill_engine.cli train --config X.yaml`` (see tests/test_launch_matrix.py for why).
+
+ZeRO-0 and ZeRO-3 (student gathered once per rollout batch into a plain replica) with the colocated teacher, both
+objectives, and stop at step 2 + ``--resume`` (bit-identical losses and final weights: rollouts are seeded by
+(run.seed, micro-step, rank)). Tiny models, 3 optimizer steps of 2 micro-batches each."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_launch_matrix as lm  # noqa: E402  (the fresh-launch helpers)
+from distill_engine.trainer.onpolicy import is_on_policy  # noqa: E402
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("deepspeed", reason="the launches run DeepSpeed")
+
+STEPS = 3
+SEED = 7
+ON_POLICY = {"fraction": 0.5, "prompt_tokens": 4, "max_new_tokens": 8, "temperature": 1.0, "top_p": 0.95}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    lab = lm.lab.__wrapped__(tmp_path_factory)
+    return lab
+
+
+def _launch(lab, name, stage, *, on_policy=None, extra=None, args=None, source="colocated"):
+    sections = dict(extra or {})
+    sections["loss"] = dict(sections.get("loss", {}), divergence="jsd", beta=0.5, ce_weight=0.0,
+                            on_policy=dict(ON_POLICY, **(on_policy or {})))
+    sections["train"] = dict(sections.get("train", {}), max_steps=STEPS, save_every=0)
+    return lm._launch(lab, name, stage, extra=sections, args=args, source=source)
+
+
+def _expected_rollouts(first_step=0):
+    return sum(is_on_policy(SEED, t, ON_POLICY["fraction"]) for t in range(first_step * 2, STEPS * 2))
+
+
+def _check(run, stage, source="colocated"):
+    s = run["summary"]
+    assert s["zero_stage"] == stage and s["steps"] == STEPS and s["teacher_source"] == source, s
+    # the λ mix is the same on every rank and neither all on- nor all off-policy here
+    assert s["on_policy_micro_batches"] == _expected_rollouts() and 0 < _expected_rollouts() < STEPS * 2
+    losses = lm._losses(run["dir"])
+    assert len(losses) == STEPS and all(l == l and l > 0 for l in losses), losses
+
+
+def test_on_policy_zero0(lab):
+    _check(_launch(lab, "op_z0", 0), 0)
+
+
+def test_on_policy_zero3_gathered_equals_zero0(lab):
+    """The replica generates from the same weights as ZeRO-0's student: same samples, same first loss."""
+    r3 = _launch(lab, "op_z3", 3)
+    _check(r3, 3)
+    l0, l3 = lm._losses(_launch(lab, "op_z0", 0)["dir"]), lm._losses(r3["dir"])
+    assert abs(l0[0] - l3[0]) <= 1e-5 * abs(l0[0]), (l0, l3)
+
+
+def test_on_policy_zero3_resume_is_bit_identical(lab):
+    straight = _launch(lab, "op_z3", 3)
+    _launch(lab, "op_z3_stop", 3, extra={"run": {"stop_at_step": 2}})
+    resumed = _launch(lab, "op_z3_resume", 3, args=["--resume"],
+                      extra={"run": {"output_dir": os.path.join(lab["root"], "op_z3_stop")}})
+    assert resumed["summary"]["start_step"] == 2
+    assert resumed["summary"]["on_policy_micro_batches"] == _expected_rollouts(first_step=2)
+    assert lm._losses(straight["dir"]) == lm._losses(os.path.join(lab["root"], "op_z3_stop"))
+    a, b = lm._weights(straight["summary"]["final_model"]), lm._weights(resumed["summary"]["final_model"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sampled_reverse_kl_zero0(lab):
+    run = _launch(lab, "op_srkl_z0", 0, on_policy={"objective": "sampled_reverse_kl", "fraction": 1.0})
+    s = run["summary"]
+    assert s["on_policy_micro_batches"] == STEPS * 2
+    losses = lm._losses(run["dir"])
+    assert len(losses) == STEPS and all(l == l for l in losses), losses
+
+
+def test_on_policy_zero3_partitioned_generation(lab):
+    """``gather_for_generation: false``: the partitioned student generates (per-layer gathers), every
+    rank running all ``max_new_tokens`` steps; the samples and first loss equal ZeRO-0's."""
+    run = _launch(lab, "op_z3_part", 3, on_policy={"gather_for_generation": False})
+    _check(run, 3)
+    l0, l3 = lm._losses(_launch(lab, "op_z0", 0)["dir"]), lm._losses(run["dir"])
+    assert abs(l0[0] - l3[0]) <= 1e-5 * abs(l0[0]), (l0, l3)
+
+
+def test_on_policy_stream_teacher(lab):
+    """2 student ranks + 1 teacher rank (``--teacher-ranks 1``): the students send their generated micro-batches
+    to the teacher rank and receive packed targets; the first loss equals colocated on-policy's up to the fp16
+    packing of the teacher log-probs."""
+    run = _launch(lab, "op_stream_z2", 2, source="stream")
+    _check(run, 2, "stream")
+    l0, ls = lm._losses(_launch(lab, "op_z0", 0)["dir"]), lm._losses(run["dir"])
+    assert abs(l0[0] - ls[0]) <= 1e-3 * abs(l0[0]), (l0, ls)
