@@ -268,9 +268,9 @@ class OnPolicyHeadLoss(FusedHeadLoss):
 
     sampled = False
 
-    def forward(self, h, ids, lps, labels, validate, measure_divergence):
+    def forward(self, h, ids, lps, labels, validate, measure_divergence, teacher_rest_logprob=None):
         if not self.sampled:
-            return super().forward(h, ids, lps, labels, validate, measure_divergence)
+            return super().forward(h, ids, lps, labels, validate, measure_divergence, teacher_rest_logprob)
         from ..ops.logprobs_at import logprobs_at
 
         w = self._lm_head.weight
