@@ -26,6 +26,8 @@ _LAZY = {
     "PackedTargets": "distill_engine.ops.packing",
     "fused_projection_loss": "distill_engine.ops.projection_loss",
     "HiddenStateDistiller": "distill_engine.distiller",
+    "FusedProjectionLoss": "distill_engine.modules",
+    "TeacherTargetExtractor": "distill_engine.modules",
     "train": "distill_engine.trainer",
     "evaluate": "distill_engine.eval",
 }
