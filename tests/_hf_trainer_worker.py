@@ -59,6 +59,7 @@ def main(out):
     teacher = LlamaForCausalLM(cfg(48))  # built directly: not partitioned; ce_weight gives the pattern signal
     torch.manual_seed(0)
     student = LlamaForCausalLM(cfg(32))  # partitioned by the Trainer's deepspeed.initialize
+    initial_head = student.lm_head.weight.detach().clone()  # [V, d] (untied): must be trained through the hook
     cb = Losses()
     trainer = FusedDistillationTrainer(model=student, args=args, train_dataset=Dataset(), teacher=teacher, k=8,
                                        divergence="forward_kl", temperature=1.0, ce_weight=0.5, callbacks=[cb])
@@ -79,6 +80,7 @@ def main(out):
         # the saved file holds the trained (gathered) weights, not a partition or the initial values
         diff = (reloaded.lm_head.weight - trained_head).abs().max().item()
         res = {"losses": cb.losses, "reloaded_max_abs_diff": diff,
+               "head_change": (trained_head - initial_head).abs().max().item(),
                "param_count": sum(p.numel() for p in reloaded.parameters()),
                "finite_logits": bool(torch.isfinite(logits).all())}
         with open(os.path.join(out, "result.json"), "w") as f:
