@@ -1,7 +1,8 @@
 """One rank of the 2-rank Hugging Face Trainer + DeepSpeed ZeRO-3 run (``torchrun --nproc_per_node 2
 _hf_trainer_worker.py OUT``); the assertions live in tests/test_integrations_hf.py::test_hf_trainer_zero3_two_ranks.
 
-What a user writes: TrainingArguments(deepspeed=<ZeRO-3 dict>), the student and the teacher, then FusedDistillationTrainer(...).train().
+What a user writes: TrainingArguments(deepspeed=<ZeRO-3 dict>), the student and the teacher, then
+FusedDistillationTrainer(...).train().
 """
 import json
 import os
