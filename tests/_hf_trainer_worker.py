@@ -56,8 +56,15 @@ def main(out):
                              per_device_train_batch_size=4, max_steps=8, learning_rate=3e-3, logging_steps=1,
                              report_to=[], save_strategy="no", ddp_backend="gloo", lr_scheduler_type="constant",
                              disable_tqdm=True, seed=0)
+    import deepspeed
+
+    # The teacher is built under ZeRO-3 zero.Init (as from_pretrained does once TrainingArguments(deepspeed=ZeRO-3)
+    # exists), so it is partitioned over both ranks: the trainer must gather it for its forward. zero.Init needs
+    # the process group first.
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     torch.manual_seed(1)
-    teacher = LlamaForCausalLM(cfg(48))  # built directly: not partitioned; ce_weight gives the pattern signal
+    teacher = LlamaForCausalLM._from_config(cfg(48))
+    assert hasattr(teacher.lm_head.weight, "ds_id"), "the teacher was not partitioned by zero.Init"
     torch.manual_seed(0)
     student = LlamaForCausalLM(cfg(32))  # partitioned by the Trainer's deepspeed.initialize
     initial_head = student.lm_head.weight.detach().clone()  # [V, d] (untied): must be trained through the hook
@@ -67,7 +74,6 @@ def main(out):
     trainer.train()
     assert hasattr(student.lm_head.weight, "ds_id"), "ZeRO-3 did not partition the student"
     trainer.save_model(os.path.join(out, "saved"))
-    import deepspeed
 
     with deepspeed.zero.GatheredParameters([student.lm_head.weight], modifier_rank=None):  # collective: all ranks
         trained_head = student.lm_head.weight.detach().clone()  # [V, d] the full trained lm_head
