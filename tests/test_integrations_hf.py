@@ -106,6 +106,28 @@ def test_trainer_loss_and_grads_equal_dense(tmp_path, divergence, temperature, c
     assert not any("_distill_engine_head" in key for key in student.state_dict())
 
 
+def test_trainer_evaluate_reports_the_fused_loss(tmp_path):
+    """Trainer.evaluate goes through compute_loss(return_outputs=True): eval_loss is the fused loss."""
+    from transformers import TrainingArguments
+
+    from distill_engine.integrations.hf import FusedDistillationTrainer
+
+    student, teacher = tiny_llama(0, 32), tiny_llama(1, 48)
+    g = torch.Generator().manual_seed(9)
+    rows = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+            for x in torch.randint(0, 97, (4, 10), generator=g)]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=4,
+                             disable_tqdm=True)
+    tr = FusedDistillationTrainer(model=student, args=args, teacher=teacher, k=7, backend="auto")
+    metrics = tr.evaluate(eval_dataset=rows)
+    batch = {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"]).logits
+        ref = dense_objective(student(input_ids=batch["input_ids"]).logits, t_logits, batch["labels"], k=7,
+                              divergence="forward_kl", temperature=1.0, ce_weight=0.0)
+    assert abs(metrics["eval_loss"] - ref.item()) <= 1e-5 * abs(ref.item()), (metrics, ref.item())
+
+
 def test_trainer_rejects_bad_options(tmp_path):
     from transformers import TrainingArguments
 
