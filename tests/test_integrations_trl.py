@@ -2,11 +2,13 @@
 truncation), loss and gradients, and ``FusedGKDTrainer.compute_loss`` equals ``GKDTrainer.compute_loss``."""
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
 import torch
 
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKDTrainer lives in trl.experimental
 pytest.importorskip("trl")
 pytest.importorskip("accelerate")
 
