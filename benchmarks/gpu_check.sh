@@ -107,6 +107,12 @@ run_step bench_projection_mse 35 python3 benchmarks/bench_projection.py --preset
 run_step bench_projection_cosine 40 python3 benchmarks/bench_projection.py --preset gpu --device cuda --dtype bfloat16 \
     --kind cosine --liger-eager --json "$OUT/bench_projection_cosine.json" --md "$OUT/bench_projection_cosine.md"
 
+# --- section: relation (issue 16) ---
+# fused token-relation loss (Triton, online softmax over key tiles) vs the naive [B, H, L, L] path vs chunked torch,
+# L=8192, 12 relation heads, d_head 64, causal, bf16 (naive holds ~7 [12, 8192, 8192] tensors: ~10.5 GiB in bf16)
+run_step bench_relation 45 python3 benchmarks/bench_relation.py --device cuda --dtype bfloat16 --L 8192 \
+    --cases naive,fused --json "$OUT/bench_relation.json" --md "$OUT/bench_relation.md"
+
 # --- section: train ---
 # One GPU, end to end: the trainer's step (student to final hidden states + fused loss; teacher top-64 targets) vs a
 # naive KD loop (full logits of both models, KL on log_softmax), same models/data/AdamW, V=128256, seq 1024, bf16;

@@ -6,6 +6,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   distill_engine::register_distill_loss(m);
   distill_engine::register_teacher_targets(m);
   distill_engine::register_projection(m);
+  distill_engine::register_token_relation(m);
 #ifdef WITH_CUDA
   m.attr("WITH_CUDA") = true;
   distill_engine::register_cuda(m);

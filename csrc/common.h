@@ -19,6 +19,7 @@ namespace distill_engine {
 void register_distill_loss(pybind11::module_& m);   // csrc/cpu/distill_loss.cpp
 void register_teacher_targets(pybind11::module_& m);  // csrc/cpu/teacher_targets.cpp
 void register_projection(pybind11::module_& m);     // csrc/cpu/projection.cpp
+void register_token_relation(pybind11::module_& m);  // csrc/cpu/token_relation.cpp
 #ifdef WITH_CUDA
 void register_cuda(pybind11::module_& m);           // csrc/cuda/*.cu
 #endif

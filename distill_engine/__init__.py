@@ -5,6 +5,7 @@ Public API (see README.md):
     teacher_targets, TeacherTargets                 -- fused top-k / sampled target extraction
     pack_targets, unpack_targets, PackedTargets     -- compact target packing for caches and streams
     fused_projection_loss, HiddenStateDistiller     -- feature (hidden-state) distillation
+    relation_loss, token_relation_loss, pool_hidden -- relation-based distillation (issue 16)
     train, evaluate                                 -- the trainer and the evaluation
 Heavy optional parts (Triton, the C++ extension, DeepSpeed, transformers) load lazily.
 """
@@ -28,6 +29,11 @@ _LAZY = {
     "HiddenStateDistiller": "distill_engine.distiller",
     "FusedProjectionLoss": "distill_engine.modules",
     "TeacherTargetExtractor": "distill_engine.modules",
+    "relation_loss": "distill_engine.ops.relation",
+    "pool_hidden": "distill_engine.ops.relation",
+    "token_relation_loss": "distill_engine.ops.token_relation",
+    "RelationLoss": "distill_engine.modules",
+    "TokenRelationLoss": "distill_engine.modules",
     "train": "distill_engine.trainer",
     "evaluate": "distill_engine.eval",
 }

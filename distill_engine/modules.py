@@ -12,7 +12,8 @@ from .ops.distill_loss import DistillOptions, fused_distill_loss
 class FusedDistillLoss(nn.Module):
     """Module form of :func:`distill_engine.fused_distill_loss`; options go to the constructor.
 
-    forward(hidden [N, d], weight [V, d], teacher_ids [N, k], teacher_logprobs [N, k], labels=None, bias=None)
+    forward(hidden [N, d], weight [V, d], teacher_ids [N, k], teacher_logprobs [N, k], labels=None, bias=None,
+            teacher_rest_logprob=None)
     """
 
     def __init__(self, *, divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
@@ -26,9 +27,11 @@ class FusedDistillLoss(nn.Module):
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, teacher_ids: torch.Tensor,
                 teacher_logprobs: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                bias: Optional[torch.Tensor] = None,
+                teacher_rest_logprob: Optional[torch.Tensor] = None) -> torch.Tensor:
         o = self.options
         return fused_distill_loss(hidden, weight, teacher_ids, teacher_logprobs, labels=labels, bias=bias,
+                                  teacher_rest_logprob=teacher_rest_logprob,
                                   divergence=o.divergence, beta=o.beta, temperature=o.temperature,
                                   ce_weight=o.ce_weight, tail=o.tail, ignore_index=o.ignore_index,
                                   reduction=o.reduction, backend=o.backend, validate=o.validate,
@@ -102,3 +105,45 @@ class TeacherTargetExtractor(nn.Module):
     def extra_repr(self) -> str:
         o = self.options
         return f"k={o.k}, method={o.method!r}, temperature={o.temperature}"
+class RelationLoss(nn.Module):
+    """Module form of :func:`distill_engine.relation_loss`; forward(student_emb [B, d_s], teacher_emb [B, d_t], mask=None)."""
+
+    def __init__(self, *, kind: str = "similarity", temperature: float = 1.0, reduction: str = "mean",
+                 gather_across_ranks: bool = False):
+        super().__init__()
+        from .ops.relation import KINDS, REDUCTIONS
+        from ._validate import check_choice, check_positive
+
+        check_choice("kind", kind, KINDS)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_positive("temperature", temperature)
+        self.kind, self.temperature, self.reduction, self.gather_across_ranks = kind, temperature, reduction, \
+            gather_across_ranks
+
+    def forward(self, student_emb, teacher_emb, mask=None):
+        from .ops.relation import relation_loss
+
+        return relation_loss(student_emb, teacher_emb, kind=self.kind, temperature=self.temperature, mask=mask,
+                             reduction=self.reduction, gather_across_ranks=self.gather_across_ranks)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, temperature={self.temperature}, gather_across_ranks={self.gather_across_ranks}"
+
+
+class TokenRelationLoss(nn.Module):
+    """Module form of :func:`distill_engine.token_relation_loss`; forward(student_states, teacher_states, mask=None)."""
+
+    def __init__(self, *, relation_heads: int, causal: bool = True, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        if isinstance(relation_heads, bool) or not isinstance(relation_heads, int) or relation_heads < 1:
+            raise ValueError(f"relation_heads must be a positive int, got {relation_heads!r}")
+        self.relation_heads, self.causal, self.reduction, self.backend = relation_heads, causal, reduction, backend
+
+    def forward(self, student_states, teacher_states, mask=None):
+        from .ops.token_relation import token_relation_loss
+
+        return token_relation_loss(student_states, teacher_states, relation_heads=self.relation_heads, mask=mask,
+                                   causal=self.causal, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"relation_heads={self.relation_heads}, causal={self.causal}"

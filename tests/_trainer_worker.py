@@ -70,9 +70,10 @@ def reference_grads(paths, sample_ids):
     for i in sample_ids:
         b = collate(samples, [i], 0, tok.pad_token_id)
         with torch.no_grad():
-            ids, lps, _ = head(b.input_ids, None, b.valid_index, None)
+            ids, lps, _, rest = head(b.input_ids, None, b.valid_index, None)[:4]
         h = student.model(input_ids=b.input_ids).last_hidden_state[:, :-1].reshape(-1, 32)
-        total = total + de.fused_distill_loss(h, student.lm_head.weight, ids, lps, reduction="sum", backend="torch")
+        total = total + de.fused_distill_loss(h, student.lm_head.weight, ids, lps, reduction="sum", backend="torch",
+                                              teacher_rest_logprob=rest)
         n += h.shape[0]
     (total / n).backward()
     return {k: p.grad.clone() for k, p in student.named_parameters()}

@@ -169,11 +169,15 @@ def test_demo_smoke_preset_end_to_end(tmp_path, capsys):
     rc = main(["demo", "--preset", "smoke", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc in (0, 1)  # 1: the smoke run is too short to show both effects, which the demo then says
-    assert "[6/6] eval" in printed and "| `code` | distilled on |" in printed and "(b) coverage warning" in printed
+    assert "[7/8] eval" in printed and "| `code` | distilled on |" in printed and "(b) coverage warning" in printed
+    assert "[8/8] retrieval" in printed and "| relation_student |" in printed and "Retrieval recall@1: teacher" in printed
     report = json.loads((out / "report" / "report.json").read_text())
     assert [s["name"] for s in report["slices"]] == ["code", "docs_comments", "email", "json", "xml"]
     assert report["distill_slices"] == ["code"] and report["models"] == ["student", "baseline"]
-    for name in ("report.md", "kl_by_slice.png", "agreement_by_slice.png", "training_curves.png"):
+    assert set(report["retrieval"]["models"]) == {"teacher", "student", "baseline", "relation_student"}
+    rel_metrics = [json.loads(x) for x in open(out / "runs" / "student_relation" / "metrics.jsonl") if x.strip()]
+    assert any("relation_loss" in r for r in rel_metrics)
+    for name in ("report.md", "kl_by_slice.png", "agreement_by_slice.png", "training_curves.png", "retrieval.png"):
         assert (out / "report" / name).is_file(), name
     # the teacher is cached under a key of everything that shapes it: a second preparation is a cache hit
     p = PRESETS["smoke"]

@@ -167,10 +167,10 @@ def test_header_errors_are_explained():
     data = bytearray(_packed_bytes())
     with pytest.raises(ValueError, match="magic"):
         de.unpack_targets(b"NOPE" + bytes(data[4:]))
-    v2 = bytearray(data)
-    v2[4] = 2
+    v3 = bytearray(data)
+    v3[4] = 3
     with pytest.raises(ValueError, match="version"):
-        de.unpack_targets(bytes(v2))
+        de.unpack_targets(bytes(v3))
     with pytest.raises(ValueError, match="bytes"):
         de.unpack_targets("not bytes")
     with pytest.raises(ValueError):

@@ -32,11 +32,12 @@ def _distill_inputs(N=7, d=5, V=31, k=4, bias=True, seed=0):
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck_fused_distill_loss(reduction, bias):
     h, w, b, ids, lp, labels = _distill_inputs(bias=bias)
-    args = (h, w, b, ids, lp, labels, "jsd", 0.3, 2.0, 0.25, "bucket", -100, reduction, "torch", True, True)
+    rest = torch.log1p(-lp.exp().sum(1).clamp(max=0.999))  # [N] the teacher's rest log-mass
+    args = (h, w, b, ids, lp, rest, labels, "jsd", 0.3, 2.0, 0.25, "bucket", -100, reduction, "torch", True, True)
     torch.library.opcheck(torch.ops.distill_engine.fused_distill_loss.default, args, test_utils=OPCHECK_TESTS)
     if reduction == "none":
         grad_rows = torch.randn(h.shape[0])
-        plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:12])  # no double backward
+        plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:13])  # no double backward
         torch.library.opcheck(torch.ops.distill_engine.fused_distill_loss_backward.default,
                               (grad_rows,) + plain + ("torch",),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -59,6 +60,25 @@ def test_library_distill_equals_reference(reduction, divergence, backend):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_library_distill_with_rest_equals_eager(reduction):
+    """teacher_rest_logprob passes through the custom op exactly as through the eager op."""
+    from distill_engine.ops.distill_loss import fused_distill_loss
+
+    h, w, b, ids, lp, labels = _distill_inputs(N=8, d=5, V=29, seed=3)
+    rest = torch.log1p(-lp.exp().sum(1).clamp(max=0.999)) - 0.01  # [N] a rest mass that is not 1 − Σp
+    kw = dict(labels=labels, bias=b, divergence="reverse_kl", reduction=reduction, backend="torch",
+              teacher_rest_logprob=rest)
+    out = L.fused_distill_loss(h, w, ids, lp, **kw)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)) if reduction == "none" else None
+    grads = torch.autograd.grad(out, (h, w, b), cot)
+    ref = fused_distill_loss(h, w, ids, lp, **kw)
+    ref_grads = torch.autograd.grad(ref, (h, w, b), cot)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)
+
+
 def test_opcheck_teacher_targets_and_equality():
     from distill_engine.ops.teacher_targets import teacher_targets
 
@@ -71,6 +91,7 @@ def test_opcheck_teacher_targets_and_equality():
     t_lib = L.teacher_targets(h, w, 5, bias=b, temperature=1.3, backend="torch")
     t_eager = teacher_targets(h, w, 5, bias=b, temperature=1.3, backend="torch")
     assert torch.equal(t_lib.ids, t_eager.ids) and torch.equal(t_lib.logprobs, t_eager.logprobs)
+    assert torch.equal(t_lib.rest_logprob, t_eager.rest_logprob)
     ref = torch.log_softmax((h.double() @ w.double().t() + b.double()) / 1.3, -1).gather(1, t_lib.ids.long())
     torch.testing.assert_close(t_lib.logprobs.double(), ref, rtol=1e-5, atol=1e-6)
 

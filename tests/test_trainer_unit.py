@@ -197,9 +197,11 @@ def test_cache_round_trip_matches_teacher(tiny, tmp_path):
     for t in range(4):
         b = collate(samples, plan.sample_ids(t), t, tok.pad_token_id)
         got = src.get(b)
-        ids, lps, _ = head(b.input_ids, b.attention_mask, b.valid_index, None)
+        ids, lps, _, rest = head(b.input_ids, b.attention_mask, b.valid_index, None)[:4]
         assert got.micro_step == t and torch.equal(got.ids, ids)
         assert (got.logprobs - lps).abs().max() < 2e-3  # fp16 packing
+        assert torch.equal(got.rest_logprob, rest)  # the exact teacher rest log-mass, stored in fp32 (format v2)
+    assert man["rest_logprob"] is True
     src.close()
 
 

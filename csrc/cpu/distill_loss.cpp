@@ -214,11 +214,35 @@ void check_temperature(double temperature) {
               temperature);
 }
 
+// Folds the row segment x [n] (columns v0 .. v0+n) into the running state with the row's excluded ids
+// (ex [m], < 0 = none) left out: their raw values are saved, set to -inf for lse_update (bias added to -inf
+// stays -inf) and written back with the bias added, exactly what lse_update would have stored.  All values are
+// saved before any is overwritten, so a repeated id restores its true value.
+void lse_update_excluding(LseState& st, float* __restrict x, const float* __restrict bias, int64_t v0, int64_t n,
+                          float inv_t, bool two_sums, const int64_t* ex, int64_t m, float* saved) {
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t col = ex[j] - v0;
+    saved[j] = (ex[j] >= 0 && col >= 0 && col < n) ? x[col] : 0.0f;
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t col = ex[j] - v0;
+    if (ex[j] >= 0 && col >= 0 && col < n) x[col] = kNegInf;
+  }
+  lse_update(st, x, bias, n, inv_t, two_sums);
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t col = ex[j] - v0;
+    if (ex[j] >= 0 && col >= 0 && col < n) x[col] = saved[j] + (bias != nullptr ? bias[col] : 0.0f);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
-// distill_logits_lse(h [c,d], weight [V,d], bias [V]?, T, need_lse1) -> (buf [c,V], lse_T [c], lse_1 [c] | [0])
+// distill_logits_lse(h [c,d], weight [V,d], bias [V]?, T, need_lse1, exclude_ids [c,m]?) ->
+//   (buf [c,V], lse_T [c], lse_1 [c] | [0]).  With exclude_ids (int64, < 0 = no id) both log-sum-exps leave
+//   those columns out (the student's rest mass, issue 15) in the same single pass; buf holds every logit.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_logits_lse(const at::Tensor& h, const at::Tensor& weight,
                                                                    const c10::optional<at::Tensor>& bias,
-                                                                   double temperature, bool need_lse1) {
+                                                                   double temperature, bool need_lse1,
+                                                                   const c10::optional<at::Tensor>& exclude_ids) {
   at::NoGradGuard no_grad;
   check_float_input(h, "h");
   check_float_input(weight, "weight");
@@ -247,6 +271,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_logits_lse(const at::Tens
   const bool t_is_one = temperature == 1.0;
   const bool two_sums = need_lse1 && !t_is_one;
   std::vector<LseState> state(c);
+  at::Tensor ex;
+  int64_t m = 0;
+  if (exclude_ids.has_value() && exclude_ids->defined()) {
+    ex = exclude_ids->to(at::kLong).contiguous();
+    TORCH_CHECK(ex.dim() == 2 && ex.size(0) == c, "exclude_ids must have shape [c, m] with c = ", c, ", got ",
+                ex.sizes());
+    TORCH_CHECK(ex.numel() == 0 || ex.max().item<int64_t>() < V, "exclude_ids must lie below V = ", V);
+    m = ex.size(1);
+  }
+  const int64_t* pex = m > 0 ? ex.data_ptr<int64_t>() : nullptr;
+  std::vector<float> saved(static_cast<size_t>(c) * std::max<int64_t>(m, 1));
   const int64_t tv = tile_cols(V, h.size(1), needs_upcast(weight));
   for (int64_t v0 = 0; v0 < V; v0 += tv) {
     const int64_t n = std::min(tv, V - v0);
@@ -256,7 +291,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_logits_lse(const at::Tens
     at::mm_out(tile, h_f, as_f32(weight.narrow(0, v0, n)).t());
 #pragma omp parallel for schedule(static) num_threads(num_threads_for(c* n))
     for (int64_t r = 0; r < c; ++r) {
-      lse_update(state[r], pbuf + r * V + v0, pb != nullptr ? pb + v0 : nullptr, n, inv_t, two_sums);
+      if (pex != nullptr) {
+        lse_update_excluding(state[r], pbuf + r * V + v0, pb != nullptr ? pb + v0 : nullptr, v0, n, inv_t, two_sums,
+                             pex + r * m, m, saved.data() + r * m);
+      } else {
+        lse_update(state[r], pbuf + r * V + v0, pb != nullptr ? pb + v0 : nullptr, n, inv_t, two_sums);
+      }
     }
   }
   float* plt = lse_t.data_ptr<float>();
@@ -419,6 +459,33 @@ at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Te
   return dH;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// distill_buf_lse(buf [c,V] fp32, T) -> lse [c] = log Σ_v exp(buf_v / T) per row, where -inf entries (the
+// teacher ids masked out of the chunk logits) count as zero mass and an all -inf row gives -inf.  This is the
+// student's exact rest log-mass pass (issue 15): the same block-wise online log-sum-exp as
+// distill_logits_lse (lse_update with no bias, one sum), rows in parallel.  buf is only read.
+at::Tensor distill_buf_lse(const at::Tensor& buf, double temperature) {
+  at::NoGradGuard no_grad;
+  DE_CHECK_CPU_INPUT(buf);
+  TORCH_CHECK(buf.scalar_type() == at::kFloat, "buf must be float32, got ", buf.scalar_type());
+  DE_CHECK_DIM(buf, 2);
+  check_temperature(temperature);
+  const int64_t c = buf.size(0);
+  const int64_t V = buf.size(1);
+  at::Tensor out = at::empty({c}, buf.options());
+  if (c == 0) return out;
+  float* pbuf = buf.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const float inv_t = static_cast<float>(1.0 / temperature);
+#pragma omp parallel for schedule(static) num_threads(num_threads_for(c* V))
+  for (int64_t r = 0; r < c; ++r) {
+    LseState st;
+    lse_update(st, pbuf + r * V, nullptr, V, inv_t, false);  // reads only (no bias to add)
+    lse_finish(st, true, false, po + r, nullptr);
+  }
+  return out;
+}
+
 // _vexp(x) -> fast_expf applied elementwise (fp32); exported only so the tests can check its accuracy.
 at::Tensor vexp(const at::Tensor& x) {
   DE_CHECK_CPU(x);
@@ -440,9 +507,10 @@ void register_distill_loss(pybind11::module_& m) {
   m.def("distill_logits_lse", &distill_logits_lse,
         "distill_logits_lse(h [c,d], weight [V,d], bias [V] | None, temperature, need_lse1) -> "
         "(buf fp32 [c,V] raw logits h Wᵀ + b, lse_T fp32 [c] = logsumexp(l/T), lse_1 fp32 [c] = logsumexp(l) "
-        "or an empty tensor when need_lse1 is False)",
+        "or an empty tensor when need_lse1 is False). With exclude_ids [c, m] int64 (< 0 = none) both "
+        "log-sum-exps leave those columns out, in the same pass (buf still holds every logit)",
         py::arg("h"), py::arg("weight"), py::arg("bias"), py::arg("temperature"), py::arg("need_lse1"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("exclude_ids") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("distill_dense_grad", &distill_dense_grad,
         "distill_dense_grad(buf, h, weight, temperature, lse_T, lse_1 | None, s_q, s_1 | None, dW_acc, "
         "db_acc | None, sparse_ids | None, sparse_coef | None) -> dH fp32 [c,d].  Overwrites buf with "
@@ -452,6 +520,10 @@ void register_distill_loss(pybind11::module_& m) {
         py::arg("lse_1"), py::arg("s_q"), py::arg("s_1"), py::arg("dW_acc"), py::arg("db_acc"),
         py::arg("sparse_ids") = py::none(), py::arg("sparse_coef") = py::none(),
         py::call_guard<py::gil_scoped_release>());
+  m.def("distill_buf_lse", &distill_buf_lse,
+        "distill_buf_lse(buf fp32 [c,V], temperature) -> fp32 [c] = logsumexp(buf/T) per row; -inf entries "
+        "(masked ids) count as zero mass, an all -inf row gives -inf",
+        py::arg("buf"), py::arg("temperature"), py::call_guard<py::gil_scoped_release>());
   m.def("_vexp", &vexp, "the vectorized polynomial exp used by the kernels, elementwise on fp32 (for tests)",
         py::arg("x"), py::call_guard<py::gil_scoped_release>());
 }

@@ -37,7 +37,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="teacher model directory (save_pretrained output)")
     p.add_argument("--student", required=True, help="student model directory")
     p.add_argument("--baseline", help="optional baseline student (e.g. trained on hard labels only)")
-    p.add_argument("--data", required=True, help="held-out .jsonl/.json/.txt/.parquet file")
+    p.add_argument("--data", help="held-out .jsonl/.json/.txt/.parquet file (required unless --retrieval is given)")
+    p.add_argument("--retrieval", metavar="PAIRS.jsonl",
+                   help="also (or only) evaluate retrieval: {query, positive} rows; recall@1/@10, MRR per model")
+    p.add_argument("--retrieval-pooling", default="mean", choices=("mean", "last", "cls"))
+    p.add_argument("--query-column", default="query")
+    p.add_argument("--positive-column", default="positive")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the student's, else the teacher's)")
     p.add_argument("--out", help="report directory (report.json, report.md, *.png)")
     p.add_argument("--text-column", default="text")
@@ -94,6 +99,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .report import summary_text
 
+    if not args.data and not args.retrieval:
+        raise ValueError("eval needs --data HELD_OUT (per-slice metrics) and/or --retrieval PAIRS.jsonl")
+    if not args.data:
+        return _run_retrieval(args, None)
     report = evaluate(
         args.teacher, args.student, args.data, baseline=args.baseline, tokenizer=args.tokenizer,
         out_dir=args.out, metrics=_metrics_arg(args.metrics),
@@ -103,8 +112,25 @@ def run_eval(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, progress=not args.no_progress,
     )
     print(summary_text(report))
+    if args.retrieval:
+        return _run_retrieval(args, report)
     if args.out:
         print(f"\nreport: {args.out}/report.md, {args.out}/report.json")
+    return 0
+
+
+def _run_retrieval(args: argparse.Namespace, report) -> int:
+    """``--retrieval PAIRS.jsonl`` (issue 16): adds the retrieval section to report.json / report.md."""
+    from .retrieval import attach_retrieval, evaluate_retrieval, retrieval_markdown
+
+    r = evaluate_retrieval(args.teacher, args.student, args.retrieval, baseline=args.baseline,
+                           tokenizer=args.tokenizer, pooling=args.retrieval_pooling, query_column=args.query_column,
+                           positive_column=args.positive_column, max_length=args.max_length,
+                           batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    attach_retrieval(r, args.out, report)
+    print(retrieval_markdown(r))
+    if args.out:
+        print(f"report: {args.out}/report.md, {args.out}/report.json")
     return 0
 
 

@@ -14,6 +14,11 @@ Python installation ships, in minutes on two CPU cores, with nothing downloaded.
 5. Evaluation on held-out text of every slice; the report must show (a) the distilled student closer to
    the teacher than the baseline on the distillation slice, and (b) a coverage warning on slices left out
    of distillation — the silent failure the report exists to catch.
+6. Relation distillation (issue 16): a third student, same budget, distilled with the response loss plus
+   ``loss.relation`` (similarity relations of mean-pooled final states), and a retrieval slice: docstring →
+   code pairs of held-out functions (:mod:`distill_engine.data.retrieval_pairs`: only files no slice trains
+   on) on which teacher, the three students' recall@1/@10 and MRR are compared (reported, not an exit
+   condition: a tiny LM's embeddings are weak retrievers).
 """
 from __future__ import annotations
 
@@ -67,6 +72,11 @@ class DemoPreset:
     coverage_factor: float = 2.0
     zero_stage: int = 2
     seed: int = 0
+    # relation-distilled student (issue 16): response loss + loss.relation, the student's budget
+    relation_kind: str = "similarity"
+    relation_weight: float = 1.0
+    relation_temperature: float = 0.1
+    retrieval_pairs: int = 200
 
 
 PRESETS = {
@@ -76,7 +86,7 @@ PRESETS = {
                         teacher_steps=4, teacher_batch=4, student_steps=4, student_batch=4, top_k=8,
                         max_chars=(("code", 60_000), ("docs_comments", 30_000), ("email", 20_000), ("json", 20_000),
                                    ("xml", 20_000)),
-                        eval_tokens_per_slice=96, zero_stage=0),
+                        eval_tokens_per_slice=96, zero_stage=0, retrieval_pairs=24),
 }
 
 
@@ -116,7 +126,8 @@ def _prepare_corpus(preset: DemoPreset, out_dir: str) -> Tuple[dict, str]:
     cdir = os.path.join(out_dir, "cache", f"corpus-{fp}")
     files = {"all_train": os.path.join(cdir, "train_all_slices.jsonl"),
              "distill_train": os.path.join(cdir, "train_distill_slices.jsonl"),
-             "heldout": os.path.join(cdir, "heldout.jsonl")}
+             "heldout": os.path.join(cdir, "heldout.jsonl"),
+             "retrieval": os.path.join(cdir, f"retrieval_pairs_{preset.retrieval_pairs}.jsonl")}
     stats: Dict[str, Dict[str, int]] = {}
     for d in docs:
         s = stats.setdefault(d.slice, {"train_files": 0, "train_chars": 0, "eval_files": 0, "eval_chars": 0})
@@ -127,6 +138,9 @@ def _prepare_corpus(preset: DemoPreset, out_dir: str) -> Tuple[dict, str]:
         write_jsonl(files["distill_train"], ({"text": d.text, "slice": d.slice} for d in docs
                                              if d.split == "train" and d.slice in preset.distill_slices))
         write_jsonl(files["heldout"], ({"text": d.text, "slice": d.slice, "path": d.path} for d in docs if d.split == "eval"))
+        from ..data.retrieval_pairs import retrieval_pairs
+
+        write_jsonl(files["retrieval"], retrieval_pairs(docs, max_pairs=preset.retrieval_pairs, seed=preset.seed))
     return {"fingerprint": fp, "files": files, "stats": stats, "dir": cdir}, fp
 
 
@@ -199,6 +213,18 @@ def _prepare_teacher(preset: DemoPreset, corpus: dict, tok, tok_dir: str, out_di
     return cache, False
 
 
+def _retrieval_sentence(r: dict) -> str:
+    m = r["models"]
+    t, rel, resp, base = (m[k]["recall@1"] for k in ("teacher", "relation_student", "student", "baseline"))
+    gap = lambda x: abs(x - t)  # noqa: E731
+    verdict = "closer to" if gap(rel) < gap(base) else ("as far from" if gap(rel) == gap(base) else "further from")
+    return (f"Retrieval recall@1: teacher {t:.3f}, relation-distilled student {rel:.3f}, response-distilled student "
+            f"{resp:.3f}, baseline {base:.3f}: the relation-distilled student is {verdict} the teacher than the "
+            f"baseline (|Δ| {gap(rel):.3f} vs {gap(base):.3f}; similarity-matrix gap to the teacher "
+            f"{m['relation_student']['mean_abs_sim_diff_vs_teacher']:.3f} vs "
+            f"{m['baseline']['mean_abs_sim_diff_vs_teacher']:.3f}).")
+
+
 def run_demo(out_dir: str = "demo_out", retrain_teacher: bool = False, preset="default") -> bool:
     """Run the demo; returns True when both effects show. Prints the table; writes ``<out>/report``."""
     if isinstance(preset, str) and preset not in PRESETS:
@@ -206,7 +232,7 @@ def run_demo(out_dir: str = "demo_out", retrain_teacher: bool = False, preset="d
     p = PRESETS[preset] if isinstance(preset, str) else preset
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    stages = _Stages(6)
+    stages = _Stages(8)
     print(f"distill-engine demo: Python {sys.version.split()[0]} standard library → teacher "
           f"(d={p.teacher.hidden}, {p.teacher.layers} layers) → student (d={p.student.hidden}, {p.student.layers} "
           f"layers) distilled on {', '.join(p.distill_slices)}; output in {out_dir}", flush=True)
@@ -243,6 +269,20 @@ def run_demo(out_dir: str = "demo_out", retrain_teacher: bool = False, preset="d
     student_dir = _final_dir(s_dir)
     stages.done()
 
+    stages.start(f"relation student: the same distillation plus loss.relation ({p.relation_kind} relations of "
+                 f"mean-pooled final states, τ={p.relation_temperature}), same steps and tokens")
+    r_dir = os.path.join(runs, "student_relation")
+    shutil.rmtree(r_dir, ignore_errors=True)
+    cfg = _base_config(p, r_dir, tok_dir, [corpus["files"]["distill_train"]], s_init, student_seed,
+                       p.student_steps, p.student_batch, p.student_lr)
+    cfg["teacher"] = {"source": "colocated", "path": teacher_dir, "k": p.top_k, "method": "topk", "dtype": "float32"}
+    cfg["loss"] = {"divergence": "forward_kl", "tail": "bucket", "temperature": 1.0, "ce_weight": 0.0,
+                   "relation": {"kind": p.relation_kind, "pooling": "mean", "weight": p.relation_weight,
+                                "temperature": p.relation_temperature}}
+    _train(cfg)
+    relation_dir = _final_dir(r_dir)
+    stages.done()
+
     stages.start(f"baseline: the same student trained on hard labels only (teacher: none), same steps and tokens")
     b_dir = os.path.join(runs, "student_baseline")
     shutil.rmtree(b_dir, ignore_errors=True)
@@ -266,7 +306,18 @@ def run_demo(out_dir: str = "demo_out", retrain_teacher: bool = False, preset="d
                       max_tokens_per_slice=p.eval_tokens_per_slice, objective_k=p.top_k, device="cpu")
     stages.done()
 
+    stages.start("retrieval: docstring → code pairs of held-out functions, mean-pooled embeddings")
+    from .retrieval import attach_retrieval, evaluate_retrieval, retrieval_markdown
+
+    retr = evaluate_retrieval(teacher_dir, student_dir, corpus["files"]["retrieval"], baseline=baseline_dir,
+                              others={"relation_student": relation_dir}, tokenizer=tok_dir, pooling="mean",
+                              max_length=p.seq_len, batch_size=16, device="cpu")
+    report = attach_retrieval(retr, report_dir, report)
+    stages.done(f"{retr['n_pairs']} pairs")
+
     print("\n" + summary_text(report) + "\n")
+    print(retrieval_markdown(retr))
+    print(_retrieval_sentence(retr) + "\n")
     f = report["findings"]
     closer = bool(f.get("student_closer_than_baseline_on_distill_slices"))
     left_out = [r["name"] for r in report["slices"] if r["role"] == "held_out"]

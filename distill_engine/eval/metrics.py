@@ -213,6 +213,7 @@ def objective_kl(
         tail="bucket",
         reduction="none",
         backend=backend,
+        teacher_rest_logprob=getattr(targets, "rest_logprob", None),  # the teacher's exact tail mass (issue 15)
     )
     return kl.detach().to(torch.float64)
 

@@ -121,7 +121,7 @@ class FusedDistillationTrainer(Trainer):
         # A parameter-less child: the state dict is unchanged, and DeepSpeed (which builds its engine later, in
         # train()) installs its ZeRO-3 hooks on it like on any other submodule.
         student.add_module(_HEAD_NAME, head)
-        self._pending = None  # (valid_index, ids, logprobs, labels) while compute_loss runs the student
+        self._pending = None  # (valid_index, ids, logprobs, rest, labels) while compute_loss runs the student
         self._loss = None
         base_model_of(student).register_forward_hook(self._on_final_hidden)
 
@@ -144,23 +144,23 @@ class FusedDistillationTrainer(Trainer):
                 h = h.to(w.dtype)
             tt = teacher_targets(h, w, self.k, bias=b, temperature=self.temperature, method=self.teacher_method,
                                  backend=self.backend, validate=self.validate)
-        return tt.ids, tt.logprobs  # [n, k], [n, k]
+        return tt.ids, tt.logprobs, tt.rest_logprob  # [n, k], [n, k], [n] exact rest log-mass (None: sampled)
 
     def _on_final_hidden(self, module, args, output):
         if self._pending is None:  # plain use of the model (eval, generate): nothing to do
             return None
-        valid_index, ids, lps, labels = self._pending
+        valid_index, ids, lps, rest, labels = self._pending
         hs = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]  # [B, L, d]
         head = getattr(self.accelerator.unwrap_model(self.model), _HEAD_NAME)
-        self._loss, _ = head(_rows(hs, valid_index), ids, lps, labels, self.validate, False)  # Σ over rows
+        self._loss, _ = head(_rows(hs, valid_index), ids, lps, labels, self.validate, False, rest)  # Σ over rows
         return None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids = inputs["input_ids"]
         attention_mask = inputs.get("attention_mask")
         valid_index, labels = shifted_rows(input_ids, attention_mask, inputs.get("labels"))
-        ids, lps = self._teacher_targets(input_ids, attention_mask, valid_index)
-        self._pending, self._loss = (valid_index, ids, lps, labels), None
+        ids, lps, rest = self._teacher_targets(input_ids, attention_mask, valid_index)
+        self._pending, self._loss = (valid_index, ids, lps, rest, labels), None
         try:
             # logits_to_keep = no position: the student's lm_head projects nothing; the hook computes the loss.
             outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,

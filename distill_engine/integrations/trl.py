@@ -68,7 +68,8 @@ def fused_generalized_jsd_loss(student_hidden: torch.Tensor, student_weight: tor
                          backend=backend, validate=validate)
     total = fused_distill_loss(h_s, student_weight, tt.ids, tt.logprobs, bias=student_bias, divergence=divergence,
                                beta=b, temperature=temperature, tail=tail, reduction="sum", backend=backend,
-                               validate=validate) / (temperature * temperature)  # TRL has no T² factor
+                               validate=validate, teacher_rest_logprob=tt.rest_logprob
+                               ) / (temperature * temperature)  # TRL has no T² factor
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(total.device)

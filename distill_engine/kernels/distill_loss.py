@@ -16,6 +16,9 @@ Kernels:
 * ``_dense_grad_kernel`` -- elementwise: g from the stored logits, in place in fp32 (fp32 inputs) or
   as a copy in the input dtype for the tensor-core gradient GEMMs (bf16/fp16), plus per-row-block
   column sums for db.
+* ``_buf_lse_kernel`` -- the exact tail's one extra reduction (issue 15): row log-sum-exp of the
+  stored chunk buffer after the driver set the teacher ids to -inf (:func:`buf_lse`); also used by
+  ``teacher_targets`` for the teacher's rest mass.
 * ``_recompute_grad_kernel`` -- buffer-free mode: recomputes a logits tile (same tile GEMM as the
   forward) and writes g for it, so no fp32 [c, V] buffer is ever kept between the passes.
 
@@ -48,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["logits_lse", "dense_grad"]
+__all__ = ["logits_lse", "dense_grad", "buf_lse"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,6 +182,38 @@ def _logits_lse_kernel(
     if NEED_LSE1:
         tl.store(part + 2 * plane, m_1, mask=mask_n)
         tl.store(part + 3 * plane, s_1, mask=mask_n)
+
+
+@triton.jit
+def _buf_lse_kernel(
+    buf_ptr, out_ptr, C, V, inv_t, stride_buf,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Row log-sum-exp of a stored logits buffer whose masked entries are -inf (the teacher ids).
+
+        out[n] = log Σ_v exp(buf[n, v] · inv_t)      (-inf entries: zero mass; an all -inf row: -inf)
+
+    Online over vocabulary tiles with the running pair (m, s). Unlike ``_logits_lse_kernel`` a whole
+    tile of a row may be -inf here, so the shift is guarded: m_safe = 0 while m = -inf, which keeps
+    exp(z - m_safe) = 0 and s = 0 for such rows and avoids -inf - -inf. The student's exact rest
+    log-mass (issue 15) is one launch of this kernel: a streaming read of the buffer, no GEMM.
+    """
+    pid = tl.program_id(0)
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)        # [BR]
+    mask_r = offs_r < C
+    rows = offs_r.to(tl.int64)[:, None] * stride_buf
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_C):
+        offs_c = v0 + tl.arange(0, BLOCK_C)               # [BC]
+        mask = mask_r[:, None] & (offs_c < V)[None, :]
+        z = tl.load(buf_ptr + rows + offs_c[None, :], mask=mask, other=float("-inf")) * inv_t
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        m = m_new
+    out = tl.where(s > 0.0, m + tl.log(tl.where(s > 0.0, s, 1.0)), float("-inf"))
+    tl.store(out_ptr + offs_r, out, mask=mask_r)
 
 
 @triton.jit
@@ -552,6 +587,26 @@ def logits_lse(
     else:
         lse_1 = lse_T.clone()
     return buf, lse_T, lse_1
+
+
+def buf_lse(buf: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logsumexp(buf / T) per row, fp32 [c], for a contiguous fp32 [c, V] buffer whose masked entries are -inf.
+
+    The exact rest log-mass of the student (the chunk driver masks the teacher ids first): one streaming
+    pass over the buffer (``_buf_lse_kernel``), no GEMM.
+    """
+    if buf.dtype != torch.float32 or buf.dim() != 2 or not buf.is_contiguous():
+        raise ValueError(f"buf must be a contiguous float32 [c, V] tensor, got {buf.dtype} {tuple(buf.shape)}")
+    c, V = buf.shape
+    out = torch.empty((c,), device=buf.device, dtype=torch.float32)
+    if c == 0:
+        return out
+    interp = buf.device.type != "cuda"
+    br, bc = (16, 64) if interp else (4, 1024)
+    launch = {} if interp else dict(num_warps=4)
+    _buf_lse_kernel[(triton.cdiv(c, br),)](buf, out, c, V, 1.0 / float(temperature), V,
+                                            BLOCK_R=br, BLOCK_C=bc, **launch)
+    return out
 
 
 def _fp16_scale(s_q: torch.Tensor, s_1: Optional[torch.Tensor], sparse_coef: Optional[torch.Tensor]) -> float:

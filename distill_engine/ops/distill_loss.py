@@ -14,7 +14,16 @@ c̄ = Σ_c b_c, the gradient with respect to the raw logits l = T·z is
 
 so a backend only has to provide two vocabulary-wide passes over a row chunk: the logits with their
 log-sum-exps, and the dense gradient g = s_q·exp(l/T − lse_T) + s_1·exp(l − lse_1) followed by the three
-products dH = g W, dW += gᵀ h, db += Σ g. The per-row [N, k] category math below runs once, in float64.
+products dH = g W, dW += gᵀ h, db += Σ g — plus one reduction, ``buf_lse``, for the exact tail (below).
+The per-row [N, k] category math below runs once, in float64.
+
+Exact tail bucket (issue 15; docs/ARCHITECTURE.md, "The exact tail bucket"): the teacher ids are set to
+−inf in the chunk buffer, lse_rest = buf_lse(buf, T) = log Σ_{v∉S} exp(l_v/T), and lse_T is rebuilt in
+float64 as logaddexp(lse_rest, logsumexp_S(z_S)), so log q_rest = lse_rest − lse_T is exact in log space at
+any confidence (never 1 − Σ_S q, no floor). With S masked the dense pass forms 0 at S and each j ∈ S gets its
+whole gradient α·T·(b_j − q_j·c̄) sparsely; for v ∉ S the dense coefficient is α·T·(b_rest − c̄·q_rest) against
+lse_rest (O(1) at any confidence), or the equivalent α·T·(a_rest − c̄) against lse_T when q_rest > e^-16.
+LOG_FLOOR floors only the teacher's log-probabilities inside reverse KL.
 
 Memory: one fp32 [chunk, V] buffer at a time (``chunk_rows``), never [N, V]. When the loss is a scalar
 (reduction "mean"/"sum") and gradients are needed, the gradients are formed during the forward pass from
@@ -32,7 +41,8 @@ import torch
 from .. import _backend
 from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_finite_rows, check_tensor
 from ..reference import distill_loss as _torch_impl
-from ..reference.distill_loss import LOG_FLOOR, TAIL_FLOOR
+from ..reference.distill_loss import LOG_FLOOR
+from ._tail import _logits_and_rest, _mask_buf, _mask_ids, _repeated
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("bucket", "renormalize")
@@ -91,6 +101,20 @@ class _CpuExt:
         ext = _backend.cpu_extension()
         return ext.distill_dense_grad(buf, h, weight, float(temperature), lse_T, lse_1, s_q, s_1, dW_acc, db_acc,
                                       sparse_ids, sparse_coef)
+
+    @staticmethod
+    def buf_lse(buf, temperature):
+        return _backend.cpu_extension().distill_buf_lse(buf, float(temperature))
+
+    # The C++ logits pass can leave the teacher ids out of its log-sum-exps itself (same single pass, no
+    # extra reduction over the buffer): the driver then skips buf_lse.
+    fused_rest = True
+
+    @staticmethod
+    def logits_lse_excluding(h, weight, bias, temperature, need_lse1, exclude_ids):
+        buf, rest_T, rest_1 = _backend.cpu_extension().distill_logits_lse(h, weight, bias, float(temperature),
+                                                                          bool(need_lse1), exclude_ids)
+        return buf, rest_T, (rest_1 if need_lse1 else None)
 
 
 def _backend_impl(name: str):
@@ -181,65 +205,93 @@ def _validate_inputs(hidden, weight, ids, lp, labels, bias, opts: DistillOptions
                              f"row {row} has {int(labels[row])}")
 
 
-# ----------------------------------------------------------------------------------------------
-# the per-row category math ([N, k], float64)
-# ----------------------------------------------------------------------------------------------
-def _category_terms(logq_S: torch.Tensor, slot: torch.Tensor, lp: torch.Tensor, opts: DistillOptions):
-    """Divergence over the k+1 categories and its derivative factors.
+def _validate_rest(rest, N: int, dev, opts: DistillOptions) -> None:
+    if rest is None:
+        return
+    check_tensor("teacher_rest_logprob", rest, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(N,), device=dev)
+    if not opts.validate or N == 0:
+        return
+    r = rest.float()
+    if bool(torch.isnan(r).any()):
+        raise ValueError(f"teacher_rest_logprob contains NaN (first at row {int(torch.isnan(r).nonzero()[0, 0])})")
+    if bool((r > 1e-4).any()):
+        raise ValueError(f"teacher_rest_logprob must be a log-probability (<= 0; -inf for no rest mass); row "
+                         f"{int((r > 1e-4).nonzero()[0, 0])} is positive")
 
-    logq_S [c, k] float64 (log q at the teacher ids), slot [c, k] bool, lp [c, k] teacher log-probs.
-    Returns (div [c], b_S [c, k], a_rest [c], cbar [c], q_S [c, k]) with b = q·∂D/∂q, c̄ = Σ_c b_c.
-    Rows without any slot get div = 0 and zero factors.
+
+# ----------------------------------------------------------------------------------------------
+# the per-row category math ([N, k], float64, all in log space)
+# ----------------------------------------------------------------------------------------------
+def _teacher_rest(lp: torch.Tensor, slot: torch.Tensor, rest_lp: Optional[torch.Tensor]) -> torch.Tensor:
+    """log p_rest [c] float64: the teacher's exact rest log-mass when given, else log(1 − Σ_S p) (stable)."""
+    if rest_lp is not None:
+        return rest_lp.double()
+    return _torch_impl.teacher_rest_from_slots(lp, slot)
+
+
+def _category_terms(logq_S: torch.Tensor, logq_rest: torch.Tensor, slot: torch.Tensor, lp: torch.Tensor,
+                    rest_lp: Optional[torch.Tensor], opts: DistillOptions):
+    """Divergence over the k+1 categories and its derivative factors, in log space (no floor on q).
+
+    logq_S [c, k] float64 (log q at the teacher ids), logq_rest [c] float64 (log of the student's exact mass
+    outside S; −inf when S covers the vocabulary), slot [c, k] bool, lp [c, k] teacher log-probs, rest_lp [c]
+    teacher rest log-mass | None. Returns (div [c], b_S [c, k], b_rest [c], cbar [c], q_S [c, k]) with
+    b_c = q_c·∂D/∂q_c and c̄ = Σ_c b_c. b_rest stays finite however small q_rest is (forward KL: b_rest = −p_rest),
+    which is what lets the chunk driver avoid a_rest = b_rest / q_rest. Rows without any slot get zeros.
     """
     zero = torch.zeros((), dtype=torch.float64, device=logq_S.device)
     ninf = torch.full((), float("-inf"), dtype=torch.float64, device=logq_S.device)
     has = slot.any(1)  # [c]
     logq_S = torch.where(slot, logq_S, ninf)
     q_S = logq_S.exp()  # [c, k], 0 in empty slots
-    q_rest = (1.0 - q_S.sum(1)).clamp(min=0.0)  # [c]
+    q_rest = logq_rest.exp()  # [c]; may underflow to 0 in float64 — every term below stays in log space
     lp = torch.where(slot, lp.double(), ninf)
     if opts.tail == "renormalize":
         lse_p = torch.logsumexp(lp, dim=1, keepdim=True)
         lp = torch.where(slot & has[:, None], lp - torch.where(has[:, None], lse_p, zero), ninf)
-        p_rest = torch.zeros_like(q_rest)
+        logp_rest = torch.full_like(logq_rest, float("-inf"))
     else:
-        p_rest = (1.0 - lp.exp().sum(1)).clamp(min=0.0)
-    p_S = lp.exp()
-    logp_S = lp.clamp(min=LOG_FLOOR)  # floored where a log of p is taken
-    logq_Sf = torch.where(slot, logq_S, zero)  # finite stand-in in empty slots, where q = p = 0
-    q_rest_f = q_rest.clamp(min=TAIL_FLOOR)
-    logq_rest = q_rest_f.log()
-    logp_rest = p_rest.clamp(min=TAIL_FLOOR).log()
+        logp_rest = _teacher_rest(lp, slot, rest_lp)
+    # an empty rest category (S covers the vocabulary) has no teacher mass either (1 − Σp is rounding there)
+    logp_rest = torch.where(torch.isfinite(logq_rest), logp_rest, ninf)
+    p_S, p_rest = lp.exp(), logp_rest.exp()
+    # finite stand-ins where a probability is exactly 0, so 0·log 0 terms are 0 (and no NaN from −inf − −inf)
+    pS_pos, pr_pos, qS_pos, qr_pos = p_S > 0, p_rest > 0, q_S > 0, q_rest > 0
+    lpf = torch.where(pS_pos, lp, zero)
+    lprf = torch.where(pr_pos, logp_rest, zero)
+    lqf = torch.where(slot, logq_S, zero)  # finite in every slot, even where q underflows (p·log q needs it)
+    lqrf = torch.where(qr_pos | torch.isfinite(logq_rest), logq_rest, zero)
 
     if opts.divergence == "forward_kl":
-        div = torch.where(p_S > 0, p_S * (logp_S - logq_Sf), zero).sum(1) \
-            + torch.where(p_rest > 0, p_rest * (logp_rest - logq_rest), zero)
-        b_S = -p_S
-        a_rest = -p_rest / q_rest_f
+        div = torch.where(pS_pos, p_S * (lpf - lqf), zero).sum(1) + torch.where(pr_pos, p_rest * (lprf - lqrf), zero)
+        b_S, b_rest = -p_S, -p_rest
     elif opts.divergence == "reverse_kl":
-        div = torch.where(q_S > 0, q_S * (logq_Sf - logp_S), zero).sum(1) \
-            + torch.where(q_rest > 0, q_rest * (logq_rest - logp_rest), zero)
-        b_S = torch.where(q_S > 0, q_S * (logq_Sf - logp_S + 1.0), zero)
-        a_rest = logq_rest - logp_rest + 1.0
-    else:  # jsd
+        # the one floor: the teacher's log p (LOG_FLOOR), so zero teacher mass is a large finite penalty
+        lpF = lp.clamp(min=LOG_FLOOR)
+        lprF = logp_rest.clamp(min=LOG_FLOOR)
+        t_S = torch.where(qS_pos, lqf - lpF, zero)
+        t_r = torch.where(qr_pos, lqrf - lprF, zero)
+        div = (q_S * t_S).sum(1) + q_rest * t_r
+        b_S = torch.where(qS_pos, q_S * (t_S + 1.0), zero)
+        b_rest = torch.where(qr_pos, q_rest * (t_r + 1.0), zero)
+    else:  # jsd, M = β·P + (1−β)·Q, every log m by logaddexp
         beta = float(opts.beta)
         lb, l1b = math.log(beta), math.log1p(-beta)
-        logm_S = torch.logaddexp(lb + lp, l1b + logq_S)  # lp / logq_S may be -inf: logaddexp handles it
-        logm_S = torch.where(slot, logm_S, zero)
-        lp_rest_true = torch.where(p_rest > 0, p_rest.clamp(min=1e-300).log(), ninf)
-        logm_rest = torch.logaddexp(lb + lp_rest_true, l1b + logq_rest)
-        div = beta * (torch.where(p_S > 0, p_S * (logp_S - logm_S), zero).sum(1)
-                      + torch.where(p_rest > 0, p_rest * (logp_rest - logm_rest), zero)) \
-            + (1 - beta) * (torch.where(q_S > 0, q_S * (logq_Sf - logm_S), zero).sum(1)
-                            + torch.where(q_rest > 0, q_rest * (logq_rest - logm_rest), zero))
-        b_S = torch.where(q_S > 0, (1 - beta) * q_S * (logq_Sf - logm_S), zero)
-        a_rest = (1 - beta) * (logq_rest - logm_rest)
+        logm_S = torch.logaddexp(lb + lp, l1b + logq_S)  # −inf only where p = q = 0
+        logm_rest = torch.logaddexp(lb + logp_rest, l1b + logq_rest)
+        lmf = torch.where(torch.isfinite(logm_S), logm_S, zero)
+        lmrf = torch.where(torch.isfinite(logm_rest), logm_rest, zero)
+        div = beta * (torch.where(pS_pos, p_S * (lpf - lmf), zero).sum(1) + torch.where(pr_pos, p_rest * (lprf - lmrf), zero)) \
+            + (1 - beta) * (torch.where(qS_pos, q_S * (lqf - lmf), zero).sum(1)
+                            + torch.where(qr_pos, q_rest * (lqrf - lmrf), zero))
+        b_S = torch.where(qS_pos, (1 - beta) * q_S * (lqf - lmf), zero)
+        b_rest = torch.where(qr_pos, (1 - beta) * q_rest * (lqrf - lmrf), zero)
     b_S = torch.where(slot, b_S, zero)
-    cbar = b_S.sum(1) + q_rest * a_rest
+    cbar = b_S.sum(1) + b_rest
     div = torch.where(has, div, zero)
-    a_rest = torch.where(has, a_rest, zero)
+    b_rest = torch.where(has, b_rest, zero)
     cbar = torch.where(has, cbar, zero)
-    return div, b_S, a_rest, cbar, q_S
+    return div, b_S, b_rest, cbar, q_S
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,46 +306,78 @@ def _row_weights(labels, N, opts, device):
     return valid
 
 
-def _chunk_terms(buf, lse_T, lse_1, ids_c, lp_c, labels_c, valid_c, opts: DistillOptions):
+# Rows with log q_rest above this run the dense pass relative to the full log-sum-exp (so the CPU kernel can
+# share one exp between the KD and CE terms at T = 1); below it, relative to the rest log-sum-exp, whose
+# coefficient α·T·(b_rest − c̄·q_rest) is O(1) at any confidence (a_rest = b_rest/q_rest would overflow).
+_FULL_LSE_MIN_LOGQ_REST = -16.0
+
+
+def _chunk_terms(buf, lse_1, rest_lse, z_S, ids_c, lp_c, rest_lp_c, labels_c, valid_c, opts: DistillOptions):
     """Row losses and gradient coefficients of one chunk (upstream gradient 1 per row).
 
-    Returns loss [c] fp32, s_q [c], s_1 [c] | None, sparse_ids [c, m] int64, sparse_coef [c, m] fp32.
+    buf has S masked to −inf; z_S [c, k] are the raw logits at the ids (read before masking); rest_lse [c] is
+    logsumexp over the vocabulary minus S at temperature T. The dense gradient is s_d·exp(l/T − off) (0 at S),
+    the sparse one coef at sparse_ids (S: the whole value, label: −ce_weight).
+    Returns loss [c] fp32, s_d [c], off [c], lse_1 [c] | None (fp32, for the dense CE term), s_1 [c] | None,
+    sparse_ids [c, m] int64, sparse_coef [c, m] fp32.
     """
     T = float(opts.temperature)
     alpha = 1.0 - float(opts.ce_weight)
     slot = ids_c >= 0
     safe = ids_c.clamp(min=0).long()
-    z_S = buf.gather(1, safe).double()  # [c, k] raw logits at the teacher ids
-    logq_S = z_S / T - lse_T.double()[:, None]
-    div, b_S, a_rest, cbar, q_S = _category_terms(logq_S, slot, lp_c, opts)
+    z_S = z_S.double()
+    rest_d = rest_lse.double()
+    # The row's log-sum-exp rebuilt in float64 from its two exact parts: the rest (fp32, but weighted by q_rest
+    # in the sum, so its rounding fades as the student grows confident) and the k raw logits at S (exact).
+    # A repeated id (validate=False) counts once, as in the masked buffer.
+    lse_S = torch.logsumexp(torch.where(slot & ~_repeated(ids_c), z_S / T, float("-inf")), dim=1)
+    lse_Td = torch.logaddexp(rest_d, lse_S)  # [c]
+    if lse_1 is not None and T == 1.0:
+        lse_1 = lse_Td  # the same quantity at T = 1 (and bit-equal offsets let the CPU kernel share one exp)
+    logq_S = z_S / T - lse_Td[:, None]
+    logq_rest = rest_d - lse_Td  # exact in log space: −inf only when S covers the vocabulary
+    div, b_S, b_rest, cbar, q_S = _category_terms(logq_S, logq_rest, slot, lp_c, rest_lp_c, opts)
+    zero = torch.zeros((), dtype=torch.float64, device=buf.device)
     vmask = valid_c.double()
     loss = alpha * T * T * div
-    s_q = alpha * T * (a_rest - cbar)
-    coef = alpha * T * (b_S - q_S * a_rest[:, None])  # [c, k]
-    coef = torch.where(slot, coef, torch.zeros((), dtype=torch.float64, device=coef.device))
+    # dense part over v ∉ S: α·T·(a_rest − c̄)·q_v = α·T·(b_rest − c̄·q_rest)·exp(l_v/T − rest_lse)
+    q_rest = logq_rest.exp()
+    s_rest = alpha * T * (b_rest - cbar * q_rest)
+    full = logq_rest > _FULL_LSE_MIN_LOGQ_REST
+    s_d = torch.where(full, s_rest * torch.exp(torch.where(full, -logq_rest, zero)), s_rest)
+    s_d = torch.where(torch.isfinite(logq_rest), s_d, zero)  # no rest category: no dense KD term
+    off = torch.where(full | ~torch.isfinite(rest_d), lse_Td, rest_d)
+    # sparse part at v ∈ S: the whole gradient there (the dense pass forms 0 at the masked ids)
+    coef = alpha * T * (b_S - q_S * cbar[:, None])  # [c, k]
+    coef = torch.where(slot, coef, zero)
     sparse_ids, sparse_coef = safe, coef
     s_1 = None
     if opts.ce_weight > 0:
         lab = labels_c.clamp(min=0).long()
         z_lab = buf.gather(1, lab[:, None]).squeeze(1).double()
+        in_S = (safe == lab[:, None]) & slot
+        # the label's raw logit: from z_S when the label is a (masked) teacher id
+        z_lab = torch.where(in_S.any(1), torch.where(in_S, z_S, zero).sum(1), z_lab)
         loss = loss + opts.ce_weight * (lse_1.double() - z_lab)
-        s_1 = torch.full_like(s_q, float(opts.ce_weight)) * vmask
+        s_1 = torch.full_like(s_d, float(opts.ce_weight)) * vmask
+        # CE's softmax at the masked ids, which the dense pass no longer forms there
+        coef = coef + torch.where(slot, float(opts.ce_weight) * torch.exp(z_S - lse_1.double()[:, None]), zero)
         sparse_ids = torch.cat([safe, lab[:, None]], dim=1)
         sparse_coef = torch.cat([coef, torch.full_like(coef[:, :1], -float(opts.ce_weight))], dim=1)
     loss = loss * vmask
-    s_q = s_q * vmask
+    s_d = s_d * vmask
     sparse_coef = sparse_coef * vmask[:, None]
-    return (loss.float(), s_q.float(), (s_1.float() if s_1 is not None else None), sparse_ids,
-            sparse_coef.float())
+    return (loss.float(), s_d.float(), off.float(), (lse_1.float() if lse_1 is not None else None),
+            (s_1.float() if s_1 is not None else None), sparse_ids, sparse_coef.float())
 
 
 class _State:
     """What the forward pass hands to backward."""
 
-    __slots__ = ("mode", "dH", "dW", "db", "lse_T", "lse_1", "s_q", "s_1", "sp_ids", "sp_coef", "chunk")
+    __slots__ = ("mode", "dH", "dW", "db", "lse_T", "lse_1", "s_q", "s_1", "sp_ids", "sp_coef", "chunk", "ids")
 
 
-def _forward(hidden, weight, bias, ids, lp, labels, opts: DistillOptions, backend: str, need_grad: bool):
+def _forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOptions, backend: str, need_grad: bool):
     impl = _backend_impl(backend)
     N, d = hidden.shape
     V = weight.shape[0]
@@ -324,13 +408,16 @@ def _forward(hidden, weight, bias, ids, lp, labels, opts: DistillOptions, backen
         m = ids.shape[1] + (1 if need1 else 0)
         st.sp_ids = torch.empty(N, m, dtype=torch.int64, device=dev)
         st.sp_coef = torch.empty(N, m, dtype=torch.float32, device=dev)
+        st.ids = ids
 
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         h_c = hidden[s:e]
-        buf, lse_T, lse_1 = impl.logits_lse(h_c, weight, bias, T, need1, True)  # buf [c, V] fp32
+        buf, rest_lse, lse_1, z_S = _logits_and_rest(impl, h_c, weight, bias, T, need1, ids[s:e])
         lab_c = labels[s:e] if labels is not None else None
-        loss_c, s_q, s_1, sp_ids, sp_coef = _chunk_terms(buf, lse_T, lse_1, ids[s:e], lp[s:e], lab_c, valid[s:e], opts)
+        rest_c = rest_lp[s:e] if rest_lp is not None else None
+        loss_c, s_q, lse_T, lse_1, s_1, sp_ids, sp_coef = _chunk_terms(buf, lse_1, rest_lse, z_S, ids[s:e], lp[s:e],
+                                                                       rest_c, lab_c, valid[s:e], opts)
         loss_rows[s:e] = loss_c
         if st.mode == "precomputed":
             if scale != 1.0:
@@ -371,6 +458,7 @@ def _backward_recompute(hidden, weight, bias, st: _State, grad_rows: torch.Tenso
         e = min(N, s + st.chunk)
         h_c = hidden[s:e]
         buf, _, _ = impl.logits_lse(h_c, weight, bias, T, False, True)
+        _mask_buf(buf, *_mask_ids(st.ids[s:e]))  # the same −inf at S as in forward (lse_T holds the dense offset)
         gr = g[s:e]
         s_1 = st.s_1[s:e] * gr if need1 else None
         dH[s:e] = impl.dense_grad(buf, h_c, weight, bias, T, st.lse_T[s:e], st.lse_1[s:e] if need1 else None,
@@ -381,9 +469,9 @@ def _backward_recompute(hidden, weight, bias, st: _State, grad_rows: torch.Tenso
 
 class _FusedDistillLossFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, lp, labels, opts: DistillOptions, backend: str):
+    def forward(ctx, hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOptions, backend: str):
         need_grad = any(ctx.needs_input_grad[:3])
-        out, st = _forward(hidden, weight, bias, ids, lp, labels, opts, backend, need_grad)
+        out, st = _forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts, backend, need_grad)
         ctx.opts, ctx.backend, ctx.st = opts, backend, st
         ctx.has_bias = bias is not None
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -412,7 +500,7 @@ class _FusedDistillLossFn(torch.autograd.Function):
             dH, dW, db = _backward_recompute(hidden, weight, bias, st, grad_out, ctx.opts, ctx.backend)
         ctx.st = None  # free the precomputed gradients as soon as they are handed over
         hd, wd, bd = ctx.dtypes
-        return (dH.to(hd), dW.to(wd), db.to(bd) if db is not None else None, None, None, None, None, None)
+        return (dH.to(hd), dW.to(wd), db.to(bd) if db is not None else None, None, None, None, None, None, None)
 
 
 def fused_distill_loss(
@@ -433,6 +521,7 @@ def fused_distill_loss(
     backend: str = "auto",
     validate: bool = True,
     chunk_rows: Optional[int] = None,
+    teacher_rest_logprob: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Distillation loss of a student's lm_head against sparse teacher targets, fused with the lm_head.
 
@@ -452,14 +541,27 @@ def fused_distill_loss(
         backend: "auto" | "triton" | "cpu" | "torch".
         validate: value checks on ids/log-probs/labels (one host sync each); switch off for speed.
         chunk_rows: rows per chunk (default: one fp32 [chunk, V] buffer of ≤ 32 MB on CPU, 512 MB on GPU).
+        teacher_rest_logprob: [N] optional log of the teacher's exact mass outside the row's ids (at
+            ``temperature``; ``TeacherTargets.rest_logprob``); -inf for none. Used by tail="bucket"; when
+            absent it is log(1 − Σ_S p) from ``teacher_logprobs`` (computed stably, but it cannot resolve a
+            teacher rest mass below the rounding of those log-probs).
+
+    The rest category is exact at every confidence (docs/ARCHITECTURE.md, "The exact tail bucket"): the
+    student's log q_rest is a log-sum-exp over the vocabulary minus the row's ids, minus the row's
+    log-sum-exp, never 1 − Σ_S q; all category math is in log space (logaddexp for JSD's mixture) and the
+    returned gradient is the gradient of the returned loss. The one floor, ``LOG_FLOOR = -100``, applies
+    only to the teacher's log-probabilities (slots and rest) inside reverse KL, where a teacher probability
+    of 0 would make the loss infinite; it never touches the student's log q, forward KL or JSD.
     """
     opts = DistillOptions(divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight, tail=tail,
                           ignore_index=ignore_index, reduction=reduction, backend=backend, validate=validate,
                           chunk_rows=chunk_rows)
     opts.check()
     _validate_inputs(hidden, weight, teacher_ids, teacher_logprobs, labels, bias, opts)
+    _validate_rest(teacher_rest_logprob, hidden.shape[0], hidden.device, opts)
     which = _backend.resolve_backend(backend, hidden.device, "fused_distill_loss", _CPU_SYMBOL)
     if hidden.shape[0] == 0:
         z = (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
         return hidden.new_zeros((0,), dtype=torch.float32) if reduction == "none" else z
-    return _FusedDistillLossFn.apply(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, opts, which)
+    rest = teacher_rest_logprob if opts.tail == "bucket" else None  # renormalize: the teacher has no rest mass
+    return _FusedDistillLossFn.apply(hidden, weight, bias, teacher_ids, teacher_logprobs, rest, labels, opts, which)

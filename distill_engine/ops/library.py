@@ -56,23 +56,26 @@ def _none0(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 # ---- fused_distill_loss -----------------------------------------------------------------------------------
-def _distill_prep(hidden, weight, bias, ids, lp, labels, divergence, beta, temperature, ce_weight, tail,
+def _distill_prep(hidden, weight, bias, ids, lp, rest, labels, divergence, beta, temperature, ce_weight, tail,
                   ignore_index, reduction, backend, validate):
     opts = _dl.DistillOptions(divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight,
                               tail=tail, ignore_index=ignore_index, reduction=reduction, backend=backend,
                               validate=validate)
     opts.check()
     _dl._validate_inputs(hidden, weight, ids, lp, labels, bias, opts)
+    _dl._validate_rest(rest, hidden.shape[0], hidden.device, opts)
     return opts, _backend.resolve_backend(backend, hidden.device, "fused_distill_loss", _dl._CPU_SYMBOL)
 
 
 @torch.library.custom_op(f"{_NS}::fused_distill_loss", mutates_args=())
 def _distill_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_ids: Tensor,
-                teacher_logprobs: Tensor, labels: Optional[Tensor], divergence: str, beta: float,
+                teacher_logprobs: Tensor, teacher_rest_logprob: Optional[Tensor], labels: Optional[Tensor], divergence: str, beta: float,
                 temperature: float, ce_weight: float, tail: str, ignore_index: int, reduction: str, backend: str,
                 validate: bool, need_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    opts, which = _distill_prep(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, divergence, beta,
-                                temperature, ce_weight, tail, ignore_index, reduction, backend, validate)
+    opts, which = _distill_prep(hidden, weight, bias, teacher_ids, teacher_logprobs, teacher_rest_logprob, labels,
+                                divergence, beta, temperature, ce_weight, tail, ignore_index, reduction, backend,
+                                validate)
+    rest = teacher_rest_logprob if tail == "bucket" else None  # renormalize: the teacher has no rest mass
     N = hidden.shape[0]
     in_fwd = need_grad and reduction != "none"
     if N == 0:
@@ -80,9 +83,9 @@ def _distill_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_
         return (loss, torch.zeros_like(hidden) if in_fwd else hidden.new_empty(0),
                 torch.zeros_like(weight) if in_fwd else weight.new_empty(0),
                 torch.zeros_like(bias) if in_fwd and bias is not None else hidden.new_empty(0))
-    ctx = _Ctx((in_fwd, in_fwd, in_fwd and bias is not None) + (False,) * 5)
-    loss = _dl._FusedDistillLossFn.forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, labels, opts,
-                                           which)
+    ctx = _Ctx((in_fwd, in_fwd, in_fwd and bias is not None) + (False,) * 6)
+    loss = _dl._FusedDistillLossFn.forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, rest, labels,
+                                           opts, which)
     if not in_fwd:
         return loss, hidden.new_empty(0), weight.new_empty(0), hidden.new_empty(0)
     dH, dW, db = _dl._FusedDistillLossFn.backward(ctx, torch.ones((), device=hidden.device))[:3]
@@ -90,8 +93,8 @@ def _distill_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_
 
 
 @_distill_op.register_fake
-def _(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, divergence, beta, temperature, ce_weight, tail,
-      ignore_index, reduction, backend, validate, need_grad):
+def _(hidden, weight, bias, teacher_ids, teacher_logprobs, teacher_rest_logprob, labels, divergence, beta,
+      temperature, ce_weight, tail, ignore_index, reduction, backend, validate, need_grad):
     N = hidden.shape[0]
     loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
     if need_grad and reduction != "none":
@@ -102,17 +105,19 @@ def _(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, divergence, b
 
 @torch.library.custom_op(f"{_NS}::fused_distill_loss_backward", mutates_args=())
 def _distill_bwd_op(grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_ids: Tensor,
-                    teacher_logprobs: Tensor, labels: Optional[Tensor], divergence: str, beta: float,
+                    teacher_logprobs: Tensor, teacher_rest_logprob: Optional[Tensor], labels: Optional[Tensor], divergence: str, beta: float,
                     temperature: float, ce_weight: float, tail: str, ignore_index: int, backend: str
                     ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of Σ_rows grad_rows · loss_rows (reduction "none"), by the eager op's recompute path."""
-    opts, which = _distill_prep(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, divergence, beta,
-                                temperature, ce_weight, tail, ignore_index, "none", backend, False)
+    opts, which = _distill_prep(hidden, weight, bias, teacher_ids, teacher_logprobs, teacher_rest_logprob, labels,
+                                divergence, beta, temperature, ce_weight, tail, ignore_index, "none", backend, False)
+    rest = teacher_rest_logprob if tail == "bucket" else None
     if hidden.shape[0] == 0:
         return torch.zeros_like(hidden), torch.zeros_like(weight), _none0(
             torch.zeros_like(bias) if bias is not None else None, hidden)
-    ctx = _Ctx((True, True, bias is not None) + (False,) * 5)
-    _dl._FusedDistillLossFn.forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, labels, opts, which)
+    ctx = _Ctx((True, True, bias is not None) + (False,) * 6)
+    _dl._FusedDistillLossFn.forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, rest, labels, opts,
+                                    which)
     dH, dW, db = _dl._FusedDistillLossFn.backward(ctx, grad_rows.contiguous())[:3]
     return dH, dW, _none0(db, hidden)
 
@@ -124,20 +129,20 @@ def _(grad_rows, hidden, weight, bias, *args):
 
 
 def _distill_setup(ctx, inputs, output):
-    hidden, weight, bias, ids, lp, labels = inputs[:6]
-    ctx.opts = inputs[6:14]  # divergence .. backend
+    hidden, weight, bias, ids, lp, rest, labels = inputs[:7]
+    ctx.opts = inputs[7:15]  # divergence .. backend
     ctx.has_bias = bias is not None
     if ctx.opts[6] == "none":  # reduction
-        ctx.save_for_backward(hidden, weight, bias, ids, lp, labels)
+        ctx.save_for_backward(hidden, weight, bias, ids, lp, rest, labels)
     else:
         ctx.save_for_backward(*output[1:])
 
 
 def _distill_backward(ctx, g_loss, _g_dH, _g_dW, _g_db):
-    nones = (None,) * 13
+    nones = (None,) * 14
     if ctx.opts[6] == "none":
-        hidden, weight, bias, ids, lp, labels = ctx.saved_tensors
-        dH, dW, db = _distill_bwd_op(g_loss.float(), hidden, weight, bias, ids, lp, labels, *ctx.opts[:6],
+        hidden, weight, bias, ids, lp, rest, labels = ctx.saved_tensors
+        dH, dW, db = _distill_bwd_op(g_loss.float(), hidden, weight, bias, ids, lp, rest, labels, *ctx.opts[:6],
                                      ctx.opts[7])
     else:
         dH, dW, db = ctx.saved_tensors
@@ -157,11 +162,12 @@ def fused_distill_loss(hidden: Tensor, weight: Tensor, teacher_ids: Tensor, teac
                        labels: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                        divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                        ce_weight: float = 0.0, tail: str = "bucket", ignore_index: int = -100,
-                       reduction: str = "mean", backend: str = "auto", validate: bool = True) -> Tensor:
+                       reduction: str = "mean", backend: str = "auto", validate: bool = True,
+                       teacher_rest_logprob: Optional[Tensor] = None) -> Tensor:
     """:func:`distill_engine.fused_distill_loss` as a torch.library op (traceable by torch.compile)."""
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad))
-    return _distill_op(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, divergence, float(beta),
+    return _distill_op(hidden, weight, bias, teacher_ids, teacher_logprobs, teacher_rest_logprob, labels, divergence, float(beta),
                        float(temperature), float(ce_weight), tail, int(ignore_index), reduction, backend,
                        bool(validate), bool(need_grad))[0]
 
@@ -169,19 +175,22 @@ def fused_distill_loss(hidden: Tensor, weight: Tensor, teacher_ids: Tensor, teac
 # ---- teacher_targets --------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{_NS}::teacher_targets", mutates_args=())
 def _targets_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, temperature: float, method: str,
-                seed: Optional[int], backend: str, validate: bool) -> Tuple[Tensor, Tensor]:
+                seed: Optional[int], backend: str, validate: bool) -> Tuple[Tensor, Tensor, Tensor]:
     gen = None
     if seed is not None:
         gen = torch.Generator(device=hidden.device).manual_seed(seed)
     t = _tt.teacher_targets(hidden, weight, k, bias=bias, temperature=temperature, method=method, generator=gen,
                             backend=backend, validate=validate)
-    return t.ids, t.logprobs
+    # rest_logprob [N] (method="topk"), or an empty [0] tensor standing for None (custom ops return Tensors)
+    rest = t.rest_logprob if t.rest_logprob is not None else hidden.new_empty(0, dtype=torch.float32)
+    return t.ids, t.logprobs, rest
 
 
 @_targets_op.register_fake
 def _(hidden, weight, bias, k, temperature, method, seed, backend, validate):
     N = hidden.shape[0]
-    return hidden.new_empty((N, k), dtype=torch.int32), hidden.new_empty((N, k), dtype=torch.float32)
+    return (hidden.new_empty((N, k), dtype=torch.int32), hidden.new_empty((N, k), dtype=torch.float32),
+            hidden.new_empty((N,) if method == "topk" else (0,), dtype=torch.float32))
 
 
 def teacher_targets(hidden: Tensor, weight: Tensor, k: int = 64, *, bias: Optional[Tensor] = None,
@@ -189,9 +198,9 @@ def teacher_targets(hidden: Tensor, weight: Tensor, k: int = 64, *, bias: Option
                     backend: str = "auto", validate: bool = True) -> "_tt.TeacherTargets":
     """:func:`distill_engine.teacher_targets` as a torch.library op. ``seed`` (int) replaces ``generator`` for
     method="sample" (a Generator is no op argument). No gradient flows (the teacher is a constant)."""
-    ids, lps = _targets_op(hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, int(k),
+    ids, lps, rest = _targets_op(hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, int(k),
                            float(temperature), method, seed, backend, bool(validate))
-    return _tt.TeacherTargets(ids, lps, weight.shape[0])
+    return _tt.TeacherTargets(ids, lps, weight.shape[0], rest if method == "topk" else None)
 
 
 # ---- fused_projection_loss --------------------------------------------------------------------------------

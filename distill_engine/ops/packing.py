@@ -1,12 +1,13 @@
 """Compact byte format of teacher targets for caches and streams: ``pack_targets`` / ``unpack_targets``.
 
-Byte layout, version 1 (all integers little-endian; one flat uint8 buffer, on any device)::
+Byte layout, version 2 (all integers little-endian; one flat uint8 buffer, on any device)::
 
     offset  size  field
     0       4     magic b"DETT"
-    4       2     version = 1
+    4       2     version = 2 (version 1 buffers, identical but without flag bit 3, are still read)
     6       2     flags: bits 0-1 log-prob format (0 = float16, 1 = bfloat16, 2 = uint8);
-                         bit 2 = ids bit-packed (else int32); other bits 0
+                         bit 2 = ids bit-packed (else int32);
+                         bit 3 = rest section present (version 2 only); other bits 0
     8       8     N (rows, uint64)
     16      4     k (slots per row, uint32)
     20      4     V (vocabulary size, uint32)
@@ -22,6 +23,8 @@ Byte layout, version 1 (all integers little-endian; one flat uint8 buffer, on an
     ids:                int32 [N·k] (−1 = empty), or a bit stream of N·k codes of id_bits bits each,
                         slot i in stream bits [i·b, (i+1)·b) (bit 0 = least significant bit of byte 0),
                         code V = empty slot, stored as ceil(N·k·b / 32) little-endian uint32 words
+    rest (flag bit 3):  float32 [N]  TeacherTargets.rest_logprob, the log of the teacher's exact mass
+                        outside the row's ids (kept in fp32: it is what tail="bucket" needs exactly)
 
 Bytes per (token, slot) at V = 128,256, k = 64: int32 + fp16 = 6, int32 + uint8 = 5.06,
 bit-packed + fp16 = 4.13, bit-packed + uint8 = 3.19 (plus the 48-byte header per buffer).
@@ -52,11 +55,13 @@ from .. import _backend
 from .teacher_targets import TeacherTargets
 
 MAGIC = b"DETT"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 HEADER_BYTES = 48
 LOGPROB_DTYPES = ("float16", "bfloat16", "uint8")
 _FMT_CODE = {"float16": 0, "bfloat16": 1, "uint8": 2}
 _FLAG_BITPACK = 1 << 2
+_FLAG_REST = 1 << 3  # version 2: a float32 [N] rest_logprob section follows the ids
 U8_FLOOR = -100.0
 _HEADER = struct.Struct("<4sHHQIIB7xQQ")  # magic, version, flags, N, k, V, id_bits, payload, checksum
 assert _HEADER.size == HEADER_BYTES
@@ -75,7 +80,7 @@ def id_bits_for(V: int) -> int:
     return max(1, int(V).bit_length())
 
 
-def _sections(N: int, k: int, V: int, fmt: str, bitpack: bool):
+def _sections(N: int, k: int, V: int, fmt: str, bitpack: bool, rest: bool = False):
     """[(name, nbytes)] of the payload in order (each section padded to 8 bytes)."""
     n = N * k
     out = []
@@ -87,6 +92,8 @@ def _sections(N: int, k: int, V: int, fmt: str, bitpack: bool):
         out += [("ids", 4 * ((n * id_bits_for(V) + 31) // 32))]
     else:
         out += [("ids", 4 * n)]
+    if rest:
+        out += [("rest", 4 * N)]
     return out
 
 
@@ -269,6 +276,15 @@ class PackedTargets:
         return self._header["bitpack"]
 
     @property
+    def version(self) -> int:
+        return self._header["version"]
+
+    @property
+    def has_rest_logprob(self) -> bool:
+        """Whether the buffer carries TeacherTargets.rest_logprob (version 2 with the rest section)."""
+        return self._header["rest"]
+
+    @property
     def nbytes(self) -> int:
         return self.buffer.numel()
 
@@ -335,25 +351,29 @@ def _parse_header(head: bytes, total: int) -> dict:
     magic, version, flags, N, k, V, id_bits, payload, checksum = _HEADER.unpack(head[:HEADER_BYTES])
     if magic != MAGIC:
         raise ValueError(f"not a packed teacher-targets buffer (magic {magic!r}, expected {MAGIC!r})")
-    if version != VERSION:
-        raise ValueError(f"packed targets version {version} is not supported (this build reads version {VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"packed targets version {version} is not supported (this build reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))})")
     fmt_code = flags & 3
-    if fmt_code > 2 or flags & ~(3 | _FLAG_BITPACK):
+    known = 3 | _FLAG_BITPACK | (_FLAG_REST if version >= 2 else 0)
+    if fmt_code > 2 or flags & ~known:
         raise ValueError(f"corrupt packed targets: unknown flags {flags:#x}")
     fmt = LOGPROB_DTYPES[fmt_code]
     bitpack = bool(flags & _FLAG_BITPACK)
+    rest = bool(flags & _FLAG_REST)
     if V < 1 or k < 1:
         raise ValueError(f"corrupt packed targets: k={k}, V={V}")
     want_bits = id_bits_for(V) if bitpack else 32
     if id_bits != want_bits:
         raise ValueError(f"corrupt packed targets: id_bits={id_bits}, expected {want_bits} for V={V}")
-    expect = sum(_pad8(n) for _, n in _sections(N, k, V, fmt, bitpack))
+    expect = sum(_pad8(n) for _, n in _sections(N, k, V, fmt, bitpack, rest))
     if payload != expect:
         raise ValueError(f"corrupt packed targets: payload size {payload} does not match N={N}, k={k} ({expect})")
     if total != HEADER_BYTES + payload:
         kind = "truncated" if total < HEADER_BYTES + payload else "oversized"
         raise ValueError(f"{kind} packed targets: {total} bytes, header says {HEADER_BYTES + payload}")
-    return dict(N=N, k=k, V=V, fmt=fmt, bitpack=bitpack, id_bits=id_bits, payload=payload, checksum=checksum)
+    return dict(N=N, k=k, V=V, fmt=fmt, bitpack=bitpack, id_bits=id_bits, payload=payload, checksum=checksum,
+                version=version, rest=rest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,7 +384,7 @@ def pack_targets(targets: TeacherTargets, logprob_dtype: str = "float16", *, bit
     """Pack teacher targets into one flat uint8 buffer on their device (layout in this module's docstring).
 
     Args:
-        targets: TeacherTargets (ids [N, k], logprobs [N, k]).
+        targets: TeacherTargets (ids [N, k], logprobs [N, k], rest_logprob [N] | None: stored in fp32 when set).
         logprob_dtype: "float16" | "bfloat16" | "uint8" (per-row fp16 offset and scale, 255 levels).
         bitpack_ids: store ids in ceil(log2(V + 1)) bits each instead of int32.
         vocab_size: V; defaults to ``targets.vocab_size`` (required).
@@ -395,6 +415,11 @@ def pack_targets(targets: TeacherTargets, logprob_dtype: str = "float16", *, bit
         row = int(((lp == float("inf")) | ((lp > 1e-4) & (ids >= 0))).any(1).nonzero()[0, 0])
         raise ValueError(f"targets.logprobs must be log-probabilities (<= 0, or -inf); row {row} has a positive "
                          f"or +inf value — pass log_softmax outputs, not logits")
+    has_rest = targets.rest_logprob is not None
+    if has_rest:
+        rest = targets.rest_logprob.to(device=ids.device, dtype=torch.float32).contiguous()
+        if N and bool(torch.isnan(rest).any()):
+            raise ValueError("targets.rest_logprob contains NaN")
     dev = ids.device
     fmt = logprob_dtype
     parts = {}
@@ -413,15 +438,17 @@ def pack_targets(targets: TeacherTargets, logprob_dtype: str = "float16", *, bit
         parts["ids"] = _pack_id_bits(ids.reshape(-1), V, bits).view(torch.uint8)
     else:
         parts["ids"] = ids.reshape(-1).view(torch.uint8)
+    if has_rest:
+        parts["rest"] = rest.view(torch.uint8)
     chunks = []
-    for name, nbytes in _sections(N, k, V, fmt, bitpack_ids):
+    for name, nbytes in _sections(N, k, V, fmt, bitpack_ids, has_rest):
         data = parts[name]
         assert data.numel() == nbytes, (name, data.numel(), nbytes)
         chunks.append(data)
         if _pad8(nbytes) > nbytes:
             chunks.append(torch.zeros(_pad8(nbytes) - nbytes, dtype=torch.uint8, device=dev))
     payload = sum(c.numel() for c in chunks)
-    flags = _FMT_CODE[fmt] | (_FLAG_BITPACK if bitpack_ids else 0)
+    flags = _FMT_CODE[fmt] | (_FLAG_BITPACK if bitpack_ids else 0) | (_FLAG_REST if has_rest else 0)
     head = _HEADER.pack(MAGIC, VERSION, flags, N, k, V, bits, payload, 0)
     head_t = torch.frombuffer(bytearray(head), dtype=torch.uint8).to(dev)
     buf = torch.cat([head_t, *chunks])
@@ -431,7 +458,8 @@ def pack_targets(targets: TeacherTargets, logprob_dtype: str = "float16", *, bit
 
 def unpack_targets(packed: Union[PackedTargets, bytes, bytearray, memoryview], device=None, *,
                    verify: bool = True) -> TeacherTargets:
-    """Decode a PackedTargets (or its bytes) into TeacherTargets(ids int32, logprobs fp32) on ``device``
+    """Decode a PackedTargets (or its bytes) into TeacherTargets(ids int32, logprobs fp32, rest_logprob fp32 |
+    None) on ``device``
     (default: the buffer's device). Raises ValueError for a corrupt or truncated buffer."""
     if isinstance(packed, (bytes, bytearray, memoryview)):
         packed = PackedTargets.from_bytes(packed, device=device)
@@ -447,7 +475,7 @@ def unpack_targets(packed: Union[PackedTargets, bytes, bytearray, memoryview], d
     buf = packed.buffer
     pos = HEADER_BYTES
     sec = {}
-    for name, nbytes in _sections(N, k, V, fmt, bitpack):
+    for name, nbytes in _sections(N, k, V, fmt, bitpack, h["rest"]):
         sec[name] = buf[pos:pos + nbytes]
         pos += _pad8(nbytes)
     n = N * k
@@ -469,4 +497,7 @@ def unpack_targets(packed: Union[PackedTargets, bytes, bytearray, memoryview], d
     if n:
         lse = torch.logsumexp(lp.double(), dim=1)
         lp = torch.where((lse > 0)[:, None], (lp.double() - lse.clamp(min=0)[:, None]).float(), lp)
-    return TeacherTargets(ids, lp, V)
+    rest = sec["rest"].view(torch.float32).clone() if h["rest"] else None  # version 1 / no section: None
+    if rest is not None and N and bool(torch.isnan(rest).any() | (rest > 1e-4).any()):
+        raise ValueError("corrupt packed targets: rest_logprob section holds NaN or positive values")
+    return TeacherTargets(ids, lp, V, rest)

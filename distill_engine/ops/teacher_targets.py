@@ -6,7 +6,9 @@ log-probability is z_v − lse_T (method "topk") so ``tail="bucket"`` in ``fused
 true tail mass 1 − Σ_S p.
 
 * ``method="topk"``: the k ids with the largest z (exact; ties may be broken either way), sorted by
-  log-probability descending.
+  log-probability descending, plus ``rest_logprob`` [N]: log Σ_{v∉S} softmax(z)_v, the exact mass outside
+  the ids, from a masked log-sum-exp over the chunk logits (issue 15; ``fused_distill_loss`` takes it as
+  ``teacher_rest_logprob`` so the bucket tail never rebuilds it as 1 − Σ_S p).
 * ``method="sample"`` (random-sampling KD, Anshumann et al. 2025): k draws with replacement from
   softmax(z); duplicates merged; each distinct id gets log(count / k); sorted by count descending, then
   id ascending; empty slots (-1, -inf) pad the row. E[count_v / k] = p_v, so the sparse target is an
@@ -50,17 +52,27 @@ class TeacherTargets:
     ids:        [N, k] int32 token ids; -1 marks an empty slot (empty slots come last in a row).
     logprobs:   [N, k] float32 log-probabilities over the full vocabulary; -inf in empty slots.
     vocab_size: V of the teacher when known (needed by the bit-packed cache format).
+    rest_logprob: [N] float32 log of the teacher's exact mass OUTSIDE the row's ids (at the targets'
+                temperature; -inf when the ids hold all of it), or None when unknown (e.g. sampled targets,
+                whose renormalized tail does not use it). ``fused_distill_loss(teacher_rest_logprob=...)``
+                takes it so tail="bucket" sees the teacher's rest mass exactly, not as 1 − Σ_S p.
     """
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     vocab_size: Optional[int] = None
+    rest_logprob: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         check_tensor("ids", self.ids, ndim=2, dtypes=(torch.int32, torch.int64))
         check_tensor("logprobs", self.logprobs, ndim=2, shape=tuple(self.ids.shape), device=self.ids.device)
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
             raise ValueError(f"vocab_size must be a positive int or None, got {self.vocab_size!r}")
+        if self.rest_logprob is not None:
+            check_tensor("rest_logprob", self.rest_logprob, ndim=1, shape=(self.ids.shape[0],), device=self.ids.device)
+
+    def _with(self, ids, logprobs, rest) -> "TeacherTargets":
+        return TeacherTargets(ids, logprobs, self.vocab_size, rest)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -79,20 +91,23 @@ class TeacherTargets:
         return self.ids >= 0
 
     def to(self, device=None, non_blocking: bool = False) -> "TeacherTargets":
-        return TeacherTargets(self.ids.to(device, non_blocking=non_blocking),
-                              self.logprobs.to(device, non_blocking=non_blocking), self.vocab_size)
+        rest = self.rest_logprob.to(device, non_blocking=non_blocking) if self.rest_logprob is not None else None
+        return self._with(self.ids.to(device, non_blocking=non_blocking),
+                          self.logprobs.to(device, non_blocking=non_blocking), rest)
 
     def cpu(self) -> "TeacherTargets":
         return self.to("cpu")
 
     def pin_memory(self) -> "TeacherTargets":
-        return TeacherTargets(self.ids.pin_memory(), self.logprobs.pin_memory(), self.vocab_size)
+        rest = self.rest_logprob.pin_memory() if self.rest_logprob is not None else None
+        return self._with(self.ids.pin_memory(), self.logprobs.pin_memory(), rest)
 
     def __getitem__(self, rows) -> "TeacherTargets":
         """Row selection (int, slice, index tensor); an int keeps the row dimension."""
         if isinstance(rows, int):
             rows = slice(rows, rows + 1) if rows != -1 else slice(-1, None)
-        return TeacherTargets(self.ids[rows], self.logprobs[rows], self.vocab_size)
+        return self._with(self.ids[rows], self.logprobs[rows],
+                          self.rest_logprob[rows] if self.rest_logprob is not None else None)
 
     @staticmethod
     def cat(parts: Sequence["TeacherTargets"]) -> "TeacherTargets":
@@ -105,8 +120,11 @@ class TeacherTargets:
         vs = {p.vocab_size for p in parts if p.vocab_size is not None}
         if len(vs) > 1:
             raise ValueError(f"parts have different vocab_size {sorted(vs)}")
+        # the exact rest mass survives only when every part has it (else the loss falls back to 1 − Σp)
+        rest = (torch.cat([p.rest_logprob.float() for p in parts])
+                if all(p.rest_logprob is not None for p in parts) else None)
         return TeacherTargets(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]),
-                              vs.pop() if vs else None)
+                              vs.pop() if vs else None, rest)
 
     def validate(self) -> "TeacherTargets":
         """Value checks (ids in [-1, V), unique per row, log-probs <= 0 and not NaN, -inf in empty slots)."""
@@ -127,6 +145,10 @@ class TeacherTargets:
             raise ValueError("logprobs must be log-probabilities (<= 0)")
         if bool((~slot & (lp != float("-inf"))).any()):
             raise ValueError("logprobs must be -inf in empty slots (ids == -1)")
+        if self.rest_logprob is not None:
+            r = self.rest_logprob.float()
+            if bool(torch.isnan(r).any()) or bool((r > 1e-4).any()):
+                raise ValueError("rest_logprob must be log-probabilities (<= 0, -inf for no rest mass), without NaN")
         return self
 
 
@@ -231,6 +253,49 @@ class _CpuBackend:
         return draws, lse
 
 
+def _rest_logprob(z: torch.Tensor, ids: torch.Tensor, temperature: float, buf_lse) -> torch.Tensor:
+    """log of the teacher's exact mass outside each row's ids, [c] fp32, from a chunk's fp32 logits ``z`` [c, V].
+
+    ``z`` are the logits before division by ``temperature`` (1.0 when they are already scaled); it is scratch
+    afterwards (the ids are set to -inf in place). log p_rest = lse_rest − logaddexp(lse_rest, lse_S) with
+    lse_rest = log Σ_{v∉S} exp(z_v/T) (one masked log-sum-exp pass, ``buf_lse``) and lse_S over the k ids in
+    float64: a sum of positives, exact at any confidence, where 1 − Σ_S p would cancel.
+    """
+    from ._tail import _mask_buf, _mask_ids  # the same masking as the loss's own rest pass
+
+    mids, has = _mask_ids(ids)
+    z_S = _mask_buf(z, mids, has).double() / temperature  # [c, k]
+    rest = buf_lse(z, temperature).double()  # [c]
+    lse_S = torch.logsumexp(torch.where(ids >= 0, z_S, float("-inf")), dim=1)
+    return (rest - torch.logaddexp(rest, lse_S)).float()
+
+
+def _buf_lse_fn(name: str):
+    if name == "torch":
+        from ..reference.distill_loss import buf_lse
+        return buf_lse
+    if name == "cpu":
+        return lambda buf, t: _backend.cpu_extension().distill_buf_lse(buf, float(t))
+    from ..kernels.distill_loss import buf_lse
+    return buf_lse
+
+
+def _rest_logprob_recompute(h, weight, bias, ids, temperature: float, backend: str) -> torch.Tensor:
+    """Rest log-mass for a backend that keeps no logits buffer (triton): the logits are formed again, by
+    sub-chunks of at most 2^27 fp32 elements (one more lm_head GEMM for the teacher, never [N, V])."""
+    from ..kernels import distill_loss as _k
+
+    c, V = h.shape[0], weight.shape[0]
+    rows = max(1, min(c, int(os.environ.get("DISTILL_ENGINE_CHUNK_ELEMS", 2**27)) // max(V, 1)))
+    out = torch.empty(c, dtype=torch.float32, device=h.device)
+    for s in range(0, c, rows):
+        e = min(c, s + rows)
+        buf, _, _ = _k.logits_lse(h[s:e], weight, bias, 1.0, False, True)  # raw logits [e−s, V] fp32
+        out[s:e] = _rest_logprob(buf, ids[s:e], temperature, _k.buf_lse)
+        del buf
+    return out
+
+
 def _backend_impl(name: str):
     if name == "torch":
         return _TorchBackend
@@ -305,12 +370,17 @@ def _run(hidden, weight, bias, opts: TeacherTargetsOptions, generator, backend: 
     ids = torch.empty(N, k, dtype=torch.int32, device=dev)
     lps = torch.empty(N, k, dtype=torch.float32, device=dev)
     lse = torch.empty(N, dtype=torch.float32, device=dev)
+    rest = torch.empty(N, dtype=torch.float32, device=dev) if opts.method == "topk" else None
     u = draw_uniforms(N, k, generator, dev) if opts.method == "sample" else None
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         h_c = hidden[s:e]
         if opts.method == "topk":
             ids[s:e], lps[s:e], lse[s:e] = impl.topk(h_c, weight, bias, k, inv_t, buf)
+            if needs_buf:  # buf[:c] still holds this chunk's scaled logits z = l/T
+                rest[s:e] = _rest_logprob(buf[:e - s], ids[s:e], 1.0, _buf_lse_fn(backend))
+            else:
+                rest[s:e] = _rest_logprob_recompute(h_c, weight, bias, ids[s:e], float(opts.temperature), backend)
         else:
             draws, lse[s:e] = impl.sample(h_c, weight, bias, inv_t, u[s:e].contiguous(), buf)
             ids[s:e], lps[s:e] = merge_draws(draws, V)
@@ -323,7 +393,7 @@ def _run(hidden, weight, bias, opts: TeacherTargetsOptions, generator, backend: 
         row = int(bad.nonzero()[0, 0])
         raise ValueError(f"teacher logits of row {row} are not finite (hidden/weight too large or non-finite); "
                          f"check the teacher's hidden states and lm_head weight, or run with validate=True")
-    return TeacherTargets(ids, lps, V)
+    return TeacherTargets(ids, lps, V, rest)
 
 
 def teacher_targets(
@@ -354,7 +424,10 @@ def teacher_targets(
         validate: check hidden/weight/bias for non-finite values first (one pass over them; one host sync).
 
     Returns:
-        TeacherTargets(ids [N, k] int32 (-1 empty), logprobs [N, k] float32 (-inf empty), vocab_size=V).
+        TeacherTargets(ids [N, k] int32 (-1 empty), logprobs [N, k] float32 (-inf empty), vocab_size=V,
+        rest_logprob [N] float32 for method="topk" (log of the exact mass outside the k ids, from one more
+        masked log-sum-exp pass over the chunk logits; the triton backend, which keeps no logits buffer, forms
+        them again for it), None for method="sample").
     """
     opts = TeacherTargetsOptions(k=k, temperature=temperature, method=method, backend=backend,
                                  chunk_rows=chunk_rows, validate=validate)
@@ -367,5 +440,6 @@ def teacher_targets(
         bias = bias.detach() if bias is not None else None
         if hidden.shape[0] == 0:
             return TeacherTargets(torch.empty(0, k, dtype=torch.int32, device=hidden.device),
-                                  torch.empty(0, k, dtype=torch.float32, device=hidden.device), weight.shape[0])
+                                  torch.empty(0, k, dtype=torch.float32, device=hidden.device), weight.shape[0],
+                                  torch.empty(0, dtype=torch.float32, device=hidden.device) if method == "topk" else None)
         return _run(hidden, weight, bias, opts, generator, which)

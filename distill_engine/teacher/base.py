@@ -26,11 +26,15 @@ class TeacherBatch:
     logprobs: torch.Tensor                  # [n, k] float32, -inf in empty slots
     micro_step: int
     hidden: Optional[List[torch.Tensor]] = None  # one [n, d_t] tensor per mapped teacher layer
+    rest_logprob: Optional[torch.Tensor] = None  # [n] float32 exact teacher rest log-mass (topk), else None
+    relation: Optional[List[torch.Tensor]] = None  # loss.relation: pooled [B, d_t] or per-pair Q/K/V [B, L, d]
 
     def to(self, device) -> "TeacherBatch":
         hid = None if self.hidden is None else [h.to(device, non_blocking=True) for h in self.hidden]
+        rest = None if self.rest_logprob is None else self.rest_logprob.to(device, non_blocking=True)
+        rel = None if self.relation is None else [r.to(device, non_blocking=True) for r in self.relation]
         return TeacherBatch(self.ids.to(device, non_blocking=True), self.logprobs.to(device, non_blocking=True),
-                            self.micro_step, hid)
+                            self.micro_step, hid, rest, rel)
 
 
 class TeacherSource(ABC):

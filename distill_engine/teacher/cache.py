@@ -8,6 +8,11 @@ Layout of a cache directory::
     progress/meta.json       # the settings a partial cache was started with
     progress/shard-00000.json  # per finished shard: sha256, size, its samples' index rows
 
+Each sample's bytes are packed targets version 2: with top-k targets they carry the teacher's exact rest
+log-mass per row (``TeacherTargets.rest_logprob``; manifest key ``rest_logprob: true``), which the trainer
+hands to the loss as ``teacher_rest_logprob``. Caches of version-1 samples are still read (no rest: the loss
+falls back to 1 − Σp).
+
 The manifest records the teacher model fingerprint, the tokenizer fingerprint, the dataset fingerprint
 (tokens, seq_len, packing), k, temperature, method, log-prob dtype, the seed, every shard's sha256 and the
 index file's sha256. A training run checks its own tokenizer, data, k, temperature and method (and teacher,
@@ -42,6 +47,7 @@ from ..data.io import atomic_write, atomic_write_json, fsync_dir, sha256_file
 from ..data.loader import Batch, MicroBatchPlan, collate
 from .base import TeacherBatch, TeacherSource, sample_generator
 from .codec import decode, encode
+from .colocated import runner_rest
 
 FORMAT = "distill-engine-teacher-cache"
 VERSION = 1
@@ -120,8 +126,10 @@ def write_cache(out_dir: str, *, runner, samples: TokenSamples, fields: Dict, pa
         wait_all(f"cache-{os.path.abspath(out_dir)}-{phase[0]}")
 
     prog = os.path.join(out_dir, "progress")
+    # rest_logprob: whether the packed samples carry the teacher's exact rest log-mass (packed format v2; top-k
+    # targets do). Caches without the key (written before it existed) are read the same way, rest = None.
     meta = dict(fields, format=FORMAT, version=VERSION, shard_samples=shard_samples, vocab_size=vocab_size,
-                bitpack_ids=bitpack_ids)
+                bitpack_ids=bitpack_ids, rest_logprob=fields.get("method") == "topk")
     manifest_path = os.path.join(out_dir, "manifest.json")
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
@@ -191,12 +199,15 @@ def write_cache(out_dir: str, *, runner, samples: TokenSamples, fields: Dict, pa
         gen = sample_generator(fields["seed"], s, lo, device) if fields["method"] == "sample" else None
         bd = b.to(device)
         with torch.no_grad():
-            t_ids, t_lps, _ = runner(bd.input_ids, bd.attention_mask, bd.valid_index, gen)
-        t_ids, t_lps = t_ids.cpu(), t_lps.cpu()
+            out = runner(bd.input_ids, bd.attention_mask, bd.valid_index, gen)
+        t_ids, t_lps = out[0].cpu(), out[1].cpu()
+        t_rest = runner_rest(out)  # [rows] exact teacher rest log-mass (topk): stored in packed format v2
+        t_rest = t_rest.cpu() if t_rest is not None else None
         r0 = 0
         for i in ids:
             n = samples.rows(i)
-            blob = encode(t_ids[r0:r0 + n], t_lps[r0:r0 + n], logprob_dtype, vocab_size, bitpack_ids)
+            blob = encode(t_ids[r0:r0 + n], t_lps[r0:r0 + n], logprob_dtype, vocab_size, bitpack_ids,
+                          t_rest[r0:r0 + n] if t_rest is not None else None)
             r0 += n
             entries.append([i, len(blob), n])
             blobs.append(blob)
@@ -334,14 +345,19 @@ class CacheReader:
 
     def sample(self, i: int):
         """(ids [rows, k], logprobs [rows, k]) of sample ``i``."""
+        return self.sample_with_rest(i)[:2]
+
+    def sample_with_rest(self, i: int):
+        """(ids [rows, k], logprobs [rows, k], rest_logprob [rows] | None) of sample ``i`` (None: a cache written
+        before issue 15, or sampled targets)."""
         if not 0 <= i < len(self.index):
             raise ValueError(f"teacher cache {self.dir!r} has {len(self.index)} samples; sample {i} requested")
         s, off, nb, n = (int(x) for x in self.index[i])
         mm = self._open(s)
-        ids, lps = decode(mm[off:off + nb], where=f"teacher cache {self.dir!r}, sample {i}")
+        ids, lps, rest = decode(mm[off:off + nb], where=f"teacher cache {self.dir!r}, sample {i}", with_rest=True)
         if ids.shape[0] != n:
             raise ValueError(f"teacher cache {self.dir!r}: sample {i} holds {ids.shape[0]} rows, the index says {n}")
-        return ids, lps
+        return ids, lps, rest
 
     def close(self) -> None:
         with self._lock:
@@ -372,10 +388,12 @@ class CacheTeacher(TeacherSource):
         self._thread: Optional[threading.Thread] = None
 
     def targets_for(self, sample_ids: List[int], micro_step: int) -> TeacherBatch:
-        parts = [self.reader.sample(i) for i in sample_ids]
+        parts = [self.reader.sample_with_rest(i) for i in sample_ids]
         ids = torch.cat([p[0] for p in parts]) if parts else torch.empty(0, self.reader.k, dtype=torch.int32)
         lps = torch.cat([p[1] for p in parts]) if parts else torch.empty(0, self.reader.k)
-        return TeacherBatch(ids, lps, micro_step)
+        # the exact rest mass only when every sample carries it (else the loss uses 1 − Σp for the batch)
+        rest = torch.cat([p[2] for p in parts]) if parts and all(p[2] is not None for p in parts) else None
+        return TeacherBatch(ids, lps, micro_step, None, rest)
 
     def start(self, first_micro_step: int, last_micro_step: Optional[int] = None) -> None:
         last = last_micro_step if last_micro_step is not None else first_micro_step + (1 << 40)

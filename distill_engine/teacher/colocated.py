@@ -42,9 +42,10 @@ def rows(x: torch.Tensor, valid_index: torch.Tensor) -> torch.Tensor:
 
 class TeacherHead(nn.Module):
     def __init__(self, model: nn.Module, *, k: int, temperature: float, method: str, backend: str = "auto",
-                 feature_layers: Optional[Sequence[int]] = None):
+                 feature_layers: Optional[Sequence[int]] = None, relation: Optional[dict] = None):
         super().__init__()
         self.model = model
+        self.relation = relation  # trainer.relation.relation_spec: the tensors loss.relation needs (issue 16)
         self.k, self.temperature, self.method, self.backend = k, temperature, method, backend
         self.feature_layers = list(feature_layers) if feature_layers else None
         self.model.eval()
@@ -56,9 +57,12 @@ class TeacherHead(nn.Module):
     def forward(self, input_ids, attention_mask, valid_index, generator=None):
         from ..ops.teacher_targets import teacher_targets
 
-        out = base_model_of(self.model)(input_ids=input_ids, attention_mask=attention_mask,
-                                        output_hidden_states=self.feature_layers is not None, use_cache=False,
-                                        return_dict=True)
+        from ..trainer.relation import teacher_capture, teacher_relation
+
+        with teacher_capture(self.model, self.relation) as store:
+            out = base_model_of(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                            output_hidden_states=self.feature_layers is not None, use_cache=False,
+                                            return_dict=True)
         head = lm_head_of(self.model)
         h = rows(out.last_hidden_state, valid_index)  # [n, d_t]
         t = teacher_targets(h, head.weight, self.k, bias=getattr(head, "bias", None), temperature=self.temperature,
@@ -66,7 +70,21 @@ class TeacherHead(nn.Module):
         hidden: Optional[List[torch.Tensor]] = None
         if self.feature_layers is not None:
             hidden = [rows(out.hidden_states[i], valid_index) for i in self.feature_layers]
-        return t.ids, t.logprobs, hidden
+        # 4th element: the exact teacher rest log-mass (None for sampled targets); 5th: loss.relation tensors
+        rel = None
+        if self.relation is not None:
+            rel = teacher_relation(self.relation, out.last_hidden_state, attention_mask, store)
+        return t.ids, t.logprobs, hidden, t.rest_logprob, rel
+
+
+def runner_rest(out) -> Optional[torch.Tensor]:
+    """The teacher rest log-mass of a runner's output tuple (ids, logprobs, hidden[, rest_logprob[, relation]])."""
+    return out[3] if len(out) > 3 else None
+
+
+def runner_relation(out):
+    """The loss.relation tensors of a runner's output tuple (issue 16), or None."""
+    return out[4] if len(out) > 4 else None
 
 
 class ColocatedTeacher(TeacherSource):
@@ -85,8 +103,9 @@ class ColocatedTeacher(TeacherSource):
         if self.method == "sample":
             gen = sample_generator(self.seed, self.dp_rank if dp_rank is None else dp_rank, batch.micro_step,
                                    self.device)
-        ids, lps, hidden = self.runner(b.input_ids, b.attention_mask, b.valid_index, gen)
-        return TeacherBatch(ids, lps, batch.micro_step, hidden)
+        out = self.runner(b.input_ids, b.attention_mask, b.valid_index, gen)
+        ids, lps, hidden = out[:3]
+        return TeacherBatch(ids, lps, batch.micro_step, hidden, runner_rest(out), runner_relation(out))
 
     def get(self, batch: Batch) -> TeacherBatch:
         return self.compute(batch)

@@ -83,7 +83,7 @@ class _Link:
 
 
 def _message(tb: TeacherBatch, logprob_dtype: str, vocab_size: int, bitpack_ids: bool):
-    packed = encode(tb.ids, tb.logprobs, logprob_dtype, vocab_size, bitpack_ids)
+    packed = encode(tb.ids, tb.logprobs, logprob_dtype, vocab_size, bitpack_ids, tb.rest_logprob)
     parts = [np.frombuffer(packed, dtype=np.uint8)]
     n_h, width, code = 0, 0, 0
     if tb.hidden:
@@ -93,6 +93,10 @@ def _message(tb: TeacherBatch, logprob_dtype: str, vocab_size: int, bitpack_ids:
         for h in tb.hidden:
             h = h.detach().contiguous().cpu()
             parts.append(h.view(torch.uint8).reshape(-1).numpy() if h.numel() else np.zeros(0, np.uint8))
+    if tb.relation:  # loss.relation tensors (issue 16): a self-describing tail after the hidden states
+        from .relation_codec import pack_tensors
+
+        parts.append(pack_tensors(tb.relation))
     payload = torch.from_numpy(np.concatenate(parts))
     hdr = torch.tensor([MAGIC, tb.micro_step, tb.ids.shape[0], len(packed), n_h, width, code, payload.numel()],
                        dtype=torch.int64)
@@ -179,7 +183,7 @@ class StreamTeacher(TeacherSource):
             raise RuntimeError(f"stream from teacher (global rank {self.src}): got micro-step {step}, expected "
                                f"{expect_step}; teacher and student data plans diverged")
         raw = payload.numpy()
-        ids, lps = decode(raw[:nbytes].tobytes(), where=f"stream from global rank {self.src}")
+        ids, lps, rest = decode(raw[:nbytes].tobytes(), where=f"stream from global rank {self.src}", with_rest=True)
         hidden = None
         if n_h:
             dt = _DTYPES[code]
@@ -188,7 +192,13 @@ class StreamTeacher(TeacherSource):
             for j in range(n_h):
                 chunk = raw[nbytes + j * per: nbytes + (j + 1) * per]
                 hidden.append(torch.from_numpy(chunk.copy()).view(dt).reshape(rows, width))
-        return TeacherBatch(ids, lps, step, hidden)
+        used = nbytes + (n_h * rows * width * torch.empty(0, dtype=_DTYPES[code]).element_size() if n_h else 0)
+        relation = None
+        if raw.size > used:  # loss.relation tensors (issue 16)
+            from .relation_codec import unpack_tensors
+
+            relation = unpack_tensors(raw[used:], f"stream from teacher (global rank {self.src})")
+        return TeacherBatch(ids, lps, step, hidden, rest, relation)
 
     def start(self, first_micro_step: int, last_micro_step: Optional[int] = None) -> None:
         last = last_micro_step

@@ -51,6 +51,7 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       backend: auto
       validate: first               # first (check the first micro-batches) | always | never
       features: null                # feature distillation, e.g. {layer_map: uniform, kind: mse, weight: 1.0}
+      relation: null                # relation distillation, e.g. {kind: similarity, pooling: mean, weight: 1.0}
     data:
       train_files: []               # .jsonl / .json / .txt / .parquet
       format: auto                  # auto | json | text | parquet
@@ -153,6 +154,19 @@ class FeatureConfig:
 
 
 @dataclass
+class RelationConfig:
+    """loss.relation (issue 16): example-level relations of pooled final states, or MiniLM-v2 token relations
+    of the Q/K/V projections of mapped layers (kind: token). See distill_engine/trainer/relation.py."""
+    kind: Literal["similarity", "similarity_mse", "distance", "angle", "token"] = "similarity"
+    pooling: Literal["mean", "last", "cls"] = "mean"
+    layer_map: Union[str, List[List[int]]] = "last"  # token: "last" or [[student_layer, teacher_layer], ...]
+    relation_heads: int = 1
+    weight: float = 1.0
+    temperature: float = 1.0
+    gather_across_ranks: bool = False
+
+
+@dataclass
 class LossConfig:
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = 0.5
@@ -162,6 +176,7 @@ class LossConfig:
     backend: Literal["auto", "triton", "cpu", "torch"] = "auto"
     validate: Literal["first", "always", "never"] = "first"
     features: Optional[FeatureConfig] = None
+    relation: Optional[RelationConfig] = None
 
 
 @dataclass
@@ -236,6 +251,8 @@ def _convert(key: str, tp, value):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if dataclasses.is_dataclass(args[0]) and len(args) == 2 and args[1] is type(None):
+            return _convert(key, args[0], value)  # Optional[section]: report the inner key's own error
         errors = []
         for a in args:
             if a is type(None):
@@ -366,11 +383,28 @@ def validate(cfg: Config) -> Config:
     if lo.features is not None and t.source in ("cache", "none"):
         raise ValueError(f"loss.features needs the teacher's hidden states, which teacher.source={t.source!r} does "
                          f"not provide; use colocated or stream, or remove loss.features")
+    if lo.relation is not None:
+        _validate_relation(lo.relation, t.source)
     if not d.train_files:
         raise ValueError("data.train_files is empty; list .jsonl / .txt / .parquet files")
     if tr.precision == "bf16" and tr.engine == "torch":
         pass  # the torch engine trains in autocast-free bf16 params; allowed
     return cfg
+
+
+def _validate_relation(r: RelationConfig, source: str) -> None:
+    if source in ("cache", "none"):
+        raise ValueError(f"loss.relation needs the teacher's states, which teacher.source={source!r} does not "
+                         f"provide; use colocated or stream, or remove loss.relation")
+    _positive("loss.relation.temperature", r.temperature)
+    _positive("loss.relation.relation_heads", r.relation_heads)
+    _positive("loss.relation.weight", r.weight, allow_zero=True)
+    if isinstance(r.layer_map, str) and r.layer_map != "last":
+        raise ValueError(f"loss.relation.layer_map must be 'last' or a list of [student_layer, teacher_layer] "
+                         f"pairs, got {r.layer_map!r}")
+    if not isinstance(r.layer_map, str) and (not r.layer_map or any(len(p) != 2 for p in r.layer_map)):
+        raise ValueError(f"loss.relation.layer_map must be a non-empty list of [student_layer, teacher_layer] "
+                         f"pairs, got {r.layer_map!r}")
 
 
 def parse_override(text: str):

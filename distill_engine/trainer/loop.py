@@ -35,6 +35,7 @@ from .config import Config, load_config
 from .engine import DeepSpeedEngine, TorchEngine, deepspeed_config, init_deepspeed_comm, quiet_deepspeed
 from .metrics import MetricsLogger, format_summary
 from .models import load_model, resolve_attn, verify_weights, zero3_loading
+from .relation import RelationTerm, relation_spec
 from .student import DistillStudent, FusedHeadLoss
 
 
@@ -137,8 +138,9 @@ def load_teacher_runner(cfg: Config, device: torch.device, *, student_config=Non
     model.eval()
     model.requires_grad_(False)
     layers = teacher_feature_layers(cfg, student_config, model.config) if student_config is not None else None
+    rel = relation_spec(cfg, student_config, model.config) if student_config is not None else None
     head = TeacherHead(model, k=t.k, temperature=cfg.loss.temperature, method=t.method, backend=t.backend,
-                       feature_layers=layers)
+                       feature_layers=layers, relation=rel)
     if ds_cfg is not None:
         import deepspeed
 
@@ -281,8 +283,14 @@ class Trainer:
         head = FusedHeadLoss(student.get_output_embeddings(), divergence=lo.divergence, beta=lo.beta,
                              temperature=lo.temperature, ce_weight=self.ce_weight, tail=lo.tail, backend=lo.backend,
                              zero3=self.zero3)
+        self.relation = None
+        if lo.relation is not None:  # issue 16
+            if teacher_model_cfg is None:
+                raise ValueError("loss.relation needs the teacher model's config; use teacher.source colocated or stream")
+            self.relation = RelationTerm(lo.relation, relation_spec(cfg, student.config, teacher_model_cfg),
+                                         backend=lo.backend)
         module = DistillStudent(student, head, self.features,
-                                cfg.loss.features.weight if self.features is not None else 1.0)
+                                cfg.loss.features.weight if self.features is not None else 1.0, relation=self.relation)
         if self.engine_kind == "deepspeed":
             self.engine = DeepSpeedEngine(module, cfg, ds_cfg, device)
         else:
@@ -294,6 +302,7 @@ class Trainer:
         self.source.start(self.start_step * tr.grad_accum, self.end_step * tr.grad_accum)
         self.bad_targets = False
         self.acc = torch.zeros(4, dtype=torch.float64)  # loss, divergence, feature sums and tokens since last log
+        self.rel_acc = torch.zeros(2, dtype=torch.float64)  # relation loss sum and micro-batch count (issue 16)
         self.wait_s = 0.0
         return self
 
@@ -318,13 +327,17 @@ class Trainer:
             bd, tb = b.to(engine.device), tb.to(engine.device)
             vi = bd.valid_index
             labels = bd.labels.reshape(-1).index_select(0, vi)
+            extra = {} if self.relation is None else {"teacher_relation": tb.relation, "relation_scale": 1.0 / GA}
             loss, stats = engine(bd.input_ids, bd.attention_mask, vi, labels, tb.ids, tb.logprobs, tb.hidden,
-                                 scale=scale, validate=validate, measure_divergence=measure)
+                                 scale=scale, validate=validate, measure_divergence=measure,
+                                 teacher_rest_logprob=tb.rest_logprob, **extra)
             engine.backward(loss)
             if a == GA - 1 and on_boundary is not None:
                 on_boundary(engine)
             engine.step()
-            self.acc[:3] += stats.detach().double().cpu()
+            self.acc[:3] += stats[:3].detach().double().cpu()
+            if self.relation is not None:
+                self.rel_acc += torch.tensor([float(stats[3]), 1.0], dtype=torch.float64)
             self.acc[3] += b.n_valid
         return total_tokens
 
@@ -373,6 +386,10 @@ class Trainer:
                         vals["kl" if lo.divergence == "forward_kl" else lo.divergence] = float(sums[1]) / n
                     if self.features is not None:
                         vals["feature_loss"] = float(sums[2]) / n
+                    if self.relation is not None:  # mean over the micro-batches of every rank since the last log
+                        rs = _dp_sum(self.rel_acc.tolist(), self.device).cpu()
+                        vals["relation_loss"] = float(rs[0]) / max(float(rs[1]), 1.0)
+                        self.rel_acc.zero_()
                     gn = self.engine.grad_norm()
                     if gn is not None:
                         vals["grad_norm"] = gn
@@ -420,7 +437,8 @@ class Trainer:
 
         cfg = self.cfg
         student_cfg = _student_config(cfg)
-        runner, tmodel = load_teacher_runner(cfg, self.device, student_config=student_cfg if cfg.loss.features else None)
+        runner, tmodel = load_teacher_runner(
+            cfg, self.device, student_config=student_cfg if (cfg.loss.features or cfg.loss.relation) else None)
         check_shared_vocab(self.tokenizer, student_cfg, tmodel.config, tokenizer_for_model(cfg.teacher.path))
         colocated = ColocatedTeacher(runner, device=self.device, seed=cfg.run.seed, dp_rank=0, method=cfg.teacher.method)
         GA = cfg.train.grad_accum

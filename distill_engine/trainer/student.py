@@ -43,7 +43,7 @@ class FusedHeadLoss(nn.Module):
                 deepspeed.zero.register_external_parameter(self, lm_head.bias)
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, labels: torch.Tensor,
-                validate: bool, measure_divergence: bool):
+                validate: bool, measure_divergence: bool, rest: Optional[torch.Tensor] = None):
         from ..ops.distill_loss import fused_distill_loss
 
         w = self._lm_head.weight
@@ -56,7 +56,7 @@ class FusedHeadLoss(nn.Module):
             b = None if b is None else b.to(h.dtype)
         with torch.autocast(dev, enabled=False):  # the op picks its own precisions; inputs are cast above
             loss = fused_distill_loss(h, w, ids, lps, labels=labels, bias=b, ce_weight=self.ce_weight,
-                                      reduction="sum", validate=validate, **self.opts)
+                                      reduction="sum", validate=validate, teacher_rest_logprob=rest, **self.opts)
         div = None
         if measure_divergence:
             if self.ce_weight == 0.0:
@@ -65,21 +65,24 @@ class FusedHeadLoss(nn.Module):
                 with torch.no_grad(), torch.autocast(dev, enabled=False):  # an extra pass, on logged steps only
                     div = fused_distill_loss(h.detach(), w.detach(), ids, lps, labels=labels,
                                              bias=None if b is None else b.detach(), ce_weight=0.0,
-                                             reduction="sum", validate=False, **self.opts)
+                                             reduction="sum", validate=False, teacher_rest_logprob=rest,
+                                             **self.opts)
                     div = div / (self.opts["temperature"] ** 2)
         return loss, div
 
 
 class DistillStudent(nn.Module):
-    """forward(...) → (loss to backpropagate, [3] detached sums: distillation loss, divergence, feature loss)."""
+    """forward(...) → (loss to backpropagate, [3] detached sums: distillation loss, divergence, feature loss;
+    [4] with the relation loss of the micro-batch appended when ``relation`` is set)."""
 
     def __init__(self, student: nn.Module, head: FusedHeadLoss, features: Optional[nn.Module] = None,
-                 feature_weight: float = 1.0):
+                 feature_weight: float = 1.0, relation: Optional[nn.Module] = None):
         super().__init__()
         self.student = student
         self.head = head
         self.features = features
         self.feature_weight = feature_weight
+        self.relation = relation  # trainer.relation.RelationTerm (loss.relation, issue 16)
         lm = lm_head_of(student)
         self.untied = lm.weight is not student.get_input_embeddings().weight
 
@@ -88,14 +91,23 @@ class DistillStudent(nn.Module):
 
     def forward(self, input_ids, attention_mask, valid_index, labels, teacher_ids, teacher_logprobs,
                 teacher_hidden: Optional[Sequence[torch.Tensor]] = None, scale: float = 1.0,
-                validate: bool = False, measure_divergence: bool = False):
-        out = base_model_of(self.student)(input_ids=input_ids, attention_mask=attention_mask,
-                                          output_hidden_states=self.features is not None, use_cache=False,
-                                          return_dict=True)
+                validate: bool = False, measure_divergence: bool = False,
+                teacher_rest_logprob: Optional[torch.Tensor] = None, teacher_relation=None,
+                relation_scale: float = 1.0):
+        def call():
+            return base_model_of(self.student)(input_ids=input_ids, attention_mask=attention_mask,
+                                               output_hidden_states=self.features is not None, use_cache=False,
+                                               return_dict=True)
+        store = None
+        if self.relation is not None:
+            out, store = self.relation.run(self.student, call)  # Q/K/V hooks around the forward (kind: token)
+        else:
+            out = call()
         hs = out.last_hidden_state  # [B, L, d]
         d = hs.shape[-1]
         h = hs[:, :-1].reshape(-1, d).index_select(0, valid_index)  # [n, d] loss rows only
-        loss, div = self.head(h, teacher_ids, teacher_logprobs, labels, validate, measure_divergence)
+        loss, div = self.head(h, teacher_ids, teacher_logprobs, labels, validate, measure_divergence,
+                              teacher_rest_logprob)
         total = loss
         feat = None
         if self.features is not None:
@@ -111,7 +123,13 @@ class DistillStudent(nn.Module):
                 with torch.autocast(hs.device.type, enabled=False):  # projections run in their own dtype
                     feat = self.features(tuple(s_states), tuple(t_states)) * n  # mean over rows → sum over rows
                 total = total + self.feature_weight * feat
-        stats = torch.stack([loss.detach().float(),
-                             (div if div is not None else torch.zeros((), device=loss.device)).float(),
-                             (feat.detach() if feat is not None else torch.zeros((), device=loss.device)).float()])
-        return total * scale, stats
+        stats = [loss.detach().float(),
+                 (div if div is not None else torch.zeros((), device=loss.device)).float(),
+                 (feat.detach() if feat is not None else torch.zeros((), device=loss.device)).float()]
+        total = total * scale
+        if self.relation is not None:
+            # a per-micro-batch mean: relation_scale (1/grad_accum) averages it over the step's micro-batches
+            rel = self.relation(hs, attention_mask, store, teacher_relation)
+            total = total + (self.relation.weight * relation_scale) * rel
+            stats.append(rel.detach().float())
+        return total, torch.stack(stats)
