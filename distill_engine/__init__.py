@@ -5,6 +5,7 @@ Public API (see README.md):
     teacher_targets, TeacherTargets                 -- fused top-k / sampled target extraction
     pack_targets, unpack_targets, PackedTargets     -- compact target packing for caches and streams
     fused_projection_loss, HiddenStateDistiller     -- feature (hidden-state) distillation
+    FusedProjectionLoss, TeacherTargetExtractor     -- Module faces: one projection pair; target extraction
     relation_loss, token_relation_loss, pool_hidden -- relation-based distillation (issue 16)
     train, evaluate                                 -- the trainer and the evaluation
 Heavy optional parts (Triton, the C++ extension, DeepSpeed, transformers) load lazily.
