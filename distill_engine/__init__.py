@@ -5,6 +5,7 @@ Public API (see README.md):
     teacher_targets, TeacherTargets                 -- fused top-k / sampled target extraction
     pack_targets, unpack_targets, PackedTargets     -- compact target packing for caches and streams
     fused_projection_loss, HiddenStateDistiller     -- feature (hidden-state) distillation
+    FusedProjectionLoss, TeacherTargetExtractor     -- Module faces: one projection pair; target extraction
     relation_loss, token_relation_loss, pool_hidden -- relation-based distillation (issue 16)
     logprobs_at                                     -- log-probs at given ids, streamed over the vocabulary
     train, evaluate                                 -- the trainer and the evaluation
@@ -29,6 +30,8 @@ _LAZY = {
     "fused_projection_loss": "distill_engine.ops.projection_loss",
     "logprobs_at": "distill_engine.ops.logprobs_at",
     "HiddenStateDistiller": "distill_engine.distiller",
+    "FusedProjectionLoss": "distill_engine.modules",
+    "TeacherTargetExtractor": "distill_engine.modules",
     "relation_loss": "distill_engine.ops.relation",
     "pool_hidden": "distill_engine.ops.relation",
     "token_relation_loss": "distill_engine.ops.token_relation",

@@ -47,6 +47,69 @@ class FusedDistillLoss(nn.Module):
         return f"divergence={o.divergence!r}, tail={o.tail!r}, temperature={o.temperature}, ce_weight={o.ce_weight}"
 
 
+class FusedProjectionLoss(nn.Module):
+    """One feature-distillation pair: a learned projection ``nn.Linear(d_s, d_t)`` of student states matched to
+    teacher states by :func:`distill_engine.fused_projection_loss` (P·h is never materialised).
+    (:class:`distill_engine.HiddenStateDistiller` maps many layer pairs; this is the single-pair Module.)
+
+    forward(student_hidden [..., d_s], teacher_hidden [..., d_t], mask=None [...]) → loss
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, *, bias: bool = True, kind: str = "mse",
+                 reduction: str = "mean", backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        from ._validate import check_choice
+        from ._backend import BACKENDS
+        from .reference.projection_loss import KINDS, REDUCTIONS
+
+        for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_choice("kind", kind, KINDS)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("backend", backend, BACKENDS)
+        self.proj = nn.Linear(student_dim, teacher_dim, bias=bias, device=device, dtype=dtype)
+        self.kind, self.reduction, self.backend = kind, reduction, backend
+
+    def forward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from .ops.projection_loss import fused_projection_loss
+
+        return fused_projection_loss(student_hidden, self.proj.weight, teacher_hidden, proj_bias=self.proj.bias,
+                                     kind=self.kind, mask=mask, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, reduction={self.reduction!r}"
+
+
+class TeacherTargetExtractor(nn.Module):
+    """Module form of :func:`distill_engine.teacher_targets` (no parameters; options go to the constructor).
+
+    forward(hidden [N, d_t], weight [V, d_t], bias=None, generator=None) → TeacherTargets (ids, logprobs [N, k])
+    """
+
+    def __init__(self, k: int = 64, *, temperature: float = 1.0, method: str = "topk", backend: str = "auto",
+                 validate: bool = True, chunk_rows: Optional[int] = None):
+        super().__init__()
+        from .ops.teacher_targets import TeacherTargetsOptions
+
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        self.options = TeacherTargetsOptions(k=k, temperature=temperature, method=method, backend=backend,
+                                             chunk_rows=chunk_rows, validate=validate)
+        self.options.check(k)  # option checks at construction; k <= V is checked against the weight per call
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None):
+        from .ops.teacher_targets import teacher_targets
+
+        o = self.options
+        return teacher_targets(hidden, weight, o.k, bias=bias, temperature=o.temperature, method=o.method,
+                               generator=generator, backend=o.backend, chunk_rows=o.chunk_rows, validate=o.validate)
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return f"k={o.k}, method={o.method!r}, temperature={o.temperature}"
 class RelationLoss(nn.Module):
     """Module form of :func:`distill_engine.relation_loss`; forward(student_emb [B, d_s], teacher_emb [B, d_t], mask=None)."""
 
