@@ -30,7 +30,7 @@ build: $(STAMP)
 	DISTILL_ENGINE_SKIP_EXT=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build
-	$(VPY) -m pytest -q -ra tests
+	$(VPY) -m pytest -q -ra --durations=30 tests
 
 demo: build
 	$(VENV)/bin/distill-engine demo

@@ -99,12 +99,24 @@ def test_pooling():
     (dict(temperature=0.0), "temperature must be a finite number > 0"),
     (dict(mask=torch.ones(B)), "mask must have dtype"),
     (dict(mask=torch.ones(B + 1, dtype=torch.bool)), "mask has shape"),
-    (dict(gather_across_ranks=True), "gather_across_ranks=True needs torch.distributed"),
 ])
 def test_bad_input(kwargs, match):
     s, t = _inputs()
     with pytest.raises(ValueError, match=match):
         relation_loss(s, t, **kwargs)
+
+
+def test_gather_without_process_group_is_refused():
+    """In a fresh process (this pytest process may hold a process group from an earlier in-process run)."""
+    code = ("import torch, distill_engine as de\n"
+            "try:\n    de.relation_loss(torch.randn(5, 4), torch.randn(5, 6), gather_across_ranks=True)\n"
+            "except ValueError as e:\n    print('REFUSED', e)\n")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(var, None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "REFUSED" in res.stdout and "gather_across_ranks=True needs torch.distributed" in res.stdout, \
+        res.stdout + res.stderr[-2000:]
 
 
 def test_bad_tensors():

@@ -190,6 +190,8 @@ def check_logits_path(model: nn.Module, input_ids, attention_mask, *, key: str, 
         raise ValueError(f"{key}: model type {getattr(model.config, 'model_type', '?')!r}: the engine's logits have "
                          f"shape {tuple(got.shape)}, the model's {tuple(ref.shape)}; distill-engine cannot train it")
     m = am.bool() if am is not None else torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    if not bool(torch.isfinite(ref[m]).all()):
+        return  # non-finite weights or inputs: the trainer's non-finite stop names the step and the cause
     lg, lr = torch.log_softmax(got, -1)[m], torch.log_softmax(ref, -1)[m]  # [n, V] real positions only
     dtype = next(model.parameters()).dtype
     tol = _GUARD_TOL.get(dtype, 5e-2) * max(1.0, float(ref[m].abs().max()) if m.any() else 1.0)
