@@ -49,6 +49,13 @@ def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
         raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; cast one of them")
 
 
+def check_hidden_weight(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """The lm_head pair every fused op takes: hidden [N, d] and weight [V, d], same float dtype and device."""
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=(None, hidden.shape[1]), device=hidden.device)
+    check_same_dtype("weight", weight, "hidden", hidden)
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Non-finite values raise, naming the first offending row."""
     bad = ~torch.isfinite(t)

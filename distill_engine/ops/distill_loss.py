@@ -39,7 +39,8 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_finite_rows, check_tensor
+from .._validate import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_finite_rows, check_hidden_weight,
+                         check_tensor)
 from ..reference import distill_loss as _torch_impl
 from ..reference.distill_loss import LOG_FLOOR
 from ._tail import _logits_and_rest, _mask_buf, _mask_ids, _repeated
@@ -164,12 +165,9 @@ def _default_chunk_rows(V: int, device: torch.device) -> int:
 # validation
 # ----------------------------------------------------------------------------------------------
 def _validate_inputs(hidden, weight, ids, lp, labels, bias, opts: DistillOptions) -> None:
-    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    check_hidden_weight(hidden, weight)
     dev = hidden.device
     N, d = hidden.shape
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=(None, d), device=dev)
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}; cast one of them")
     V = weight.shape[0]
     check_tensor("teacher_ids", ids, ndim=2, dtypes=INDEX_DTYPES, shape=(N, None), device=dev)
     k = ids.shape[1]

@@ -27,19 +27,16 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_finite_rows, check_tensor
+from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_finite_rows, check_hidden_weight, check_tensor
 from .distill_loss import _backend_impl, _default_chunk_rows
 
 _CPU_SYMBOL = "distill_logits_lse"
 
 
 def _validate(hidden, weight, ids, bias, temperature, chunk_rows, validate: bool) -> None:
-    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    check_hidden_weight(hidden, weight)
     dev = hidden.device
     N, d = hidden.shape
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=(None, d), device=dev)
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}; cast one of them")
     V = weight.shape[0]
     if V < 1:
         raise ValueError("weight must have at least one row (shape [V, d] with V >= 1)")

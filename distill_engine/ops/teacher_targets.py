@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, check_choice, check_tensor
+from .._validate import FLOAT_DTYPES, check_choice, check_same_dtype, check_tensor
 from ..reference import teacher_targets as _torch_impl
 from .logit_transform import active as transform_active, check_transform
 
@@ -207,8 +207,7 @@ def _validate_inputs(hidden, weight, bias, generator, opts: TeacherTargetsOption
     dev = hidden.device
     d = hidden.shape[1]
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=(None, d), device=dev)
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}; cast one of them")
+    check_same_dtype("weight", weight, "hidden", hidden)
     V = weight.shape[0]
     if V < 1:
         raise ValueError("weight must have at least one row (V >= 1)")
