@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from typing import Dict, List, Optional
@@ -28,6 +27,8 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_models import STUDENT_CFG, make_tiny_setup, write_jsonl  # noqa: E402
 
+from launch_env import free_port as _free_port, launch_env as _env  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 BIN = os.path.dirname(sys.executable)
@@ -37,22 +38,8 @@ pytest.importorskip("deepspeed", reason="the launch matrix runs DeepSpeed")
 STEPS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _env(root: str) -> dict:
-    env = dict(os.environ)
-    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                "TORCHELASTIC_USE_AGENT_STORE"):
-        env.pop(var, None)  # a fresh launch inherits no rendezvous of this pytest process
-    env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               HF_DATASETS_CACHE=os.path.join(root, "hf_datasets"), TRANSFORMERS_VERBOSITY="error",
-               HF_HUB_DISABLE_PROGRESS_BARS="1")
-    return env
 
 
 def _tool(name: str) -> List[str]:

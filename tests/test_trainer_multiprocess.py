@@ -22,6 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_models import make_tiny_setup, write_jsonl  # noqa: E402
 
+from launch_env import free_port as _free_port, launch_env as _env  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "_trainer_worker.py")
@@ -29,25 +31,8 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed", reason="the multi-process trainer tests run DeepSpeed")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _env(root: str) -> dict:
-    env = dict(os.environ)
-    # an in-process training run earlier in this pytest process leaves its rendezvous variables (and its store
-    # still listening on MASTER_PORT) behind: a child must not inherit them
-    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(var, None)
-    env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               HF_DATASETS_CACHE=os.path.join(root, "hf_datasets"), TRANSFORMERS_VERBOSITY="error",
-               HF_HUB_DISABLE_PROGRESS_BARS="1")
-    return env
 
 
 def _torchrun(scenario: str, root: str, nproc: int, timeout: int) -> None:
