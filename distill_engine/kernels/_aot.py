@@ -208,13 +208,13 @@ def _rel_fwd_args(dt, c):
 
 _ALL = ("bf16", "fp16", "fp32")
 REGISTRY: List[Entry] = [
-    Entry("loss.logits_lse", "distill_loss", "_logits_lse_kernel", True, _ALL, _dl_lse_configs,
+    Entry("loss.logits_lse", "distill_loss", "_loss_logits_lse_kernel", True, _ALL, _dl_lse_configs,
           dict(STORE=(True, False), NEED_LSE1=(True, False), HAS_BIAS=(True, False), FROM_BUF=(False,)), _dl_lse_args),
-    Entry("loss.logits_lse.from_buf", "distill_loss", "_logits_lse_kernel", True, ("bf16",), _dl_lse_frombuf_configs,
+    Entry("loss.logits_lse.from_buf", "distill_loss", "_loss_logits_lse_kernel", True, ("bf16",), _dl_lse_frombuf_configs,
           dict(STORE=(False,), NEED_LSE1=(True, False), HAS_BIAS=(True, False), FROM_BUF=(True,)), _dl_lse_args),
-    Entry("loss.dense_grad", "distill_loss", "_dense_grad_kernel", True, _ALL, _dl_ew_configs,
+    Entry("loss.dense_grad", "distill_loss", "_loss_dense_grad_kernel", True, _ALL, _dl_ew_configs,
           dict(HAS_LSE1=(True, False), HAS_BIAS=(True, False)), _dl_ew_args),
-    Entry("loss.recompute_grad", "distill_loss", "_recompute_grad_kernel", True, _ALL, _dl_rec_configs,
+    Entry("loss.recompute_grad", "distill_loss", "_loss_recompute_grad_kernel", True, _ALL, _dl_rec_configs,
           dict(HAS_LSE1=(True, False), HAS_BIAS=(True, False), WANT_DB=(True,)), _dl_rec_args),
     Entry("tt.topk", "teacher_targets", "_tt_topk_kernel", True, _ALL, _tt_topk_configs,
           dict(DO_TOPK=(True, False), HAS_BIAS=(True, False)), _tt_topk_args, _tt_topk_valid),
@@ -223,7 +223,7 @@ REGISTRY: List[Entry] = [
     Entry("proj.fwd", "projection_loss", "_proj_fwd_kernel", True, _ALL, _proj_configs,
           dict(KIND=(0, 1), WRITE=(True, False), HAS_BIAS=(True, False)), _proj_args),
     Entry("proj.cosine_grad", "projection_loss", "_cosine_grad_kernel", False, _ALL, _cos_configs, {}, _cos_args),
-    Entry("loss.rest_lse", "distill_loss", "_buf_lse_kernel", True, ("fp32",), _dl_buf_lse_configs, {},
+    Entry("loss.rest_lse", "distill_loss", "_loss_buf_lse_kernel", True, ("fp32",), _dl_buf_lse_configs, {},
           _dl_buf_lse_args),
     Entry("relation.fwd", "token_relation", "_fwd_kernel", False, _ALL, _rel_configs, dict(CAUSAL=(True, False)),
           _rel_fwd_args),
@@ -233,8 +233,10 @@ REGISTRY: List[Entry] = [
           dict(CAUSAL=(True, False), NEED_S=(True,), NEED_T=(True, False)), _rel_bwd_args),
 ]
 # @triton.jit device functions that are inlined into the kernels above (compiled as part of them).
+# Keyed by the module that defines them (the shared ones in ``_tiles``, imported by the kernel modules).
 HELPERS = {
-    ("distill_loss", "_logits_tile"), ("distill_loss", "_rtne_bf16"), ("teacher_targets", "_tt_logits_tile"),
+    ("_tiles", "_logits_tile"), ("_tiles", "_online_lse"), ("_tiles", "_rtne_bf16"),
+    ("distill_loss", "_dense_g"), ("distill_loss", "_store_scaled"),
     ("token_relation", "_scores"), ("token_relation", "_grad_tiles"),
 }
 # fp16 shares bf16's code path (16-bit tensor-core operands, fp32 accumulation); on Triton 3.9, compiled in every

@@ -7,23 +7,25 @@ The chunk driver (``ops/distill_loss.py``) calls, per chunk of c rows:
 * :func:`dense_grad` -- the dense part of dL/dl, g = s_q·softmax(l/T) + s_1·softmax(l), and from it
   dH = g W (returned), dW += gᵀ h and db += Σ_rows g (accumulated in fp32).
 
-Kernels:
+Kernels (the tile GEMM, the online log-sum-exp step and the interpreter's bf16 rounding are the shared
+helpers of ``kernels/_tiles.py``; ``logprobs_at`` runs these same kernels through its chunk driver):
 
-* ``_logits_lse_kernel`` -- tile GEMM over d with fp32 accumulation + online log-sum-exp over the
+* ``_loss_logits_lse_kernel`` -- tile GEMM over d with fp32 accumulation + online log-sum-exp over the
   vocabulary tiles of a row block; grid (row blocks, vocabulary splits); each split writes its
   running (max, sum) pair and a tiny combine in PyTorch merges the splits. With ``FROM_BUF`` it reads
   the logits from a buffer that cuBLAS filled instead of computing them (the ``cublas`` logits mode).
-* ``_dense_grad_kernel`` -- elementwise: g from the stored logits, in place in fp32 (fp32 inputs) or
+* ``_loss_dense_grad_kernel`` -- elementwise: g from the stored logits, in place in fp32 (fp32 inputs) or
   as a copy in the input dtype for the tensor-core gradient GEMMs (bf16/fp16), plus per-row-block
   column sums for db.
-* ``_buf_lse_kernel`` -- the exact tail's one extra reduction (issue 15): row log-sum-exp of the
+* ``_loss_buf_lse_kernel`` -- the exact tail's one extra reduction (issue 15): row log-sum-exp of the
   stored chunk buffer after the driver set the teacher ids to -inf (:func:`buf_lse`); also used by
   ``teacher_targets`` for the teacher's rest mass.
-* ``_recompute_grad_kernel`` -- buffer-free mode: recomputes a logits tile (same tile GEMM as the
+* ``_loss_recompute_grad_kernel`` -- buffer-free mode: recomputes a logits tile (same tile GEMM as the
   forward) and writes g for it, so no fp32 [c, V] buffer is ever kept between the passes.
 
 The two gradient GEMMs (dH = g W, dW += gᵀ h) run in cuBLAS through ``torch.mm``/``torch.addmm``
-with fp32 outputs (``out_dtype``) when the installed torch supports it.
+with fp32 outputs (``out_dtype``) when the installed torch supports it (``_tiles.mm_f32``/``addmm_f32_``;
+``DISTILL_ENGINE_GEMM_F32_OUT=0`` forces their fallback, with a one-time RuntimeWarning naming it).
 
 Precision: fp32 inputs use IEEE fp32 dots (no TF32) so CPU interpreter tests match a float64
 reference at ~1e-5; bf16/fp16 inputs use tensor-core dots accumulating in fp32. g is rounded once to
@@ -39,21 +41,23 @@ Environment knobs (read at every call; for benchmarks and debugging):
 * ``DISTILL_ENGINE_TRITON_LOGITS=cublas`` -- when the buffer is stored, form it with cuBLAS and run
   the log-sum-exp kernel over it (``FROM_BUF``) instead of the fused Triton tile GEMM.
 * ``DISTILL_ENGINE_TRITON_AUTOTUNE=0`` -- on CUDA use the first (heuristic) config, no autotuning.
-* ``DISTILL_ENGINE_GEMM_F32_OUT=0`` -- do not use the fp32-output bf16/fp16 GEMMs (cuBLAS beta = 1 into the fp32
-  dW accumulator); use the fallback (input-dtype output + fp32 add). A one-time RuntimeWarning names the path
-  whenever the fallback runs, forced or because the probe failed.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
-import warnings
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._tiles import (_logits_tile, _online_lse, _rtne_bf16, addmm_f32_, autotune_configs, check_device, combine_lse,
+                     device_sm_count, dot_mode, interpreting, logits_mode, mm_f32, mm_f32_into, tile_args)
+# the fp32-output GEMM probe under the names the GPU-path tests patch (tests/test_gpu_paths.py)
+from ._tiles import f32_out_gemm_ok as _out_dtype_gemm_ok  # noqa: F401
+from ._tiles import f32_out_gemm_ok_cached as _out_dtype_gemm_ok_cached  # noqa: F401
+from ._tiles import warn_forced_fallback as _warn_forced_fallback  # noqa: F401
 
 __all__ = ["logits_lse", "dense_grad", "buf_lse"]
 
@@ -64,57 +68,7 @@ __all__ = ["logits_lse", "dense_grad", "buf_lse"]
 
 
 @triton.jit
-def _logits_tile(
-    h_ptr, w_ptr, b_ptr,
-    offs_n, offs_v, D,
-    stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-    HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """acc[i, j] = Σ_d h[offs_n[i], d] · W[offs_v[j], d] + b[offs_v[j]]  (fp32 accumulation).
-
-    ``offs_n``/``offs_v`` must already be clamped into range (the callers wrap them with ``%``), so
-    only the d edge needs a mask; out-of-range rows/columns compute harmless duplicates that the
-    callers mask out of every store and reduction.
-    """
-    offs_d = tl.arange(0, BLOCK_D)
-    # int64 row offsets: c·d and V·d can exceed 2^31 elements.
-    h_ptrs = h_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + offs_d[None, :] * stride_hd   # [BN, BD]
-    w_ptrs = w_ptr + offs_d[:, None] * stride_wd + offs_v.to(tl.int64)[None, :] * stride_wv   # [BD, BV]
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        mask_d = offs_d < D - d0
-        hh = tl.load(h_ptrs, mask=mask_d[None, :], other=0.0)
-        ww = tl.load(w_ptrs, mask=mask_d[:, None], other=0.0)
-        if DOT_MODE == 1:    # fp32 inputs: IEEE fp32 products, no TF32
-            acc = tl.dot(hh, ww, acc, input_precision="ieee")
-        elif DOT_MODE == 2:  # interpreter + bf16/fp16: its low-precision dot is wrong; upcast (exact)
-            acc = tl.dot(hh.to(tl.float32), ww.to(tl.float32), acc, input_precision="ieee")
-        else:                # bf16/fp16 on tensor cores, fp32 accumulation
-            acc = tl.dot(hh, ww, acc)
-        h_ptrs += BLOCK_D * stride_hd
-        w_ptrs += BLOCK_D * stride_wd
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_v * stride_b).to(tl.float32)   # [BV]
-        acc += bias[None, :]
-    return acc
-
-
-@triton.jit
-def _rtne_bf16(x):
-    """Round fp32 to the nearest bf16 value (ties to even), kept in fp32.
-
-    Only for the interpreter, whose fp32 -> bf16 cast truncates (compiled Triton rounds to nearest
-    even already): add half an ulp of bf16 (0x7FFF, +1 when the kept lsb is odd) to the bits and
-    clear the 16 dropped bits; the truncating cast that follows is then exact. g is finite here.
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _logits_lse_kernel(
+def _loss_logits_lse_kernel(
     h_ptr, w_ptr, b_ptr, buf_ptr, part_ptr,
     C, V, D, v_per_split, inv_t,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_buf,
@@ -169,15 +123,9 @@ def _logits_lse_kernel(
             if STORE:
                 tl.store(buf_ptrs, acc, mask=mask_n[:, None] & mask_v[None, :])
 
-        z = tl.where(mask_v[None, :], acc * inv_t, float("-inf"))
-        m_new = tl.maximum(m_t, tl.max(z, axis=1))
-        s_t = s_t * tl.exp(m_t - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_t = m_new
+        m_t, s_t = _online_lse(m_t, s_t, tl.where(mask_v[None, :], acc * inv_t, float("-inf")))
         if NEED_LSE1:
-            z1 = tl.where(mask_v[None, :], acc, float("-inf"))
-            m1_new = tl.maximum(m_1, tl.max(z1, axis=1))
-            s_1 = s_1 * tl.exp(m_1 - m1_new) + tl.sum(tl.exp(z1 - m1_new[:, None]), axis=1)
-            m_1 = m1_new
+            m_1, s_1 = _online_lse(m_1, s_1, tl.where(mask_v[None, :], acc, float("-inf")))
 
     part = part_ptr + pid_s * C + offs_n                   # part[q, s, n] at (q·n_split + s)·C + n
     plane = n_split * C
@@ -189,7 +137,7 @@ def _logits_lse_kernel(
 
 
 @triton.jit
-def _buf_lse_kernel(
+def _loss_buf_lse_kernel(
     buf_ptr, out_ptr, C, V, inv_t, stride_buf,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -197,9 +145,9 @@ def _buf_lse_kernel(
 
         out[n] = log Σ_v exp(buf[n, v] · inv_t)      (-inf entries: zero mass; an all -inf row: -inf)
 
-    Online over vocabulary tiles with the running pair (m, s). Unlike ``_logits_lse_kernel`` a whole
-    tile of a row may be -inf here, so the shift is guarded: m_safe = 0 while m = -inf, which keeps
-    exp(z - m_safe) = 0 and s = 0 for such rows and avoids -inf - -inf. The student's exact rest
+    Online over vocabulary tiles with the running pair (m, s) (``_online_lse``). Unlike in
+    ``_loss_logits_lse_kernel`` a whole tile of a row may be -inf here: the update's guarded shift keeps
+    s = 0 for such rows and never forms -inf - -inf. The student's exact rest
     log-mass (issue 15) is one launch of this kernel: a streaming read of the buffer, no GEMM.
     """
     pid = tl.program_id(0)
@@ -212,16 +160,37 @@ def _buf_lse_kernel(
         offs_c = v0 + tl.arange(0, BLOCK_C)               # [BC]
         mask = mask_r[:, None] & (offs_c < V)[None, :]
         z = tl.load(buf_ptr + rows + offs_c[None, :], mask=mask, other=float("-inf")) * inv_t
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
-        m = m_new
+        m, s = _online_lse(m, s, z)
     out = tl.where(s > 0.0, m + tl.log(tl.where(s > 0.0, s, 1.0)), float("-inf"))
     tl.store(out_ptr + offs_r, out, mask=mask_r)
 
 
 @triton.jit
-def _dense_grad_kernel(
+def _dense_g(l, offs_r, mask_r, mask, lse_t_ptr, lse_1_ptr, sq_ptr, s1_ptr, inv_t, HAS_LSE1: tl.constexpr):
+    """g = s_q · exp(l · inv_t - lse_T) + s_1 · exp(l - lse_1) of one [BR, BC] logits tile (rows offs_r),
+    0 outside ``mask``. The exponents are ≤ ~0 because lse ≥ max (up to fp32 rounding), so nothing
+    overflows even for |l| ~ 1e4."""
+    lse_t = tl.load(lse_t_ptr + offs_r, mask=mask_r, other=0.0)   # [BR]
+    sq = tl.load(sq_ptr + offs_r, mask=mask_r, other=0.0)
+    g = sq[:, None] * tl.exp(l * inv_t - lse_t[:, None])
+    if HAS_LSE1:
+        lse_1 = tl.load(lse_1_ptr + offs_r, mask=mask_r, other=0.0)
+        s1 = tl.load(s1_ptr + offs_r, mask=mask_r, other=0.0)
+        g += s1[:, None] * tl.exp(l - lse_1[:, None])
+    return tl.where(mask, g, 0.0)
+
+
+@triton.jit
+def _store_scaled(ptrs, g, g_scale, mask, RTNE_FIX: tl.constexpr):
+    """Store g · g_scale in the pointee dtype (the gradient GEMMs' operand), rounded to nearest even."""
+    g_lp = g * g_scale
+    if RTNE_FIX:
+        g_lp = _rtne_bf16(g_lp)
+    tl.store(ptrs, g_lp.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _loss_dense_grad_kernel(
     buf_ptr, glp_ptr, dbp_ptr, lse_t_ptr, lse_1_ptr, sq_ptr, s1_ptr,
     C, V, inv_t, g_scale, stride_buf, stride_glp,
     HAS_LSE1: tl.constexpr, WRITE_F32: tl.constexpr, WRITE_LP: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -231,8 +200,7 @@ def _dense_grad_kernel(
 
         g[n, v] = s_q[n] · exp(l[n, v] · inv_t - lse_T[n])  +  s_1[n] · exp(l[n, v] - lse_1[n])
 
-    i.e. s_q·softmax(l/T) + s_1·softmax(l). The exponents are ≤ ~0 because lse ≥ max (up to fp32
-    rounding), so nothing overflows even for |l| ~ 1e4. Writes g over l in place (fp32) when
+    i.e. s_q·softmax(l/T) + s_1·softmax(l) (``_dense_g``). Writes g over l in place (fp32) when
     ``WRITE_F32``, g · g_scale in the input dtype to ``glp`` when ``WRITE_LP`` (the operand of the
     tensor-core GEMMs; g_scale is a power of two that keeps fp16 from underflowing), and the column
     sums of this program's row block to ``dbp[pid_r, :]`` for the bias gradient (deterministic:
@@ -247,29 +215,19 @@ def _dense_grad_kernel(
     mask = mask_r[:, None] & mask_c[None, :]
     rows = offs_r.to(tl.int64)[:, None]
 
-    l = tl.load(buf_ptr + rows * stride_buf + offs_c[None, :], mask=mask, other=0.0)
-    lse_t = tl.load(lse_t_ptr + offs_r, mask=mask_r, other=0.0)
-    sq = tl.load(sq_ptr + offs_r, mask=mask_r, other=0.0)
-    g = sq[:, None] * tl.exp(l * inv_t - lse_t[:, None])
-    if HAS_LSE1:
-        lse_1 = tl.load(lse_1_ptr + offs_r, mask=mask_r, other=0.0)
-        s1 = tl.load(s1_ptr + offs_r, mask=mask_r, other=0.0)
-        g += s1[:, None] * tl.exp(l - lse_1[:, None])
-    g = tl.where(mask, g, 0.0)
+    l = tl.load(buf_ptr + rows * stride_buf + offs_c[None, :], mask=mask, other=0.0)   # [BR, BC]
+    g = _dense_g(l, offs_r, mask_r, mask, lse_t_ptr, lse_1_ptr, sq_ptr, s1_ptr, inv_t, HAS_LSE1)
 
     if WRITE_F32:
         tl.store(buf_ptr + rows * stride_buf + offs_c[None, :], g, mask=mask)
     if WRITE_LP:
-        g_lp = g * g_scale
-        if RTNE_FIX:
-            g_lp = _rtne_bf16(g_lp)
-        tl.store(glp_ptr + rows * stride_glp + offs_c[None, :], g_lp.to(glp_ptr.dtype.element_ty), mask=mask)
+        _store_scaled(glp_ptr + rows * stride_glp + offs_c[None, :], g, g_scale, mask, RTNE_FIX)
     if HAS_BIAS:
         tl.store(dbp_ptr + pid_r.to(tl.int64) * V + offs_c, tl.sum(g, axis=0), mask=mask_c)
 
 
 @triton.jit
-def _recompute_grad_kernel(
+def _loss_recompute_grad_kernel(
     h_ptr, w_ptr, b_ptr, g_ptr, dbp_ptr, lse_t_ptr, lse_1_ptr, sq_ptr, s1_ptr,
     C, V, D, inv_t, g_scale,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_g,
@@ -278,7 +236,7 @@ def _recompute_grad_kernel(
 ):
     """Buffer-free dense gradient: recompute one logits tile, then form g for it.
 
-        l = h Wᵀ + b                     (same tile GEMM as ``_logits_lse_kernel``)
+        l = h Wᵀ + b                     (the tile GEMM of ``_loss_logits_lse_kernel``)
         g = s_q · exp(l · inv_t - lse_T) + s_1 · exp(l - lse_1)
 
     writes g · g_scale to ``g`` (input dtype, the operand of the gradient GEMMs) and the column sums
@@ -297,19 +255,8 @@ def _recompute_grad_kernel(
         stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
         HAS_BIAS, DOT_MODE, BLOCK_N, BLOCK_V, BLOCK_D,
     )                                                      # [BN, BV] fp32
-    lse_t = tl.load(lse_t_ptr + offs_n, mask=mask_n, other=0.0)
-    sq = tl.load(sq_ptr + offs_n, mask=mask_n, other=0.0)
-    g = sq[:, None] * tl.exp(l * inv_t - lse_t[:, None])
-    if HAS_LSE1:
-        lse_1 = tl.load(lse_1_ptr + offs_n, mask=mask_n, other=0.0)
-        s1 = tl.load(s1_ptr + offs_n, mask=mask_n, other=0.0)
-        g += s1[:, None] * tl.exp(l - lse_1[:, None])
-    g = tl.where(mask, g, 0.0)
-    g_lp = g * g_scale
-    if RTNE_FIX:
-        g_lp = _rtne_bf16(g_lp)
-    tl.store(g_ptr + offs_n.to(tl.int64)[:, None] * stride_g + offs_v[None, :],
-             g_lp.to(g_ptr.dtype.element_ty), mask=mask)
+    g = _dense_g(l, offs_n, mask_n, mask, lse_t_ptr, lse_1_ptr, sq_ptr, s1_ptr, inv_t, HAS_LSE1)
+    _store_scaled(g_ptr + offs_n.to(tl.int64)[:, None] * stride_g + offs_v[None, :], g, g_scale, mask, RTNE_FIX)
     if WANT_DB:
         tl.store(dbp_ptr + pid_n.to(tl.int64) * V + offs_v, tl.sum(g, axis=0), mask=mask_v)
 
@@ -349,62 +296,21 @@ _CUDA_EW = dict(BLOCK_R=16, BLOCK_C=512, num_warps=8)
 _CUDA_FROM_BUF = dict(BLOCK_N=16, BLOCK_V=256, BLOCK_D=16, num_warps=4, num_stages=2)
 
 
-def _as_triton_configs(cfgs):
-    out = []
-    for c in cfgs:
-        meta = {k: v for k, v in c.items() if k.startswith("BLOCK_")}
-        out.append(triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"]))
-    return out
-
-
 # Autotuned handles on CUDA (the key excludes C: the last, ragged chunk must not retune).
 _lse_tuned_lp = triton.autotune(
-    _as_triton_configs(_CUDA_LP_CONFIGS), key=["V", "D", "STORE", "FROM_BUF", "NEED_LSE1"]
-)(_logits_lse_kernel)
+    autotune_configs(_CUDA_LP_CONFIGS), key=["V", "D", "STORE", "FROM_BUF", "NEED_LSE1"]
+)(_loss_logits_lse_kernel)
 _lse_tuned_f32 = triton.autotune(
-    _as_triton_configs(_CUDA_F32_CONFIGS), key=["V", "D", "STORE", "FROM_BUF", "NEED_LSE1"]
-)(_logits_lse_kernel)
+    autotune_configs(_CUDA_F32_CONFIGS), key=["V", "D", "STORE", "FROM_BUF", "NEED_LSE1"]
+)(_loss_logits_lse_kernel)
 
 
 def _autotune_enabled() -> bool:
     return os.environ.get("DISTILL_ENGINE_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _logits_mode() -> str:
-    mode = os.environ.get("DISTILL_ENGINE_TRITON_LOGITS", "triton")
-    if mode not in ("triton", "cublas"):
-        raise ValueError(f"DISTILL_ENGINE_TRITON_LOGITS must be 'triton' or 'cublas', got {mode!r}")
-    return mode
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _dot_mode(h: torch.Tensor) -> int:
-    """1: IEEE fp32 dot (fp32 inputs); 0: native tensor-core dot (bf16/fp16 on CUDA);
-    2: bf16/fp16 upcast to fp32 before an IEEE dot -- only under the interpreter, whose
-    low-precision tl.dot returns garbage (Triton 3.9); the upcast is exact, so the products and the
-    fp32 accumulation match what tensor cores compute."""
-    if h.dtype == torch.float32:
-        return 1
-    return 0 if h.device.type == "cuda" else 2
-
-
-def _check_device(t: torch.Tensor) -> None:
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return
-    raise ValueError(
-        f"the triton backend needs CUDA tensors (got {t.device}); for CPU tensors set TRITON_INTERPRET=1 "
-        "before importing triton, or use backend='cpu' / 'torch'"
-    )
-
-
 def _check_inputs(h, weight, bias):
-    _check_device(h)
+    check_device(h, "fused_distill_loss / logprobs_at")
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(f"h [c, d] and weight [V, d] shapes do not match: {tuple(h.shape)} vs {tuple(weight.shape)}")
     if weight.dtype != h.dtype or (bias is not None and bias.dtype != h.dtype):
@@ -417,119 +323,22 @@ def _check_inputs(h, weight, bias):
 
 
 # ----------------------------------------------------------------------------------------------
-# fp32-output GEMMs for bf16/fp16 operands
-# ----------------------------------------------------------------------------------------------
-
-
-_FALLBACK_PATH = ("the gradient GEMMs fall back to a {dtype} output per chunk added into the fp32 accumulators "
-                  "(slower: one extra [V, d] {dtype} temporary per chunk and a rounding of each chunk's dW)")
-
-
-@functools.lru_cache(maxsize=None)
-def _out_dtype_gemm_ok_cached(device_str: str, dtype: torch.dtype) -> bool:
-    """Probe (once per device and dtype) and say so, once, when the fast path is unavailable."""
-    dev = torch.device(device_str)
-    why = None
-    try:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        a = torch.randn(48, 32, generator=gen).to(dev, dtype)
-        a_t = a.t().contiguous().t()                           # same values, transposed layout
-        b = torch.randn(32, 40, generator=gen).to(dev, dtype)
-        ref = a.float() @ b.float()
-        out = torch.mm(a, b, out_dtype=torch.float32)
-        into = torch.empty(48, 40, device=dev)
-        torch.mm(a_t, b, out_dtype=torch.float32, out=into)
-        acc = torch.ones(48, 40, device=dev)
-        torch.addmm(acc, a_t, b, alpha=0.5, out_dtype=torch.float32, out=acc)
-        ok = (
-            out.dtype == torch.float32
-            and torch.allclose(out, ref, rtol=1e-3, atol=1e-3)
-            and torch.allclose(into, ref, rtol=1e-3, atol=1e-3)
-            and torch.allclose(acc, 0.5 * ref + 1, rtol=1e-3, atol=1e-3)
-        )
-        if not ok:
-            why = "it ran but returned wrong values"
-    except Exception as exc:  # missing overload / unsupported backend or dtype: reported below, never silent
-        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
-    if why is not None:
-        warnings.warn(f"fused_distill_loss: torch.mm/addmm(..., out_dtype=torch.float32) is unavailable for {dtype} on "
-                      f"{device_str} ({why}); " + _FALLBACK_PATH.format(dtype=dtype), RuntimeWarning, stacklevel=3)
-        return False
-    return True
-
-
-def _out_dtype_gemm_ok(t: torch.Tensor) -> bool:
-    """Whether ``torch.mm/addmm(..., out_dtype=torch.float32)`` works here for t's dtype (and
-    accumulates in place into an fp32 ``out``): dW then accumulates in cuBLAS (beta = 1, fp32 C) with no
-    temporary.
-
-    Probed once per (device, dtype) on a small problem, transposed operand and alpha included: the
-    dtype overloads exist only in recent torch and only on CUDA; without them the GEMMs fall back to
-    input-dtype outputs, with a one-time RuntimeWarning naming the fallback path.
-    ``DISTILL_ENGINE_GEMM_F32_OUT=0`` forces the fallback (to compare the two paths).
-    """
-    if not t.is_cuda:
-        return False
-    if os.environ.get("DISTILL_ENGINE_GEMM_F32_OUT", "1") == "0":  # read at every call: benchmarks flip it
-        _warn_forced_fallback(t.dtype)
-        return False
-    return _out_dtype_gemm_ok_cached(str(t.device), t.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_forced_fallback(dtype: torch.dtype) -> None:
-    warnings.warn("fused_distill_loss: DISTILL_ENGINE_GEMM_F32_OUT=0: fp32-output GEMMs disabled; "
-                  + _FALLBACK_PATH.format(dtype=dtype), RuntimeWarning, stacklevel=4)
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """fp32 [m, n] = scale · (a @ b) for operands in the input dtype."""
-    if a.dtype == torch.float32:
-        out = torch.mm(a, b)
-    elif _out_dtype_gemm_ok(a):
-        out = torch.mm(a, b, out_dtype=torch.float32)
-    elif a.is_cuda:
-        out = torch.mm(a, b).float()
-    else:  # CPU (interpreter tests): accumulate the rounded operands in fp32
-        out = torch.mm(a.float(), b.float())
-    if scale != 1.0:
-        out.mul_(scale)
-    return out
-
-
-def _mm_f32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out (fp32) = a @ b, written straight into ``out`` when the fp32-output GEMM exists."""
-    if a.dtype == torch.float32:
-        torch.mm(a, b, out=out)
-    elif _out_dtype_gemm_ok(a):
-        torch.mm(a, b, out_dtype=torch.float32, out=out)
-    else:
-        out.copy_(_mm_f32(a, b))
-
-
-def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> None:
-    """acc (fp32) += scale · (a @ b) without an fp32 copy of the operands on CUDA."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b, alpha=scale)
-    elif _out_dtype_gemm_ok(a):
-        torch.addmm(acc, a, b, alpha=scale, out_dtype=torch.float32, out=acc)
-    elif a.is_cuda:
-        acc.add_(torch.mm(a, b), alpha=scale)
-    else:
-        acc.addmm_(a.float(), b.float(), alpha=scale)
-
-
-# ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
 
 
-def _combine(part_m: torch.Tensor, part_s: torch.Tensor) -> torch.Tensor:
-    """Merge per-split (max, sum) pairs [n_split, c] into logsumexp [c]."""
-    if part_m.shape[0] == 1:
-        return part_m[0] + torch.log(part_s[0])
-    top = part_m.max(dim=0).values                           # [c]
-    return top + torch.log((part_s * torch.exp(part_m - top)).sum(dim=0))
+def _plan_splits(c: int, V: int, dev: torch.device, split: Optional[int]) -> Tuple[int, int]:
+    """(number of vocabulary splits, columns per split) for a chunk of c rows: enough (row block, split)
+    programs to cover the SMs a few times over even when c is small; each split a multiple of the unit
+    every autotuned BLOCK_V divides, and none empty."""
+    interp = dev.type != "cuda"
+    unit = _INTERP_TILE["BLOCK_V"] if interp else _CUDA_V_UNIT
+    n_units = triton.cdiv(V, unit)
+    if split is None:
+        split = 1 if interp else triton.cdiv(4 * device_sm_count(dev), triton.cdiv(c, 128))
+    split = max(1, min(int(split), n_units))
+    v_per_split = triton.cdiv(n_units, split) * unit
+    return triton.cdiv(V, v_per_split), v_per_split
 
 
 def logits_lse(
@@ -569,58 +378,39 @@ def logits_lse(
     inv_t = 1.0 / float(temperature)
     # At T = 1 the two log-sum-exps coincide: compute one.
     lse1_in_kernel = need_lse1 and inv_t != 1.0
-    from_buf = store and dev.type == "cuda" and _logits_mode() == "cublas"
+    from_buf = store and dev.type == "cuda" and logits_mode("DISTILL_ENGINE_TRITON_LOGITS") == "cublas"
     if from_buf:
         # cuBLAS forms the whole fp32 buffer; the kernel only reads it for the log-sum-exp.
-        _mm_f32_into(buf, h, weight.t())
+        mm_f32_into(buf, h, weight.t())
         if bias is not None:
             buf.add_(bias.float())
 
-    interp = dev.type != "cuda"
-    unit = _INTERP_TILE["BLOCK_V"] if interp else _CUDA_V_UNIT
-    n_units = triton.cdiv(V, unit)
-    if split is None:
-        if interp:
-            split = 1
-        else:
-            # Enough (row block, split) programs to cover the SMs a few times over.
-            row_blocks = triton.cdiv(c, 128)
-            split = triton.cdiv(4 * _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()),
-                                row_blocks)
-    split = max(1, min(int(split), n_units))
-    v_per_split = triton.cdiv(n_units, split) * unit
-    split = triton.cdiv(V, v_per_split)                      # no empty split
-    part = torch.empty((4 if lse1_in_kernel else 2, split, c), device=dev, dtype=f32)
-
-    b_arg = bias if bias is not None else h                  # dummy pointer when HAS_BIAS is False
+    split, v_per_split = _plan_splits(c, V, dev, split)
+    part = torch.empty((4 if lse1_in_kernel else 2, split, c), device=dev, dtype=f32)   # (m_T, s_T, m_1, s_1)
+    ptrs, strides = tile_args(h, weight, bias)
     buf_arg = buf if buf is not None else part               # dummy pointer when nothing is stored
-    args = (
-        h, weight, b_arg, buf_arg, part,
-        c, V, d, v_per_split, inv_t,
-        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
-        bias.stride(0) if bias is not None else 0, V,
-    )
+    args = (*ptrs, buf_arg, part, c, V, d, v_per_split, inv_t, *strides, V)
     flags = dict(
         HAS_BIAS=bias is not None, STORE=store and not from_buf, FROM_BUF=from_buf,
-        NEED_LSE1=lse1_in_kernel, DOT_MODE=_dot_mode(h),
+        NEED_LSE1=lse1_in_kernel, DOT_MODE=dot_mode(h),
     )
-    if interp:
-        _logits_lse_kernel[(triton.cdiv(c, _INTERP_TILE["BLOCK_N"]), split)](*args, **flags, **_INTERP_TILE)
+    if interpreting(h):
+        _loss_logits_lse_kernel[(triton.cdiv(c, _INTERP_TILE["BLOCK_N"]), split)](*args, **flags, **_INTERP_TILE)
     else:
         grid = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), split)  # noqa: E731
         cfgs = _CUDA_F32_CONFIGS if h.dtype == f32 else _CUDA_LP_CONFIGS
         if from_buf:
-            _logits_lse_kernel[grid](*args, **flags, **_CUDA_FROM_BUF)
+            _loss_logits_lse_kernel[grid](*args, **flags, **_CUDA_FROM_BUF)
         elif _autotune_enabled():
             (_lse_tuned_f32 if h.dtype == f32 else _lse_tuned_lp)[grid](*args, **flags)
         else:
-            _logits_lse_kernel[grid](*args, **flags, **cfgs[0])
+            _loss_logits_lse_kernel[grid](*args, **flags, **cfgs[0])
 
-    lse_T = _combine(part[0], part[1])
+    lse_T = combine_lse(part[0], part[1], dim=0)
     if not need_lse1:
         lse_1 = None
     elif lse1_in_kernel:
-        lse_1 = _combine(part[2], part[3])
+        lse_1 = combine_lse(part[2], part[3], dim=0)
     else:
         lse_1 = lse_T.clone()
     return buf, lse_T, lse_1
@@ -630,7 +420,7 @@ def buf_lse(buf: torch.Tensor, temperature: float) -> torch.Tensor:
     """logsumexp(buf / T) per row, fp32 [c], for a contiguous fp32 [c, V] buffer whose masked entries are -inf.
 
     The exact rest log-mass of the student (the chunk driver masks the teacher ids first): one streaming
-    pass over the buffer (``_buf_lse_kernel``), no GEMM.
+    pass over the buffer (``_loss_buf_lse_kernel``), no GEMM.
     """
     if buf.dtype != torch.float32 or buf.dim() != 2 or not buf.is_contiguous():
         raise ValueError(f"buf must be a contiguous float32 [c, V] tensor, got {buf.dtype} {tuple(buf.shape)}")
@@ -638,11 +428,11 @@ def buf_lse(buf: torch.Tensor, temperature: float) -> torch.Tensor:
     out = torch.empty((c,), device=buf.device, dtype=torch.float32)
     if c == 0:
         return out
-    interp = buf.device.type != "cuda"
+    interp = interpreting(buf)
     br, bc = (16, 64) if interp else (4, 1024)
     launch = {} if interp else dict(num_warps=4)
-    _buf_lse_kernel[(triton.cdiv(c, br),)](buf, out, c, V, 1.0 / float(temperature), V,
-                                            BLOCK_R=br, BLOCK_C=bc, **launch)
+    _loss_buf_lse_kernel[(triton.cdiv(c, br),)](buf, out, c, V, 1.0 / float(temperature), V,
+                                                 BLOCK_R=br, BLOCK_C=bc, **launch)
     return out
 
 
@@ -660,6 +450,73 @@ def _fp16_scale(s_q: torch.Tensor, s_1: Optional[torch.Tensor], sparse_coef: Opt
     if not math.isfinite(top) or top <= 0.0:
         return 1.0
     return 2.0 ** (-math.ceil(math.log2(top)))
+
+
+def _grad_from_buf(buf, dtype, stats, inv_t, g_scale, has_lse1, want_db):
+    """``_loss_dense_grad_kernel`` over the stored logits: (g [c, V] -- buf itself for fp32, else a copy in
+    ``dtype`` --, per-row-block db partial sums [row blocks, V] | None)."""
+    c, V = buf.shape
+    low = dtype != torch.float32
+    interp = interpreting(buf)
+    ew = _INTERP_EW if interp else _CUDA_EW
+    g_lp = torch.empty((c, V), device=buf.device, dtype=dtype) if low else buf
+    n_rb = triton.cdiv(c, ew["BLOCK_R"])
+    dbp = torch.empty((n_rb, V), device=buf.device, dtype=torch.float32) if want_db else None
+    launch = dict(BLOCK_R=ew["BLOCK_R"], BLOCK_C=ew["BLOCK_C"])
+    if not interp:
+        launch["num_warps"] = ew["num_warps"]
+    _loss_dense_grad_kernel[(n_rb, triton.cdiv(V, ew["BLOCK_C"]))](
+        buf, g_lp, dbp if want_db else buf, *stats, c, V, inv_t, g_scale, V, V,
+        HAS_LSE1=has_lse1, WRITE_F32=not low, WRITE_LP=low, HAS_BIAS=want_db,
+        RTNE_FIX=interp and dtype == torch.bfloat16, **launch,
+    )
+    return g_lp, dbp
+
+
+def _grad_recompute(h, weight, bias, stats, inv_t, g_scale, has_lse1, want_db):
+    """``_loss_recompute_grad_kernel``: the logits formed again tile by tile, g written in the input dtype;
+    returns (g [c, V], db partial sums | None) like :func:`_grad_from_buf`."""
+    c, V = h.shape[0], weight.shape[0]
+    interp = interpreting(h)
+    if interp:
+        cfg = dict(_INTERP_TILE)
+    else:
+        cfg = dict(_CUDA_RECOMPUTE_F32 if h.dtype == torch.float32 else _CUDA_LP_CONFIGS[0])
+    g_lp = torch.empty((c, V), device=h.device, dtype=h.dtype)
+    n_rb = triton.cdiv(c, cfg["BLOCK_N"])
+    dbp = torch.empty((n_rb, V), device=h.device, dtype=torch.float32) if want_db else None
+    ptrs, strides = tile_args(h, weight, bias)
+    _loss_recompute_grad_kernel[(n_rb, triton.cdiv(V, cfg["BLOCK_V"]))](
+        *ptrs, g_lp, dbp if want_db else g_lp, *stats, c, V, h.shape[1], inv_t, g_scale, *strides, V,
+        HAS_BIAS=bias is not None, HAS_LSE1=has_lse1, WANT_DB=want_db, DOT_MODE=dot_mode(h),
+        RTNE_FIX=interp and h.dtype == torch.bfloat16, **cfg,
+    )
+    return g_lp, dbp
+
+
+def _add_sparse(g_lp, buf, ids, coef, stats, inv_t, g_scale, has_lse1):
+    """g[n, ids[n, j]] += coef[n, j] (scatter-add: repeated ids in a row add up), on the fp32 g or its
+    input-dtype copy."""
+    if g_lp.dtype == torch.float32:
+        g_lp.scatter_add_(1, ids, coef)                      # the fp32 g (buf itself when given)
+        return
+    lse_T, lse_1, s_q, s_1 = stats
+    # Only the m touched entries per row of the input-dtype copy change. Their new value is
+    # dense + Σ(coef of equal ids) (repeated ids, e.g. a label that is also a teacher id, add
+    # up; [c, m, m] is small), so every duplicate writes the same value: deterministic.
+    same = (ids[:, :, None] == ids[:, None, :]).to(torch.float32)   # [c, m, m]
+    coef_sum = torch.bmm(same, coef[:, :, None]).squeeze(2)        # [c, m]
+    if buf is not None:
+        # buf still holds the fp32 logits: the dense part at the ids, exactly as the kernel formed it
+        l_S = buf.gather(1, ids)                                   # [c, m]
+        dense_S = s_q[:, None] * torch.exp(l_S * inv_t - lse_T[:, None])
+        if has_lse1:
+            dense_S = dense_S + s_1[:, None] * torch.exp(l_S - lse_1[:, None])
+        vals = (dense_S + coef_sum) * g_scale
+    else:
+        # no fp32 g to start from: read the dense part back from the rounded copy
+        vals = g_lp.gather(1, ids).to(torch.float32) + coef_sum * g_scale
+    g_lp.scatter_(1, ids, vals.to(g_lp.dtype))
 
 
 def dense_grad(
@@ -685,100 +542,47 @@ def dense_grad(
     [c, d] and accumulates dW_acc (fp32 [V, d]) += gᵀ @ h and db_acc (fp32 [V]) += Σ_rows g (each
     skipped when None).
 
-    With ``buf`` (the fp32 logits from :func:`logits_lse`), ``_dense_grad_kernel`` turns it into g in
+    With ``buf`` (the fp32 logits from :func:`logits_lse`), ``_loss_dense_grad_kernel`` turns it into g in
     place for fp32 inputs; for bf16/fp16 inputs it writes g in the input dtype instead (so both GEMMs
     run on tensor cores in cuBLAS) and leaves ``buf`` holding the logits (it is scratch after this
-    call either way). Without ``buf``, ``_recompute_grad_kernel`` recomputes the logits tile by tile and writes
-    g into a temporary [c, V] buffer in the input dtype; the GEMMs are the same.
+    call either way). Without ``buf``, ``_loss_recompute_grad_kernel`` recomputes the logits tile by tile
+    and writes g into a temporary [c, V] buffer in the input dtype; the GEMMs are the same.
     """
     _check_inputs(h, weight, bias)
     c, d = h.shape
     V = weight.shape[0]
-    dev = h.device
     f32 = torch.float32
     if c == 0:
-        return torch.zeros((0, d), device=dev, dtype=f32)
+        return torch.zeros((0, d), device=h.device, dtype=f32)
     if buf is not None and (buf.shape != (c, V) or buf.dtype != f32 or not buf.is_contiguous()):
         raise ValueError(f"buf must be a contiguous float32 [{c}, {V}] tensor, got {buf.dtype} {tuple(buf.shape)}")
     has_lse1 = s_1 is not None and lse_1 is not None
     lse_T = lse_T.to(f32).contiguous()
     s_q = s_q.to(f32).contiguous()
-    lse_1 = lse_1.to(f32).contiguous() if has_lse1 else lse_T
-    s_1 = s_1.to(f32).contiguous() if has_lse1 else s_q
+    lse_1 = lse_1.to(f32).contiguous() if has_lse1 else None
+    s_1 = s_1.to(f32).contiguous() if has_lse1 else None
+    # without the s_1 term the kernels still get valid pointers (never read: HAS_LSE1 is False)
+    stats = (lse_T, lse_T if lse_1 is None else lse_1, s_q, s_q if s_1 is None else s_1)
     inv_t = 1.0 / float(temperature)
-    low = h.dtype != f32
     # fp16 has a small exponent range: scale g into [-1, 1] by a power of two and undo it on the
     # fp32 GEMM outputs. bf16 shares fp32's range, so it needs none (and skips the host sync).
-    g_scale = (_fp16_scale(s_q, s_1 if has_lse1 else None, sparse_coef if sparse_ids is not None else None)
+    g_scale = (_fp16_scale(s_q, s_1, sparse_coef if sparse_ids is not None else None)
                if h.dtype == torch.float16 else 1.0)
     want_db = db_acc is not None
-    interp = dev.type != "cuda"
-    rtne_fix = interp and h.dtype == torch.bfloat16
-
     if buf is not None:
-        ew = _INTERP_EW if interp else _CUDA_EW
-        g_lp = torch.empty((c, V), device=dev, dtype=h.dtype) if low else buf
-        n_rb = triton.cdiv(c, ew["BLOCK_R"])
-        dbp = torch.empty((n_rb, V), device=dev, dtype=f32) if want_db else buf
-        grid = (n_rb, triton.cdiv(V, ew["BLOCK_C"]))
-        launch = dict(BLOCK_R=ew["BLOCK_R"], BLOCK_C=ew["BLOCK_C"])
-        if not interp:
-            launch["num_warps"] = ew["num_warps"]
-        _dense_grad_kernel[grid](
-            buf, g_lp, dbp, lse_T, lse_1, s_q, s_1,
-            c, V, inv_t, g_scale, V, V,
-            HAS_LSE1=has_lse1, WRITE_F32=not low, WRITE_LP=low, HAS_BIAS=want_db, RTNE_FIX=rtne_fix,
-            **launch,
-        )
+        g_lp, dbp = _grad_from_buf(buf, h.dtype, stats, inv_t, g_scale, has_lse1, want_db)
     else:
-        if interp:
-            cfg = dict(_INTERP_TILE)
-        else:
-            cfg = dict(_CUDA_RECOMPUTE_F32 if not low else _CUDA_LP_CONFIGS[0])
-        g_lp = torch.empty((c, V), device=dev, dtype=h.dtype)
-        n_rb = triton.cdiv(c, cfg["BLOCK_N"])
-        dbp = torch.empty((n_rb, V), device=dev, dtype=f32) if want_db else g_lp
-        grid = (n_rb, triton.cdiv(V, cfg["BLOCK_V"]))
-        b_arg = bias if bias is not None else h
-        _recompute_grad_kernel[grid](
-            h, weight, b_arg, g_lp, dbp, lse_T, lse_1, s_q, s_1,
-            c, V, d, inv_t, g_scale,
-            h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
-            bias.stride(0) if bias is not None else 0, V,
-            HAS_BIAS=bias is not None, HAS_LSE1=has_lse1, WANT_DB=want_db, DOT_MODE=_dot_mode(h),
-            RTNE_FIX=rtne_fix,
-            **cfg,
-        )
-
+        g_lp, dbp = _grad_recompute(h, weight, bias, stats, inv_t, g_scale, has_lse1, want_db)
     if sparse_ids is not None:
-        ids = sparse_ids.long()                              # [c, m]
-        coef = sparse_coef.to(f32)                           # [c, m]
-        if not low:
-            g_lp.scatter_add_(1, ids, coef)                  # g_lp is the fp32 g (buf itself when given)
-        else:
-            # Only the m touched entries per row of the input-dtype copy change. Their new value is
-            # dense + Σ(coef of equal ids) (repeated ids, e.g. a label that is also a teacher id, add
-            # up; [c, m, m] is small), so every duplicate writes the same value: deterministic.
-            same = (ids[:, :, None] == ids[:, None, :]).to(f32)          # [c, m, m]
-            coef_sum = torch.bmm(same, coef[:, :, None]).squeeze(2)      # [c, m]
-            if buf is not None:
-                # buf still holds the fp32 logits: the dense part at the ids, exactly as the kernel formed it
-                l_S = buf.gather(1, ids)                                 # [c, m]
-                dense_S = s_q[:, None] * torch.exp(l_S * inv_t - lse_T[:, None])
-                if has_lse1:
-                    dense_S = dense_S + s_1[:, None] * torch.exp(l_S - lse_1[:, None])
-                vals = (dense_S + coef_sum) * g_scale
-            else:
-                # no fp32 g to start from: read the dense part back from the rounded copy
-                vals = g_lp.gather(1, ids).to(f32) + coef_sum * g_scale
-            g_lp.scatter_(1, ids, vals.to(h.dtype))
+        ids, coef = sparse_ids.long(), sparse_coef.to(f32)   # [c, m]
+        _add_sparse(g_lp, buf, ids, coef, stats, inv_t, g_scale, has_lse1)
         if want_db:
             db_acc.index_add_(0, ids.reshape(-1), coef.reshape(-1))
 
     unscale = 1.0 / g_scale
-    dH = _mm_f32(g_lp, weight, unscale)                      # [c, d]
+    dH = mm_f32(g_lp, weight, unscale)                       # [c, d]
     if dW_acc is not None:
-        _addmm_f32_(dW_acc, g_lp.t(), h, unscale)            # [V, d] += [V, c] @ [c, d]
+        addmm_f32_(dW_acc, g_lp.t(), h, unscale)             # [V, d] += [V, c] @ [c, d]
     if want_db:
-        db_acc.add_(dbp[0] if n_rb == 1 else dbp.sum(dim=0))
+        db_acc.add_(dbp[0] if dbp.shape[0] == 1 else dbp.sum(dim=0))
     return dH

@@ -2,7 +2,9 @@
 
 Grid (row blocks, vocabulary splits). A program owns BM rows and one contiguous vocabulary split and
 streams its BV-wide tiles; per tile it forms z = (h Wᵀ + b)·inv_t with an fp32-accumulating tile GEMM
-over d, so no logits tensor exists anywhere.
+over d, so no logits tensor exists anywhere. The tile GEMM (``_logits_tile``), the online log-sum-exp step
+(``_online_lse``) and the host helpers (device check, dot mode, SM count, split merge, fp32-output GEMM) are
+the ones the loss kernels use, in ``kernels/_tiles.py``.
 
 ``_tt_topk_kernel`` (method "topk"; with DO_TOPK=False it is pass 1 of "sample"):
     online log-sum-exp of the split:  m ← max(m, max_v z_v),  s ← s·e^{m_old − m} + Σ_v e^{z_v − m};
@@ -39,9 +41,7 @@ cuBLAS (``reference.teacher_targets.chunk_logits``) and torch.topk selects (memo
 """
 from __future__ import annotations
 
-import functools
 import os
-import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -50,6 +50,8 @@ import triton.language as tl
 
 from .. import _backend
 from ..reference import teacher_targets as _torch_impl
+from ._tiles import _logits_tile, _online_lse, check_device, combine_lse, device_sm_count, logits_mode, mm_f32_into
+from ._tiles import dot_mode as _dot_mode
 
 MAX_KERNEL_K = 256
 
@@ -57,32 +59,6 @@ MAX_KERNEL_K = 256
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _tt_logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_h, stride_w,
-                    HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr,
-                    BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
-    """acc[i, j] = Σ_d h[rows[i], d]·W[cols[j], d] (+ b[cols[j]]), fp32 accumulation. rows/cols in range."""
-    offs_d = tl.arange(0, BD)
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + offs_d[None, :]  # [BM, BD]
-    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_w + offs_d[:, None]  # [BD, BV]
-    acc = tl.zeros((BM, BV), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        md = offs_d < D - d0
-        hh = tl.load(h_ptrs, mask=md[None, :], other=0.0)
-        ww = tl.load(w_ptrs, mask=md[:, None], other=0.0)
-        if DOT_MODE == 1:  # fp32: IEEE products
-            acc = tl.dot(hh, ww, acc, input_precision="ieee")
-        elif DOT_MODE == 2:  # interpreter + half inputs: exact upcast, IEEE dot
-            acc = tl.dot(hh.to(tl.float32), ww.to(tl.float32), acc, input_precision="ieee")
-        else:  # half inputs on tensor cores, fp32 accumulation
-            acc = tl.dot(hh, ww, acc)
-        h_ptrs += BD
-        w_ptrs += BD
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
-    return acc
-
-
 @triton.jit
 def _tt_topk_kernel(
     h_ptr, w_ptr, b_ptr,
@@ -134,12 +110,11 @@ def _tt_topk_kernel(
                 z += tl.load(b_ptr + cols).to(tl.float32)[None, :]
             z = z * inv_t
         else:
-            z = _tt_logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_h, stride_w,
-                                HAS_BIAS, DOT_MODE, BM, BV, BD) * inv_t
+            # d is contiguous (the launcher checks): unit d and bias strides, folded at compile time
+            z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_h, 1, stride_w, 1, 1,
+                             HAS_BIAS, DOT_MODE, BM, BV, BD) * inv_t
         z = tl.where(col_ok[None, :], z, NEG)  # [BM, BV]
-        m_new = tl.maximum(m_run, tl.max(z, axis=1))
-        s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_run = m_new
+        m_run, s_run = _online_lse(m_run, s_run, z)
         if DO_TOPK:
             x = tl.where(row_ok[:, None] & (z > theta[:, None]), z, NEG)
             pending = tl.max(tl.sum((x > NEG).to(tl.int32), axis=1), axis=0)
@@ -200,8 +175,8 @@ def _tt_sample_kernel(
         offs_v = v0 + ar_v
         col_ok = offs_v < v_hi
         cols = tl.where(col_ok, offs_v, v_lo)
-        z = _tt_logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_h, stride_w,
-                            HAS_BIAS, DOT_MODE, BM, BV, BD) * inv_t
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_h, 1, stride_w, 1, 1,
+                         HAS_BIAS, DOT_MODE, BM, BV, BD) * inv_t
         p = tl.where(col_ok[None, :], tl.exp(z - lse[:, None]), 0.0)  # [BM, BV]
         incl = running[:, None] + tl.cumsum(p, axis=1)  # inclusive in-split CDF
         tile_end = tl.max(incl, axis=1)
@@ -264,17 +239,6 @@ def _cuda_config(dtype: torch.dtype, KP: int, from_buf: bool = False) -> dict:
     return dict(BM=64, BV=64 if KP > 128 else 128, BD=64, num_warps=8, num_stages=3)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _dot_mode(h: torch.Tensor) -> int:
-    if h.dtype == torch.float32:
-        return 1
-    return 0 if h.device.type == "cuda" else 2
-
-
 def _plan(h: torch.Tensor, V: int, KP: int, from_buf: bool = False):
     """(config, n_splits, split_len) for a chunk of h.shape[0] rows."""
     c = h.shape[0]
@@ -286,7 +250,7 @@ def _plan(h: torch.Tensor, V: int, KP: int, from_buf: bool = False):
     row_blocks = triton.cdiv(c, cfg["BM"])
     tiles = triton.cdiv(V, cfg["BV"])
     # about four waves of programs over the SMs, at least 2 tiles per split
-    n_splits = max(1, min(tiles // 2 or 1, -(-4 * _sm_count(h.device.index or 0) // row_blocks)))
+    n_splits = max(1, min(tiles // 2 or 1, -(-4 * device_sm_count(h.device) // row_blocks)))
     split_len = triton.cdiv(tiles, n_splits) * cfg["BV"]
     return cfg, triton.cdiv(V, split_len), split_len
 
@@ -317,8 +281,7 @@ def _launch_meta(cfg: dict) -> dict:
 
 def _combine_lse(pm: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
     """lse [c] from per-split (max, Σ exp(z − max)) [c, S]."""
-    M = pm.amax(dim=1, keepdim=True)  # finite: every split holds at least one column
-    return (M.squeeze(1).double() + (ps.double() * torch.exp((pm - M).double())).sum(dim=1).log()).float()
+    return combine_lse(pm, ps, dim=1)
 
 
 def _split_pass(h, weight, bias, k: int, inv_t: float, do_topk: bool, buf: Optional[torch.Tensor] = None):
@@ -351,9 +314,7 @@ def _split_pass(h, weight, bias, k: int, inv_t: float, do_topk: bool, buf: Optio
 
 
 def _check(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    if h.device.type != "cuda" and not (h.device.type == "cpu" and _backend.triton_interpret()):
-        raise ValueError(f"teacher_targets: backend='triton' needs CUDA tensors (got {h.device}); for CPU tensors "
-                         f"set TRITON_INTERPRET=1 before importing triton, or use backend='cpu' / 'torch'")
+    check_device(h, "teacher_targets")
     for name, t in (("hidden", h), ("weight", weight), ("bias", bias)):
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension for the triton backend")
@@ -381,38 +342,7 @@ def merge_candidates(cv, ci, pm, ps, k: int) -> Tuple[torch.Tensor, torch.Tensor
 # the backend used by ops/teacher_targets.py
 # ----------------------------------------------------------------------------------------------
 def _logits_mode() -> str:
-    mode = os.environ.get("DISTILL_ENGINE_TT_LOGITS", "triton")
-    if mode not in ("triton", "cublas"):
-        raise ValueError(f"DISTILL_ENGINE_TT_LOGITS must be 'triton' or 'cublas', got {mode!r}")
-    return mode
-
-
-@functools.lru_cache(maxsize=None)
-def _mm_out_dtype_ok(device_type: str) -> bool:
-    """torch.mm(a, b, out_dtype=torch.float32) for half inputs (fp32 output of the tensor-core GEMM)."""
-    try:
-        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device_type)
-        if torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32:
-            return True
-        why = "wrong output dtype"
-    except (TypeError, RuntimeError) as exc:
-        why = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
-    warnings.warn(f"teacher_targets: torch.mm(..., out_dtype=torch.float32) is unavailable on {device_type} ({why}); "
-                  "the cuBLAS logits buffer is filled from a half-precision GEMM output (rounded logits)",
-                  RuntimeWarning, stacklevel=3)
-    return False
-
-
-def _raw_logits_into(buf: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """buf[:c] = h Wᵀ in fp32 through cuBLAS (fp32 output when torch offers it, else a half GEMM upcast)."""
-    z = buf[: h.shape[0]]
-    if h.dtype == torch.float32:
-        torch.mm(h, weight.t(), out=z)
-    elif _mm_out_dtype_ok(h.device.type):
-        z.copy_(torch.mm(h, weight.t(), out_dtype=torch.float32))
-    else:
-        z.copy_(torch.mm(h, weight.t()))
-    return z
+    return logits_mode("DISTILL_ENGINE_TT_LOGITS")
 
 
 class TritonBackend:
@@ -454,33 +384,31 @@ class TritonBackend:
         return out.long(), lse
 
 
-def _topk_cublas(h, weight, bias, k: int, inv_t: float):
-    """DISTILL_ENGINE_TT_LOGITS=cublas: per sub-chunk of ≤ 2^26 logits, cuBLAS GEMM + the candidate kernel."""
-    c = h.shape[0]
-    V = weight.shape[0]
-    rows = max(1, min(c, (1 << 26) // V))
+def _by_sub_chunks(h, weight, k: int, max_elems: int, chunk_fn):
+    """Top-k of a chunk by sub-chunks of ≤ ``max_elems`` fp32 logits: ``chunk_fn(s, e, buf)`` returns
+    (ids, logprobs, lse) of rows [s, e) using the shared fp32 buffer ``buf`` [rows, V]."""
+    c, V = h.shape[0], weight.shape[0]
+    rows = max(1, min(c, max_elems // V))
     buf = torch.empty(rows, V, dtype=torch.float32, device=h.device)
     ids = torch.empty(c, k, dtype=torch.int32, device=h.device)
     lps = torch.empty(c, k, dtype=torch.float32, device=h.device)
     lse = torch.empty(c, dtype=torch.float32, device=h.device)
     for s in range(0, c, rows):
         e = min(c, s + rows)
-        z = _raw_logits_into(buf, h[s:e], weight)
-        pm, ps, cv, ci, *_ = _split_pass(h[s:e], weight, bias, k, inv_t, True, buf=z)
-        ids[s:e], lps[s:e], lse[s:e] = merge_candidates(cv, ci, pm, ps, k)
+        ids[s:e], lps[s:e], lse[s:e] = chunk_fn(s, e, buf)
     return ids, lps, lse
+
+
+def _topk_cublas(h, weight, bias, k: int, inv_t: float):
+    """DISTILL_ENGINE_TT_LOGITS=cublas: per sub-chunk of ≤ 2^26 logits, cuBLAS GEMM + the candidate kernel."""
+    def chunk(s, e, buf):
+        z = mm_f32_into(buf[: e - s], h[s:e], weight.t())    # raw logits, fp32 [e − s, V]
+        pm, ps, cv, ci, *_ = _split_pass(h[s:e], weight, bias, k, inv_t, True, buf=z)
+        return merge_candidates(cv, ci, pm, ps, k)
+    return _by_sub_chunks(h, weight, k, 1 << 26, chunk)
 
 
 def _topk_via_buffer(h, weight, bias, k: int, inv_t: float):
     """k > MAX_KERNEL_K: cuBLAS logits into an fp32 buffer of ≤ 2^27 elements per sub-chunk, torch.topk."""
-    c = h.shape[0]
-    V = weight.shape[0]
-    rows = max(1, min(c, (1 << 27) // V))
-    buf = torch.empty(rows, V, dtype=torch.float32, device=h.device)
-    ids = torch.empty(c, k, dtype=torch.int32, device=h.device)
-    lps = torch.empty(c, k, dtype=torch.float32, device=h.device)
-    lse = torch.empty(c, dtype=torch.float32, device=h.device)
-    for s in range(0, c, rows):
-        e = min(c, s + rows)
-        ids[s:e], lps[s:e], lse[s:e] = _torch_impl.topk_chunk(h[s:e], weight, bias, k, inv_t, buf)
-    return ids, lps, lse
+    return _by_sub_chunks(h, weight, k, 1 << 27,
+                          lambda s, e, buf: _torch_impl.topk_chunk(h[s:e], weight, bias, k, inv_t, buf))
