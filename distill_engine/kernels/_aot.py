@@ -158,8 +158,8 @@ def _proj_args(dt, c):
     p = _PTR[dt]
     out = p if c["KIND"] == 0 else "*fp32"   # mse writes g in the input dtype, cosine the fp32 y
     return dict(h_ptr=p, w_ptr=p, b_ptr=p, t_ptr=p, scale_ptr="*fp32", part_ptr="*fp32", out_ptr=out,
-                M=_C, D_T=_D, D_S=2048, stride_hm=2048, stride_hk=1, stride_wn=2048, stride_wk=1, stride_tm=_D,
-                stride_tn=1, stride_om=_D, stride_on=1, grad_coef=0.5, DOT_PRECISION="ieee", UPCAST=False)
+                M=_C, D_T=_D, D_S=2048, stride_hm=2048, stride_hk=1, stride_wn=2048, stride_wk=1, stride_b=1,
+                stride_tm=_D, stride_tn=1, stride_om=_D, stride_on=1, grad_coef=0.5, DOT_MODE=1 if dt == "fp32" else 0)
 
 
 def _cos_configs(m, dt):
@@ -210,7 +210,8 @@ _ALL = ("bf16", "fp16", "fp32")
 REGISTRY: List[Entry] = [
     Entry("loss.logits_lse", "distill_loss", "_loss_logits_lse_kernel", True, _ALL, _dl_lse_configs,
           dict(STORE=(True, False), NEED_LSE1=(True, False), HAS_BIAS=(True, False), FROM_BUF=(False,)), _dl_lse_args),
-    Entry("loss.logits_lse.from_buf", "distill_loss", "_loss_logits_lse_kernel", True, ("bf16",), _dl_lse_frombuf_configs,
+    Entry("loss.logits_lse.from_buf", "distill_loss", "_loss_logits_lse_kernel", True, ("bf16",),
+          _dl_lse_frombuf_configs,
           dict(STORE=(False,), NEED_LSE1=(True, False), HAS_BIAS=(True, False), FROM_BUF=(True,)), _dl_lse_args),
     Entry("loss.dense_grad", "distill_loss", "_loss_dense_grad_kernel", True, _ALL, _dl_ew_configs,
           dict(HAS_LSE1=(True, False), HAS_BIAS=(True, False)), _dl_ew_args),
@@ -222,7 +223,7 @@ REGISTRY: List[Entry] = [
           dict(HAS_BIAS=(True, False)), _tt_sample_args),
     Entry("proj.fwd", "projection_loss", "_proj_fwd_kernel", True, _ALL, _proj_configs,
           dict(KIND=(0, 1), WRITE=(True, False), HAS_BIAS=(True, False)), _proj_args),
-    Entry("proj.cosine_grad", "projection_loss", "_cosine_grad_kernel", False, _ALL, _cos_configs, {}, _cos_args),
+    Entry("proj.cosine_grad", "projection_loss", "_proj_cosine_grad_kernel", False, _ALL, _cos_configs, {}, _cos_args),
     Entry("loss.rest_lse", "distill_loss", "_loss_buf_lse_kernel", True, ("fp32",), _dl_buf_lse_configs, {},
           _dl_buf_lse_args),
     Entry("relation.fwd", "token_relation", "_fwd_kernel", False, _ALL, _rel_configs, dict(CAUSAL=(True, False)),

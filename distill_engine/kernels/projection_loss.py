@@ -2,12 +2,12 @@
 
 One row chunk at a time (``ops/projection_loss.py`` drives the chunks):
 
-1. ``_proj_fwd_kernel``: a tile GEMM y = h Pᵀ + b over d_s with fp32 accumulation, whose epilogue reduces
-   the [BLOCK_M, BLOCK_N] tile straight to per-row partial sums (one slot per d_t tile, summed in a
+1. ``_proj_fwd_kernel``: a tile GEMM y = h Pᵀ + b over d_s with fp32 accumulation (the shared
+   ``_tiles._logits_tile``), whose epilogue reduces the [BLOCK_M, BLOCK_N] tile straight to per-row partial sums (one slot per d_t tile, summed in a
    fixed order afterwards so the result is deterministic). mse also writes its gradient tile
    g = s·2(y − t)/d_t (it needs no whole-row statistic); cosine writes the fp32 y tile when a gradient
    is wanted, because its gradient needs the whole-row dot products first.
-2. ``_cosine_grad_kernel``: g = α·y + β·t per element, from the per-row coefficients.
+2. ``_proj_cosine_grad_kernel``: g = α·y + β·t per element, from the per-row coefficients.
 3. dh = g P, dW += gᵀ h, db += Σ g as library GEMMs on the chunk's g buffer.
 
 The [N, d_t] projection is never written: at most one [chunk, d_t] buffer (fp32 y / g, plus g in the
@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
+from ._tiles import _logits_tile, dot_mode
 
 _MSE, _COSINE = 0, 1
 _NSTAT = 4  # per-row partial sums: mse (Σr², 0, 0, Σt·0) | cosine (Σy·t, Σy², Σt², Σt·0)
@@ -31,20 +32,19 @@ _NSTAT = 4  # per-row partial sums: mse (Σr², 0, 0, Σt·0) | cosine (Σy·t, 
 def _proj_fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, scale_ptr, part_ptr, out_ptr,
     M, D_T, D_S,
-    stride_hm, stride_hk, stride_wn, stride_wk, stride_tm, stride_tn, stride_om, stride_on,
+    stride_hm, stride_hk, stride_wn, stride_wk, stride_b, stride_tm, stride_tn, stride_om, stride_on,
     grad_coef,
-    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Projected tile and its per-row partial reductions.
 
-    y[m, n] = Σ_k h[m, k]·P[n, k] + b[n]   (fp32 accumulation over d_s)
+    y[m, n] = Σ_k h[m, k]·P[n, k] + b[n]   (fp32 accumulation over d_s: the shared ``_logits_tile`` with d_t
+                                           in place of V; DOT_MODE as there, see ``_tiles.dot_mode``)
     KIND 0 (mse):    part[j, 0, m] = Σ_{n in tile j} (y − t)²;  WRITE: out = grad_coef·scale[m]·(y − t)
                      (grad_coef = 2/d_t, so out is the row-scaled gradient dL/dy in out's dtype)
     KIND 1 (cosine): part[j, 0..2, m] = Σ y·t, Σ y², Σ t²;      WRITE: out = y (fp32)
     part[j, 3, m] = Σ t·0, which is NaN exactly when the teacher tile holds a non-finite value.
-    UPCAST (interpreter only) multiplies 16-bit inputs in fp32: the same products, exactly.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -59,26 +59,15 @@ def _proj_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < D_T
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BM, BN]
-    for k0 in range(0, D_S, BLOCK_K):
-        k = k0 + offs_k
-        k_ok = k < D_S
-        a = tl.load(h_ptr + offs_m[:, None] * stride_hm + k[None, :] * stride_hk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        wt = tl.load(w_ptr + offs_n[None, :] * stride_wn + k[:, None] * stride_wk,
-                     mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # [BK, BN] = Pᵀ tile
-        if UPCAST:  # the interpreter multiplies 16-bit floats as their integer bit patterns
-            a = a.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION)
-    y = acc
-    if HAS_BIAS:
-        b = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # [BN]
-        y = y + b[None, :]
+    # rows/columns wrapped into range: the duplicates they compute are masked out of every store and sum
+    y = _logits_tile(
+        h_ptr, w_ptr, b_ptr, offs_m % M, offs_n % D_T, D_S,
+        stride_hm, stride_hk, stride_wn, stride_wk, stride_b,
+        HAS_BIAS, DOT_MODE, BLOCK_M, BLOCK_N, BLOCK_K,
+    )                                                      # [BM, BN] fp32
     tile_ok = m_ok[:, None] & n_ok[None, :]
     t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_n[None, :] * stride_tn,
                 mask=tile_ok, other=0.0).to(tl.float32)  # [BM, BN]
@@ -103,7 +92,7 @@ def _proj_fwd_kernel(
 
 
 @triton.jit
-def _cosine_grad_kernel(
+def _proj_cosine_grad_kernel(
     y_ptr, t_ptr, alpha_ptr, beta_ptr, g_ptr,
     M, D_T,
     stride_ym, stride_tm, stride_gm,
@@ -167,18 +156,16 @@ def projection_chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     dummy = part  # any valid pointer for arguments a constexpr branch never reads
     scale = row_scale.contiguous() if grad else dummy
     out = buf if grad else dummy
-    # fp32: no TF32, so results match at 1e-5. 16-bit inputs ignore the setting (tensor cores either way);
-    # a plain string keeps one code path for Triton 3.6 and 3.9.
-    precision = "ieee"
     grid = (triton.cdiv(c, BM) * n_tiles,)
     _proj_fwd_kernel[grid](
         h, weight, bias if bias is not None else dummy, t, scale, part, out,
         c, d_t, d_s,
-        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
+        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
+        t.stride(0), t.stride(1),
         out.stride(0) if grad else 0, out.stride(1) if grad else 0,
         2.0 / d_t,
-        KIND=k_id, HAS_BIAS=bias is not None, WRITE=grad, DOT_PRECISION=precision,
-        UPCAST=triton_interpret() and h.dtype != torch.float32,
+        # fp32: IEEE dots (no TF32), so results match at 1e-5; bf16/fp16: tensor cores (upcast under the interpreter)
+        KIND=k_id, HAS_BIAS=bias is not None, WRITE=grad, DOT_MODE=dot_mode(h),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, num_warps=warps, num_stages=stages,
     )
     stats = part.sum(0)  # [4, c], summed over d_t tiles in a fixed order
@@ -199,7 +186,7 @@ def projection_chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
             beta = (-row_scale * inv_y * inv_t).contiguous()
             g = buf if h.dtype == torch.float32 else torch.empty(c, d_t, device=dev, dtype=h.dtype)
             GBM, GBN = (16, 64) if triton_interpret() else (32, 256)
-            _cosine_grad_kernel[(triton.cdiv(c, GBM), triton.cdiv(d_t, GBN))](
+            _proj_cosine_grad_kernel[(triton.cdiv(c, GBM), triton.cdiv(d_t, GBN))](
                 buf, t, alpha, beta, g, c, d_t, buf.stride(0), t.stride(0), g.stride(0),
                 BLOCK_M=GBM, BLOCK_N=GBN, num_warps=4,
             )
