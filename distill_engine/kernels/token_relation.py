@@ -4,12 +4,17 @@ One program per (query tile, batch row · head) in the forward and row-side back
 (key tile, batch row · head) in the column-side backward. Score tiles a^S = S_q S_kᵀ/√d_hs and
 a^T = T_q T_kᵀ/√d_ht are formed in registers and never written:
 
-1. ``_fwd_kernel``: online softmax over key tiles for both matrices at once; per row it carries
+1. ``_relation_fwd_kernel``: online softmax over key tiles for both matrices at once; per row it carries
    (m^T, l^T, acc = Σ p^T (a^T − a^S)) and (m^S, l^S) and writes kl = acc/l^T + lse^S − lse^T and both lses.
-2. ``_bwd_row_kernel``: recomputes P = exp(a^T − lse^T), Q = exp(a^S − lse^S) per tile from the saved
+2. ``_relation_bwd_row_kernel``: recomputes P = exp(a^T − lse^T), Q = exp(a^S − lse^S) per tile from the saved
    lses, G^S = g(Q − P), G^T = g P (a^T − a^S − c) and accumulates dS_q = G^S S_k/√d_hs (dT_q likewise).
-3. ``_bwd_col_kernel``: the same tiles walked per key tile, dS_k += G^Sᵀ S_q/√d_hs (dT_k likewise),
+3. ``_relation_bwd_col_kernel``: the same tiles walked per key tile, dS_k += G^Sᵀ S_q/√d_hs (dT_k likewise),
    added onto the row-side result (same stream: the row kernel has finished).
+
+The three kernels share their set-up through jit helpers: ``_head`` (the (batch row, head) base pointers),
+``_query_tiles`` (a query tile of both models + its masks), ``_key_ok`` (the key mask), ``_scores`` (both
+score tiles of a [BQ, BK] tile), ``_valid`` (padding + causal mask) and, in the backward, ``_row_stats`` and
+``_tile_grads`` (the saved row statistics and G^S, G^T of one tile).
 """
 from __future__ import annotations
 
@@ -23,6 +28,38 @@ import triton.language as tl
 from .._backend import triton_interpret
 
 _NEG = tl.constexpr(-1e30)  # a constexpr: compiled kernels may read no other globals
+
+
+@triton.jit
+def _head(S_ptr, T_ptr, bh, H, ds, dt, s_sb, s_sd, t_sb, t_sd):
+    """(b, h, S_b, T_b): batch row, head and the base pointers of this head's columns in S and T."""
+    b = bh // H
+    h = bh % H
+    return b, h, S_ptr + b * s_sb + h * ds * s_sd, T_ptr + b * t_sb + h * dt * t_sd
+
+
+@triton.jit
+def _key_ok(M_ptr, b, L, offs):
+    """(in range, in range and not padding) of the positions ``offs`` of batch row b."""
+    ok_in = offs < L
+    return ok_in, ok_in & (tl.load(M_ptr + b * L + offs, mask=ok_in, other=0) != 0)
+
+
+@triton.jit
+def _query_tiles(S_b, T_b, M_ptr, b, L, offs_q, ds, dt, s_sl, s_sd, t_sl, t_sd,
+                 BDS: tl.constexpr, BDT: tl.constexpr, UPCAST: tl.constexpr):
+    """(sq [BQ, BDS], tq [BQ, BDT], q_in, q_ok): the query rows of both models (fp32 when UPCAST) + masks."""
+    q_in, q_ok = _key_ok(M_ptr, b, L, offs_q)
+    offs_ds = tl.arange(0, BDS)
+    offs_dt = tl.arange(0, BDT)
+    sq = tl.load(S_b + offs_q[:, None] * s_sl + offs_ds[None, :] * s_sd,
+                 mask=q_in[:, None] & (offs_ds[None, :] < ds), other=0.0)  # [BQ, BDS]
+    tq = tl.load(T_b + offs_q[:, None] * t_sl + offs_dt[None, :] * t_sd,
+                 mask=q_in[:, None] & (offs_dt[None, :] < dt), other=0.0)  # [BQ, BDT]
+    if UPCAST:  # the interpreter multiplies 16-bit floats wrongly: upcast (exact)
+        sq = sq.to(tl.float32)
+        tq = tq.to(tl.float32)
+    return sq, tq, q_in, q_ok
 
 
 @triton.jit
@@ -45,29 +82,30 @@ def _scores(S_ptr, T_ptr, row0, offs_q, offs_k, ds, dt, q_ok, k_ok,
 
 
 @triton.jit
-def _fwd_kernel(S_ptr, T_ptr, M_ptr, kl_ptr, lses_ptr, lset_ptr,
-                L, H, ds, dt, s_sb, s_sl, s_sd, t_sb, t_sl, t_sd, c_s, c_t,
-                CAUSAL: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
-                UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """kl_i = Σ_j P_ij (a^T_ij − a^S_ij) + lse^S_i − lse^T_i over valid keys j (online softmax)."""
+def _valid(q_ok, k_ok, offs_q, offs_k, CAUSAL: tl.constexpr):
+    """[BQ, BK] pairs that count: both positions real, and key ≤ query when causal."""
+    valid = q_ok[:, None] & k_ok[None, :]
+    if CAUSAL:
+        valid = valid & (offs_k[None, :] <= offs_q[:, None])
+    return valid
+
+
+@triton.jit
+def _relation_fwd_kernel(S_ptr, T_ptr, M_ptr, kl_ptr, lses_ptr, lset_ptr,
+                         L, H, ds, dt, s_sb, s_sl, s_sd, t_sb, t_sl, t_sd, c_s, c_t,
+                         CAUSAL: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BDS: tl.constexpr,
+                         BDT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """kl_i = Σ_j P_ij (a^T_ij − a^S_ij) + lse^S_i − lse^T_i over valid keys j (online softmax).
+
+    Per key tile, with both running maxima m^T, m^S and sums l^T, l^S (masked entries exp(-1e30) = 0):
+    m' = max(m, max_j a_j), l ← l·e^{m − m'} + Σ_j e^{a_j − m'}, acc ← acc·e^{m^T − m^T'} + Σ_j p^T_j (a^T_j − a^S_j).
+    """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    S_b = S_ptr + b * s_sb + h * ds * s_sd
-    T_b = T_ptr + b * t_sb + h * dt * t_sd
+    b, h, S_b, T_b = _head(S_ptr, T_ptr, bh, H, ds, dt, s_sb, s_sd, t_sb, t_sd)
     offs_q = pid_q * BQ + tl.arange(0, BQ)
-    offs_ds = tl.arange(0, BDS)
-    offs_dt = tl.arange(0, BDT)
-    q_in = offs_q < L
-    q_ok = q_in & (tl.load(M_ptr + b * L + offs_q, mask=q_in, other=0) != 0)
-    sq = tl.load(S_b + offs_q[:, None] * s_sl + offs_ds[None, :] * s_sd,
-                 mask=q_in[:, None] & (offs_ds[None, :] < ds), other=0.0)  # [BQ, BDS]
-    tq = tl.load(T_b + offs_q[:, None] * t_sl + offs_dt[None, :] * t_sd,
-                 mask=q_in[:, None] & (offs_dt[None, :] < dt), other=0.0)  # [BQ, BDT]
-    if UPCAST:
-        sq = sq.to(tl.float32)
-        tq = tq.to(tl.float32)
+    sq, tq, q_in, q_ok = _query_tiles(S_b, T_b, M_ptr, b, L, offs_q, ds, dt, s_sl, s_sd, t_sl, t_sd,
+                                      BDS, BDT, UPCAST)
     m_t = tl.full((BQ,), _NEG, tl.float32)
     m_s = tl.full((BQ,), _NEG, tl.float32)
     l_t = tl.zeros((BQ,), tl.float32)
@@ -78,13 +116,10 @@ def _fwd_kernel(S_ptr, T_ptr, M_ptr, kl_ptr, lses_ptr, lset_ptr,
         hi = tl.minimum((pid_q + 1) * BQ, L)
     for k0 in range(0, hi, BK):
         offs_k = k0 + tl.arange(0, BK)
-        k_in = offs_k < L
-        k_ok = k_in & (tl.load(M_ptr + b * L + offs_k, mask=k_in, other=0) != 0)
+        k_in, k_ok = _key_ok(M_ptr, b, L, offs_k)
         a_s, a_t, sk, tk = _scores(S_b, T_b, 0, offs_q, offs_k, ds, dt, q_in, k_in, s_sl, s_sd, t_sl, t_sd,
                                    sq, tq, c_s, c_t, BDS, BDT, UPCAST, PREC)
-        valid = q_ok[:, None] & k_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_k[None, :] <= offs_q[:, None])
+        valid = _valid(q_ok, k_ok, offs_q, offs_k, CAUSAL)
         mt_new = tl.maximum(m_t, tl.max(tl.where(valid, a_t, _NEG), 1))
         ms_new = tl.maximum(m_s, tl.max(tl.where(valid, a_s, _NEG), 1))
         # exp of a where-ed argument: masked entries are exp(-1e30) = 0 and never overflow
@@ -110,45 +145,45 @@ def _fwd_kernel(S_ptr, T_ptr, M_ptr, kl_ptr, lses_ptr, lset_ptr,
 
 
 @triton.jit
-def _grad_tiles(a_s, a_t, valid, lse_s, lse_t, c, g):
-    """G^S = g(Q − P), G^T = g P (a^T − a^S − c) of one tile ([BQ] row statistics)."""
+def _row_stats(lses_ptr, lset_ptr, c_ptr, g_ptr, row, q_in):
+    """(lse^S, lse^T, c, g) [BQ] saved by the forward / given by the op for the rows ``row``."""
+    return (tl.load(lses_ptr + row, mask=q_in, other=0.0), tl.load(lset_ptr + row, mask=q_in, other=0.0),
+            tl.load(c_ptr + row, mask=q_in, other=0.0), tl.load(g_ptr + row, mask=q_in, other=0.0))
+
+
+@triton.jit
+def _tile_grads(S_b, T_b, offs_q, offs_k, q_in, k_in, q_ok, k_ok, ds, dt, s_sl, s_sd, t_sl, t_sd,
+                sq, tq, c_s, c_t, lse_s, lse_t, c, g,
+                CAUSAL: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr, UPCAST: tl.constexpr,
+                PREC: tl.constexpr):
+    """(G^S, G^T, S_k, T_k) of one [BQ, BK] tile: P = exp(a^T − lse^T), Q = exp(a^S − lse^S) over the valid
+    pairs (0 elsewhere), G^S = g(Q − P), G^T = g P (a^T − a^S − c) with [BQ] row statistics."""
+    a_s, a_t, sk, tk = _scores(S_b, T_b, 0, offs_q, offs_k, ds, dt, q_in, k_in, s_sl, s_sd, t_sl, t_sd,
+                               sq, tq, c_s, c_t, BDS, BDT, UPCAST, PREC)
+    valid = _valid(q_ok, k_ok, offs_q, offs_k, CAUSAL)
     p = tl.exp(tl.where(valid, a_t - lse_t[:, None], _NEG))
     q = tl.exp(tl.where(valid, a_s - lse_s[:, None], _NEG))
     gs = g[:, None] * (q - p)
     gt = g[:, None] * p * (a_t - a_s - c[:, None])
-    return gs, gt
+    return gs, gt, sk, tk
 
 
 @triton.jit
-def _bwd_row_kernel(S_ptr, T_ptr, M_ptr, lses_ptr, lset_ptr, c_ptr, g_ptr, dS_ptr, dT_ptr,
-                    L, H, ds, dt, s_sb, s_sl, s_sd, t_sb, t_sl, t_sd, c_s, c_t, d_ss, d_ts,
-                    CAUSAL: tl.constexpr, NEED_S: tl.constexpr, NEED_T: tl.constexpr,
-                    BQ: tl.constexpr, BK: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
-                    UPCAST: tl.constexpr, PREC: tl.constexpr):
+def _relation_bwd_row_kernel(S_ptr, T_ptr, M_ptr, lses_ptr, lset_ptr, c_ptr, g_ptr, dS_ptr, dT_ptr,
+                             L, H, ds, dt, s_sb, s_sl, s_sd, t_sb, t_sl, t_sd, c_s, c_t, d_ss, d_ts,
+                             CAUSAL: tl.constexpr, NEED_S: tl.constexpr, NEED_T: tl.constexpr,
+                             BQ: tl.constexpr, BK: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
+                             UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Row side: dS_q = Σ_k G^S_qk S_k /√d_hs, dT_q = Σ_k G^T_qk T_k /√d_ht (written, fp32)."""
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    S_b = S_ptr + b * s_sb + h * ds * s_sd
-    T_b = T_ptr + b * t_sb + h * dt * t_sd
+    b, h, S_b, T_b = _head(S_ptr, T_ptr, bh, H, ds, dt, s_sb, s_sd, t_sb, t_sd)
     offs_q = pid_q * BQ + tl.arange(0, BQ)
     offs_ds = tl.arange(0, BDS)
     offs_dt = tl.arange(0, BDT)
-    q_in = offs_q < L
-    q_ok = q_in & (tl.load(M_ptr + b * L + offs_q, mask=q_in, other=0) != 0)
-    sq = tl.load(S_b + offs_q[:, None] * s_sl + offs_ds[None, :] * s_sd,
-                 mask=q_in[:, None] & (offs_ds[None, :] < ds), other=0.0)
-    tq = tl.load(T_b + offs_q[:, None] * t_sl + offs_dt[None, :] * t_sd,
-                 mask=q_in[:, None] & (offs_dt[None, :] < dt), other=0.0)
-    if UPCAST:
-        sq = sq.to(tl.float32)
-        tq = tq.to(tl.float32)
-    row = bh * L + offs_q
-    lse_s = tl.load(lses_ptr + row, mask=q_in, other=0.0)
-    lse_t = tl.load(lset_ptr + row, mask=q_in, other=0.0)
-    c = tl.load(c_ptr + row, mask=q_in, other=0.0)
-    g = tl.load(g_ptr + row, mask=q_in, other=0.0)
+    sq, tq, q_in, q_ok = _query_tiles(S_b, T_b, M_ptr, b, L, offs_q, ds, dt, s_sl, s_sd, t_sl, t_sd,
+                                      BDS, BDT, UPCAST)
+    lse_s, lse_t, c, g = _row_stats(lses_ptr, lset_ptr, c_ptr, g_ptr, bh * L + offs_q, q_in)
     d_sq = tl.zeros((BQ, BDS), tl.float32)
     d_tq = tl.zeros((BQ, BDT), tl.float32)
     hi = L
@@ -156,14 +191,9 @@ def _bwd_row_kernel(S_ptr, T_ptr, M_ptr, lses_ptr, lset_ptr, c_ptr, g_ptr, dS_pt
         hi = tl.minimum((pid_q + 1) * BQ, L)
     for k0 in range(0, hi, BK):
         offs_k = k0 + tl.arange(0, BK)
-        k_in = offs_k < L
-        k_ok = k_in & (tl.load(M_ptr + b * L + offs_k, mask=k_in, other=0) != 0)
-        a_s, a_t, sk, tk = _scores(S_b, T_b, 0, offs_q, offs_k, ds, dt, q_in, k_in, s_sl, s_sd, t_sl, t_sd,
-                                   sq, tq, c_s, c_t, BDS, BDT, UPCAST, PREC)
-        valid = q_ok[:, None] & k_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_k[None, :] <= offs_q[:, None])
-        gs, gt = _grad_tiles(a_s, a_t, valid, lse_s, lse_t, c, g)
+        k_in, k_ok = _key_ok(M_ptr, b, L, offs_k)
+        gs, gt, sk, tk = _tile_grads(S_b, T_b, offs_q, offs_k, q_in, k_in, q_ok, k_ok, ds, dt, s_sl, s_sd, t_sl,
+                                     t_sd, sq, tq, c_s, c_t, lse_s, lse_t, c, g, CAUSAL, BDS, BDT, UPCAST, PREC)
         if NEED_S:
             d_sq = tl.dot(gs.to(sk.dtype), sk, d_sq, input_precision=PREC)
         if NEED_T:
@@ -177,23 +207,19 @@ def _bwd_row_kernel(S_ptr, T_ptr, M_ptr, lses_ptr, lset_ptr, c_ptr, g_ptr, dS_pt
 
 
 @triton.jit
-def _bwd_col_kernel(S_ptr, T_ptr, M_ptr, lses_ptr, lset_ptr, c_ptr, g_ptr, dS_ptr, dT_ptr,
-                    L, H, ds, dt, s_sb, s_sl, s_sd, t_sb, t_sl, t_sd, c_s, c_t, d_ss, d_ts,
-                    CAUSAL: tl.constexpr, NEED_S: tl.constexpr, NEED_T: tl.constexpr,
-                    BQ: tl.constexpr, BK: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
-                    UPCAST: tl.constexpr, PREC: tl.constexpr):
+def _relation_bwd_col_kernel(S_ptr, T_ptr, M_ptr, lses_ptr, lset_ptr, c_ptr, g_ptr, dS_ptr, dT_ptr,
+                             L, H, ds, dt, s_sb, s_sl, s_sd, t_sb, t_sl, t_sd, c_s, c_t, d_ss, d_ts,
+                             CAUSAL: tl.constexpr, NEED_S: tl.constexpr, NEED_T: tl.constexpr,
+                             BQ: tl.constexpr, BK: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
+                             UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Column side: dS_k += Σ_q G^S_qkᵀ S_q /√d_hs, dT_k += Σ_q G^T_qkᵀ T_q /√d_ht (read-modify-write)."""
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    S_b = S_ptr + b * s_sb + h * ds * s_sd
-    T_b = T_ptr + b * t_sb + h * dt * t_sd
+    b, h, S_b, T_b = _head(S_ptr, T_ptr, bh, H, ds, dt, s_sb, s_sd, t_sb, t_sd)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_ds = tl.arange(0, BDS)
     offs_dt = tl.arange(0, BDT)
-    k_in = offs_k < L
-    k_ok = k_in & (tl.load(M_ptr + b * L + offs_k, mask=k_in, other=0) != 0)
+    k_in, k_ok = _key_ok(M_ptr, b, L, offs_k)
     d_sk = tl.zeros((BK, BDS), tl.float32)
     d_tk = tl.zeros((BK, BDT), tl.float32)
     lo = 0
@@ -201,26 +227,11 @@ def _bwd_col_kernel(S_ptr, T_ptr, M_ptr, lses_ptr, lset_ptr, c_ptr, g_ptr, dS_pt
         lo = (pid_k * BK // BQ) * BQ  # queries before the key tile see none of its keys
     for q0 in range(lo, L, BQ):
         offs_q = q0 + tl.arange(0, BQ)
-        q_in = offs_q < L
-        q_ok = q_in & (tl.load(M_ptr + b * L + offs_q, mask=q_in, other=0) != 0)
-        sq = tl.load(S_b + offs_q[:, None] * s_sl + offs_ds[None, :] * s_sd,
-                     mask=q_in[:, None] & (offs_ds[None, :] < ds), other=0.0)
-        tq = tl.load(T_b + offs_q[:, None] * t_sl + offs_dt[None, :] * t_sd,
-                     mask=q_in[:, None] & (offs_dt[None, :] < dt), other=0.0)
-        if UPCAST:
-            sq = sq.to(tl.float32)
-            tq = tq.to(tl.float32)
-        row = bh * L + offs_q
-        lse_s = tl.load(lses_ptr + row, mask=q_in, other=0.0)
-        lse_t = tl.load(lset_ptr + row, mask=q_in, other=0.0)
-        c = tl.load(c_ptr + row, mask=q_in, other=0.0)
-        g = tl.load(g_ptr + row, mask=q_in, other=0.0)
-        a_s, a_t, sk, tk = _scores(S_b, T_b, 0, offs_q, offs_k, ds, dt, q_in, k_in, s_sl, s_sd, t_sl, t_sd,
-                                   sq, tq, c_s, c_t, BDS, BDT, UPCAST, PREC)
-        valid = q_ok[:, None] & k_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_k[None, :] <= offs_q[:, None])
-        gs, gt = _grad_tiles(a_s, a_t, valid, lse_s, lse_t, c, g)
+        sq, tq, q_in, q_ok = _query_tiles(S_b, T_b, M_ptr, b, L, offs_q, ds, dt, s_sl, s_sd, t_sl, t_sd,
+                                          BDS, BDT, UPCAST)
+        lse_s, lse_t, c, g = _row_stats(lses_ptr, lset_ptr, c_ptr, g_ptr, bh * L + offs_q, q_in)
+        gs, gt, sk, tk = _tile_grads(S_b, T_b, offs_q, offs_k, q_in, k_in, q_ok, k_ok, ds, dt, s_sl, s_sd, t_sl,
+                                     t_sd, sq, tq, c_s, c_t, lse_s, lse_t, c, g, CAUSAL, BDS, BDT, UPCAST, PREC)
         if NEED_S:
             d_sk = tl.dot(tl.trans(gs).to(sq.dtype), sq, d_sk, input_precision=PREC)
         if NEED_T:
@@ -260,8 +271,8 @@ def forward(S, T, heads: int, mask, causal: bool):
     lse_s = torch.empty_like(kl)
     lse_t = torch.empty_like(kl)
     grid = (triton.cdiv(L, BQ), B * heads)
-    _fwd_kernel[grid](S, T, m8, kl, lse_s, lse_t, L, heads, ds, dt, *S.stride(), *T.stride(), c_s, c_t,
-                      CAUSAL=causal, BQ=BQ, BK=BK, BDS=BDS, BDT=BDT, UPCAST=upcast, PREC=prec, num_warps=warps)
+    _relation_fwd_kernel[grid](S, T, m8, kl, lse_s, lse_t, L, heads, ds, dt, *S.stride(), *T.stride(), c_s, c_t,
+                               CAUSAL=causal, BQ=BQ, BK=BK, BDS=BDS, BDT=BDT, UPCAST=upcast, PREC=prec, num_warps=warps)
     return kl, lse_s, lse_t
 
 
@@ -277,6 +288,6 @@ def backward(S, T, heads: int, mask, causal: bool, lse_s, lse_t, c, g, need_s: b
             L, heads, ds, dt, *S.stride(), *T.stride(), c_s, c_t, S.shape[2], T.shape[2])
     meta = dict(CAUSAL=causal, NEED_S=need_s, NEED_T=need_t, BQ=BQ, BK=BK, BDS=BDS, BDT=BDT, UPCAST=upcast,
                 PREC=prec, num_warps=warps)
-    _bwd_row_kernel[(triton.cdiv(L, BQ), B * heads)](*args, **meta)
-    _bwd_col_kernel[(triton.cdiv(L, BK), B * heads)](*args, **meta)
+    _relation_bwd_row_kernel[(triton.cdiv(L, BQ), B * heads)](*args, **meta)
+    _relation_bwd_col_kernel[(triton.cdiv(L, BK), B * heads)](*args, **meta)
     return dS, dT
