@@ -226,21 +226,21 @@ REGISTRY: List[Entry] = [
     Entry("proj.cosine_grad", "projection_loss", "_proj_cosine_grad_kernel", False, _ALL, _cos_configs, {}, _cos_args),
     Entry("loss.rest_lse", "distill_loss", "_loss_buf_lse_kernel", True, ("fp32",), _dl_buf_lse_configs, {},
           _dl_buf_lse_args),
-    Entry("relation.fwd", "token_relation", "_relation_fwd_kernel", False, _ALL, _rel_configs, dict(CAUSAL=(True, False)),
-          _rel_fwd_args),
-    Entry("relation.bwd_row", "token_relation", "_relation_bwd_row_kernel", False, _ALL, _rel_configs,
-          dict(CAUSAL=(True, False), NEED_S=(True,), NEED_T=(True, False)), _rel_bwd_args),
-    Entry("relation.bwd_col", "token_relation", "_relation_bwd_col_kernel", False, _ALL, _rel_configs,
-          dict(CAUSAL=(True, False), NEED_S=(True,), NEED_T=(True, False)), _rel_bwd_args),
+    Entry("relation.fwd", "token_relation", "_relation_fwd_kernel", False, _ALL, _rel_configs,
+          dict(CAUSAL=(True, False)), _rel_fwd_args),
+    Entry("relation.bwd_row", "token_relation", "_relation_bwd_kernel", False, _ALL, _rel_configs,
+          dict(COL=(False,), CAUSAL=(True, False), NEED_S=(True,), NEED_T=(True, False)), _rel_bwd_args),
+    Entry("relation.bwd_col", "token_relation", "_relation_bwd_kernel", False, _ALL, _rel_configs,
+          dict(COL=(True,), CAUSAL=(True, False), NEED_S=(True,), NEED_T=(True, False)), _rel_bwd_args),
 ]
 # @triton.jit device functions that are inlined into the kernels above (compiled as part of them).
 # Keyed by the module that defines them (the shared ones in ``_tiles``, imported by the kernel modules).
 HELPERS = {
     ("_tiles", "_logits_tile"), ("_tiles", "_online_lse"), ("_tiles", "_rtne_bf16"),
-    ("distill_loss", "_dense_g"), ("distill_loss", "_store_scaled"),
+    ("distill_loss", "_dense_g"), ("distill_loss", "_store_scaled"), ("teacher_targets", "_block_split"),
     ("token_relation", "_head"), ("token_relation", "_key_ok"), ("token_relation", "_query_tiles"),
-    ("token_relation", "_scores"), ("token_relation", "_valid"), ("token_relation", "_row_stats"),
-    ("token_relation", "_tile_grads"),
+    ("token_relation", "_scores"), ("token_relation", "_valid"), ("token_relation", "_keys_end"),
+    ("token_relation", "_row_stats"), ("token_relation", "_tile_grads"), ("token_relation", "_store_grad"),
 }
 # fp16 shares bf16's code path (16-bit tensor-core operands, fp32 accumulation); on Triton 3.9, compiled in every
 # config, the two had the same spills and shared memory and registers within a few, so fp16 is compiled with each

@@ -3,10 +3,10 @@
 One row chunk at a time (``ops/projection_loss.py`` drives the chunks):
 
 1. ``_proj_fwd_kernel``: a tile GEMM y = h Pᵀ + b over d_s with fp32 accumulation (the shared
-   ``_tiles._logits_tile``), whose epilogue reduces the [BLOCK_M, BLOCK_N] tile straight to per-row partial sums (one slot per d_t tile, summed in a
-   fixed order afterwards so the result is deterministic). mse also writes its gradient tile
-   g = s·2(y − t)/d_t (it needs no whole-row statistic); cosine writes the fp32 y tile when a gradient
-   is wanted, because its gradient needs the whole-row dot products first.
+   ``_tiles._logits_tile``), whose epilogue reduces the [BLOCK_M, BLOCK_N] tile straight to per-row partial
+   sums (one slot per d_t tile, summed in a fixed order afterwards so the result is deterministic). mse also
+   writes its gradient tile g = s·2(y − t)/d_t (it needs no whole-row statistic); cosine writes the fp32 y
+   tile when a gradient is wanted, because its gradient needs the whole-row dot products first.
 2. ``_proj_cosine_grad_kernel``: g = α·y + β·t per element, from the per-row coefficients.
 3. dh = g P, dW += gᵀ h, db += Σ g as library GEMMs on the chunk's g buffer.
 

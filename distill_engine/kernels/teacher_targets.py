@@ -60,6 +60,16 @@ MAX_KERNEL_K = 256
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _block_split(pid_m, pid_s, C, V, SPLIT_LEN, BM: tl.constexpr):
+    """(offs_m, row_ok, rows, v_lo, v_hi): the program's BM rows (``rows`` clamped to 0 past C, for unmasked
+    loads) and its vocabulary split [v_lo, v_hi)."""
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    row_ok = offs_m < C
+    v_lo = pid_s * SPLIT_LEN
+    return offs_m, row_ok, tl.where(row_ok, offs_m, 0), v_lo, tl.minimum(v_lo + SPLIT_LEN, V)
+
+
+@triton.jit
 def _tt_topk_kernel(
     h_ptr, w_ptr, b_ptr,
     pm_ptr, ps_ptr,          # [C, NSPLIT] fp32: split max / split Σ exp(z − max)
@@ -87,11 +97,7 @@ def _tt_topk_kernel(
     group_size = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_size
     pid_s = (pid % per_group) // group_size
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    row_ok = offs_m < C
-    rows = tl.where(row_ok, offs_m, 0)
-    v_lo = pid_s * SPLIT_LEN
-    v_hi = tl.minimum(v_lo + SPLIT_LEN, V)
+    offs_m, row_ok, rows, v_lo, v_hi = _block_split(pid_m, pid_s, C, V, SPLIT_LEN, BM)
     ar_v = tl.arange(0, BV)
     kk = tl.arange(0, KP)
     NEG = float("-inf")
@@ -154,13 +160,8 @@ def _tt_sample_kernel(
     BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
 ):
     """Resolve the draws [lo, hi) of each row of the block inside this program's vocabulary split."""
-    pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    row_ok = offs_m < C
-    rows = tl.where(row_ok, offs_m, 0)
-    v_lo = pid_s * SPLIT_LEN
-    v_hi = tl.minimum(v_lo + SPLIT_LEN, V)
+    offs_m, row_ok, rows, v_lo, v_hi = _block_split(tl.program_id(0), pid_s, C, V, SPLIT_LEN, BM)
     ar_v = tl.arange(0, BV)
     lse = tl.load(lse_ptr + rows)
     c0 = tl.load(cs_ptr + rows * NSPLIT + pid_s)  # fp64

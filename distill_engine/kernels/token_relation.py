@@ -6,15 +6,17 @@ a^T = T_q T_kᵀ/√d_ht are formed in registers and never written:
 
 1. ``_relation_fwd_kernel``: online softmax over key tiles for both matrices at once; per row it carries
    (m^T, l^T, acc = Σ p^T (a^T − a^S)) and (m^S, l^S) and writes kl = acc/l^T + lse^S − lse^T and both lses.
-2. ``_relation_bwd_row_kernel``: recomputes P = exp(a^T − lse^T), Q = exp(a^S − lse^S) per tile from the saved
-   lses, G^S = g(Q − P), G^T = g P (a^T − a^S − c) and accumulates dS_q = G^S S_k/√d_hs (dT_q likewise).
-3. ``_relation_bwd_col_kernel``: the same tiles walked per key tile, dS_k += G^Sᵀ S_q/√d_hs (dT_k likewise),
-   added onto the row-side result (same stream: the row kernel has finished).
+2. ``_relation_bwd_kernel`` with COL False (row side): recomputes P = exp(a^T − lse^T), Q = exp(a^S − lse^S)
+   per tile from the saved lses, G^S = g(Q − P), G^T = g P (a^T − a^S − c) and accumulates
+   dS_q = G^S S_k/√d_hs (dT_q likewise).
+3. ``_relation_bwd_kernel`` with COL True (column side): the same tiles walked per key tile,
+   dS_k += G^Sᵀ S_q/√d_hs (dT_k likewise), added onto the row-side result (same stream: the row pass has
+   finished).
 
-The three kernels share their set-up through jit helpers: ``_head`` (the (batch row, head) base pointers),
-``_query_tiles`` (a query tile of both models + its masks), ``_key_ok`` (the key mask), ``_scores`` (both
-score tiles of a [BQ, BK] tile), ``_valid`` (padding + causal mask) and, in the backward, ``_row_stats`` and
-``_tile_grads`` (the saved row statistics and G^S, G^T of one tile).
+The passes share their set-up through jit helpers: ``_head`` (the (batch row, head) base pointers),
+``_query_tiles`` (a query tile of both models + its masks), ``_key_ok`` (the key mask), ``_keys_end``,
+``_scores`` (both score tiles of a [BQ, BK] tile), ``_valid`` (padding + causal mask) and, in the backward,
+``_row_stats``, ``_tile_grads`` (the saved row statistics and G^S, G^T of one tile) and ``_store_grad``.
 """
 from __future__ import annotations
 
@@ -82,6 +84,15 @@ def _scores(S_ptr, T_ptr, row0, offs_q, offs_k, ds, dt, q_ok, k_ok,
 
 
 @triton.jit
+def _keys_end(pid_q, L, BQ: tl.constexpr, CAUSAL: tl.constexpr):
+    """End of the keys query tile pid_q attends to: L, or the end of the tile itself when causal."""
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum((pid_q + 1) * BQ, L)
+    return hi
+
+
+@triton.jit
 def _valid(q_ok, k_ok, offs_q, offs_k, CAUSAL: tl.constexpr):
     """[BQ, BK] pairs that count: both positions real, and key ≤ query when causal."""
     valid = q_ok[:, None] & k_ok[None, :]
@@ -98,7 +109,8 @@ def _relation_fwd_kernel(S_ptr, T_ptr, M_ptr, kl_ptr, lses_ptr, lset_ptr,
     """kl_i = Σ_j P_ij (a^T_ij − a^S_ij) + lse^S_i − lse^T_i over valid keys j (online softmax).
 
     Per key tile, with both running maxima m^T, m^S and sums l^T, l^S (masked entries exp(-1e30) = 0):
-    m' = max(m, max_j a_j), l ← l·e^{m − m'} + Σ_j e^{a_j − m'}, acc ← acc·e^{m^T − m^T'} + Σ_j p^T_j (a^T_j − a^S_j).
+    m' = max(m, max_j a_j), l ← l·e^{m − m'} + Σ_j e^{a_j − m'},
+    acc ← acc·e^{m^T − m^T'} + Σ_j p^T_j (a^T_j − a^S_j).
     """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -111,9 +123,7 @@ def _relation_fwd_kernel(S_ptr, T_ptr, M_ptr, kl_ptr, lses_ptr, lset_ptr,
     l_t = tl.zeros((BQ,), tl.float32)
     l_s = tl.zeros((BQ,), tl.float32)
     acc = tl.zeros((BQ,), tl.float32)
-    hi = L
-    if CAUSAL:
-        hi = tl.minimum((pid_q + 1) * BQ, L)
+    hi = _keys_end(pid_q, L, BQ, CAUSAL)
     for k0 in range(0, hi, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_in, k_ok = _key_ok(M_ptr, b, L, offs_k)
@@ -169,81 +179,76 @@ def _tile_grads(S_b, T_b, offs_q, offs_k, q_in, k_in, q_ok, k_ok, ds, dt, s_sl, 
 
 
 @triton.jit
-def _relation_bwd_row_kernel(S_ptr, T_ptr, M_ptr, lses_ptr, lset_ptr, c_ptr, g_ptr, dS_ptr, dT_ptr,
-                             L, H, ds, dt, s_sb, s_sl, s_sd, t_sb, t_sl, t_sd, c_s, c_t, d_ss, d_ts,
-                             CAUSAL: tl.constexpr, NEED_S: tl.constexpr, NEED_T: tl.constexpr,
-                             BQ: tl.constexpr, BK: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
-                             UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Row side: dS_q = Σ_k G^S_qk S_k /√d_hs, dT_q = Σ_k G^T_qk T_k /√d_ht (written, fp32)."""
-    pid_q = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h, S_b, T_b = _head(S_ptr, T_ptr, bh, H, ds, dt, s_sb, s_sd, t_sb, t_sd)
-    offs_q = pid_q * BQ + tl.arange(0, BQ)
-    offs_ds = tl.arange(0, BDS)
-    offs_dt = tl.arange(0, BDT)
-    sq, tq, q_in, q_ok = _query_tiles(S_b, T_b, M_ptr, b, L, offs_q, ds, dt, s_sl, s_sd, t_sl, t_sd,
-                                      BDS, BDT, UPCAST)
-    lse_s, lse_t, c, g = _row_stats(lses_ptr, lset_ptr, c_ptr, g_ptr, bh * L + offs_q, q_in)
-    d_sq = tl.zeros((BQ, BDS), tl.float32)
-    d_tq = tl.zeros((BQ, BDT), tl.float32)
-    hi = L
-    if CAUSAL:
-        hi = tl.minimum((pid_q + 1) * BQ, L)
-    for k0 in range(0, hi, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        k_in, k_ok = _key_ok(M_ptr, b, L, offs_k)
-        gs, gt, sk, tk = _tile_grads(S_b, T_b, offs_q, offs_k, q_in, k_in, q_ok, k_ok, ds, dt, s_sl, s_sd, t_sl,
-                                     t_sd, sq, tq, c_s, c_t, lse_s, lse_t, c, g, CAUSAL, BDS, BDT, UPCAST, PREC)
-        if NEED_S:
-            d_sq = tl.dot(gs.to(sk.dtype), sk, d_sq, input_precision=PREC)
-        if NEED_T:
-            d_tq = tl.dot(gt.to(tk.dtype), tk, d_tq, input_precision=PREC)
-    if NEED_S:
-        tl.store(dS_ptr + b * L * d_ss + offs_q[:, None] * d_ss + h * ds + offs_ds[None, :], d_sq * c_s,
-                 mask=q_in[:, None] & (offs_ds[None, :] < ds))
-    if NEED_T:
-        tl.store(dT_ptr + b * L * d_ts + offs_q[:, None] * d_ts + h * dt + offs_dt[None, :], d_tq * c_t,
-                 mask=q_in[:, None] & (offs_dt[None, :] < dt))
+def _store_grad(ptr, b, h, L, d, d_row, offs, ok_in, acc, scale, BD: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """grad[b, offs, h·d : (h+1)·d] (=, or += when ACCUMULATE) acc · scale; grad is fp32 [B, L, d_row]."""
+    offs_d = tl.arange(0, BD)
+    ptrs = ptr + b * L * d_row + offs[:, None] * d_row + h * d + offs_d[None, :]
+    ok = ok_in[:, None] & (offs_d[None, :] < d)
+    val = acc * scale
+    if ACCUMULATE:
+        val += tl.load(ptrs, mask=ok, other=0.0)
+    tl.store(ptrs, val, mask=ok)
 
 
 @triton.jit
-def _relation_bwd_col_kernel(S_ptr, T_ptr, M_ptr, lses_ptr, lset_ptr, c_ptr, g_ptr, dS_ptr, dT_ptr,
-                             L, H, ds, dt, s_sb, s_sl, s_sd, t_sb, t_sl, t_sd, c_s, c_t, d_ss, d_ts,
-                             CAUSAL: tl.constexpr, NEED_S: tl.constexpr, NEED_T: tl.constexpr,
-                             BQ: tl.constexpr, BK: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
-                             UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Column side: dS_k += Σ_q G^S_qkᵀ S_q /√d_hs, dT_k += Σ_q G^T_qkᵀ T_q /√d_ht (read-modify-write)."""
-    pid_k = tl.program_id(0)
+def _relation_bwd_kernel(S_ptr, T_ptr, M_ptr, lses_ptr, lset_ptr, c_ptr, g_ptr, dS_ptr, dT_ptr,
+                         L, H, ds, dt, s_sb, s_sl, s_sd, t_sb, t_sl, t_sd, c_s, c_t, d_ss, d_ts,
+                         COL: tl.constexpr, CAUSAL: tl.constexpr, NEED_S: tl.constexpr, NEED_T: tl.constexpr,
+                         BQ: tl.constexpr, BK: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
+                         UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One side of the backward; the same G^S, G^T tiles (``_tile_grads``) walked two ways.
+
+    Row side (COL False, program = query tile):  dS_q = Σ_k G^S_qk S_k /√d_hs, dT_q = Σ_k G^T_qk T_k /√d_ht
+    (written, fp32). Column side (COL True, program = key tile, launched after the row side):
+    dS_k += Σ_q G^S_qkᵀ S_q /√d_hs, dT_k += Σ_q G^T_qkᵀ T_q /√d_ht (read-modify-write onto the row side).
+    """
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
     b, h, S_b, T_b = _head(S_ptr, T_ptr, bh, H, ds, dt, s_sb, s_sd, t_sb, t_sd)
-    offs_k = pid_k * BK + tl.arange(0, BK)
-    offs_ds = tl.arange(0, BDS)
-    offs_dt = tl.arange(0, BDT)
-    k_in, k_ok = _key_ok(M_ptr, b, L, offs_k)
-    d_sk = tl.zeros((BK, BDS), tl.float32)
-    d_tk = tl.zeros((BK, BDT), tl.float32)
-    lo = 0
-    if CAUSAL:
-        lo = (pid_k * BK // BQ) * BQ  # queries before the key tile see none of its keys
-    for q0 in range(lo, L, BQ):
-        offs_q = q0 + tl.arange(0, BQ)
+    if COL:
+        offs_k = pid * BK + tl.arange(0, BK)
+        k_in, k_ok = _key_ok(M_ptr, b, L, offs_k)
+        d_s = tl.zeros((BK, BDS), tl.float32)
+        d_t = tl.zeros((BK, BDT), tl.float32)
+        lo = 0
+        if CAUSAL:
+            lo = (pid * BK // BQ) * BQ  # queries before the key tile see none of its keys
+        for q0 in range(lo, L, BQ):
+            offs_q = q0 + tl.arange(0, BQ)
+            sq, tq, q_in, q_ok = _query_tiles(S_b, T_b, M_ptr, b, L, offs_q, ds, dt, s_sl, s_sd, t_sl, t_sd,
+                                              BDS, BDT, UPCAST)
+            lse_s, lse_t, c, g = _row_stats(lses_ptr, lset_ptr, c_ptr, g_ptr, bh * L + offs_q, q_in)
+            gs, gt, sk, tk = _tile_grads(S_b, T_b, offs_q, offs_k, q_in, k_in, q_ok, k_ok, ds, dt, s_sl, s_sd,
+                                         t_sl, t_sd, sq, tq, c_s, c_t, lse_s, lse_t, c, g,
+                                         CAUSAL, BDS, BDT, UPCAST, PREC)
+            if NEED_S:
+                d_s = tl.dot(tl.trans(gs).to(sq.dtype), sq, d_s, input_precision=PREC)
+            if NEED_T:
+                d_t = tl.dot(tl.trans(gt).to(tq.dtype), tq, d_t, input_precision=PREC)
+        offs_own, own_in = offs_k, k_in
+    else:
+        offs_q = pid * BQ + tl.arange(0, BQ)
         sq, tq, q_in, q_ok = _query_tiles(S_b, T_b, M_ptr, b, L, offs_q, ds, dt, s_sl, s_sd, t_sl, t_sd,
                                           BDS, BDT, UPCAST)
         lse_s, lse_t, c, g = _row_stats(lses_ptr, lset_ptr, c_ptr, g_ptr, bh * L + offs_q, q_in)
-        gs, gt, sk, tk = _tile_grads(S_b, T_b, offs_q, offs_k, q_in, k_in, q_ok, k_ok, ds, dt, s_sl, s_sd, t_sl,
-                                     t_sd, sq, tq, c_s, c_t, lse_s, lse_t, c, g, CAUSAL, BDS, BDT, UPCAST, PREC)
-        if NEED_S:
-            d_sk = tl.dot(tl.trans(gs).to(sq.dtype), sq, d_sk, input_precision=PREC)
-        if NEED_T:
-            d_tk = tl.dot(tl.trans(gt).to(tq.dtype), tq, d_tk, input_precision=PREC)
+        d_s = tl.zeros((BQ, BDS), tl.float32)
+        d_t = tl.zeros((BQ, BDT), tl.float32)
+        hi = _keys_end(pid, L, BQ, CAUSAL)
+        for k0 in range(0, hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            k_in, k_ok = _key_ok(M_ptr, b, L, offs_k)
+            gs, gt, sk, tk = _tile_grads(S_b, T_b, offs_q, offs_k, q_in, k_in, q_ok, k_ok, ds, dt, s_sl, s_sd,
+                                         t_sl, t_sd, sq, tq, c_s, c_t, lse_s, lse_t, c, g,
+                                         CAUSAL, BDS, BDT, UPCAST, PREC)
+            if NEED_S:
+                d_s = tl.dot(gs.to(sk.dtype), sk, d_s, input_precision=PREC)
+            if NEED_T:
+                d_t = tl.dot(gt.to(tk.dtype), tk, d_t, input_precision=PREC)
+        offs_own, own_in = offs_q, q_in
     if NEED_S:
-        ptrs = dS_ptr + b * L * d_ss + offs_k[:, None] * d_ss + h * ds + offs_ds[None, :]
-        ok = k_in[:, None] & (offs_ds[None, :] < ds)
-        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + d_sk * c_s, mask=ok)
+        _store_grad(dS_ptr, b, h, L, ds, d_ss, offs_own, own_in, d_s, c_s, BDS, COL)
     if NEED_T:
-        ptrs = dT_ptr + b * L * d_ts + offs_k[:, None] * d_ts + h * dt + offs_dt[None, :]
-        ok = k_in[:, None] & (offs_dt[None, :] < dt)
-        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + d_tk * c_t, mask=ok)
+        _store_grad(dT_ptr, b, h, L, dt, d_ts, offs_own, own_in, d_t, c_t, BDT, COL)
 
 
 def _config(S, ds, dt):
@@ -288,6 +293,6 @@ def backward(S, T, heads: int, mask, causal: bool, lse_s, lse_t, c, g, need_s: b
             L, heads, ds, dt, *S.stride(), *T.stride(), c_s, c_t, S.shape[2], T.shape[2])
     meta = dict(CAUSAL=causal, NEED_S=need_s, NEED_T=need_t, BQ=BQ, BK=BK, BDS=BDS, BDT=BDT, UPCAST=upcast,
                 PREC=prec, num_warps=warps)
-    _relation_bwd_row_kernel[(triton.cdiv(L, BQ), B * heads)](*args, **meta)
-    _relation_bwd_col_kernel[(triton.cdiv(L, BK), B * heads)](*args, **meta)
+    _relation_bwd_kernel[(triton.cdiv(L, BQ), B * heads)](*args, COL=False, **meta)
+    _relation_bwd_kernel[(triton.cdiv(L, BK), B * heads)](*args, COL=True, **meta)
     return dS, dT
