@@ -252,6 +252,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_logits_lse(const at::Tens
   return {buf, lse_t, lse_1};
 }
 
+// buf [c, V] and dW_acc [V, d]: contiguous fp32 CPU tensors the gradient pass writes; lse_T fp32 [c].
+void check_grad_buffers(const at::Tensor& buf, const at::Tensor& dW_acc, const at::Tensor& lse_t, int64_t c,
+                        int64_t d, int64_t V) {
+  DE_CHECK_CPU_INPUT(buf);
+  TORCH_CHECK(buf.scalar_type() == at::kFloat, "buf must be float32, got ", buf.scalar_type());
+  TORCH_CHECK(buf.dim() == 2 && buf.size(0) == c && buf.size(1) == V, "buf must have shape [", c, ", ", V,
+              "], got ", buf.sizes());
+  DE_CHECK_CPU_INPUT(dW_acc);
+  TORCH_CHECK(dW_acc.scalar_type() == at::kFloat, "dW_acc must be float32, got ", dW_acc.scalar_type());
+  TORCH_CHECK(dW_acc.dim() == 2 && dW_acc.size(0) == V && dW_acc.size(1) == d, "dW_acc must have shape [", V, ", ",
+              d, "], got ", dW_acc.sizes());
+  check_f32_vec(lse_t, "lse_T", c);
+}
+
+// A per-row coefficient vector [c] of any float dtype, as fp32 contiguous.
+at::Tensor row_scale_f32(const at::Tensor& t, const char* name, int64_t c) {
+  check_float_input(t, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == c, name, " must have shape [", c, "], got ", t.sizes());
+  return as_f32(t);
+}
+
+// One row of the gradient pass over g [n] (the logits on entry): g = s·exp(l/T − lse_T), plus
+// s_1·exp(l − lse_1) when TWO; added into the thread's column sums acc [n] when ACC.  Compile-time
+// variants so each loop vectorizes without branches.
+template <bool TWO, bool ACC>
+inline void grad_row(float* __restrict g, float* __restrict acc, int64_t n, float inv_t, float s, float neg_lt,
+                     float s1, float neg_l1) {
+#pragma omp simd
+  for (int64_t v = 0; v < n; ++v) {
+    const float x = g[v];
+    float y;
+    if constexpr (TWO) {
+      y = s * fast_expf(std::fma(x, inv_t, neg_lt)) + s1 * fast_expf(x + neg_l1);
+    } else {
+      y = s * fast_expf(std::fma(x, inv_t, neg_lt));
+    }
+    g[v] = y;
+    if constexpr (ACC) acc[v] += y;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // distill_dense_grad: g in place in buf, dW_acc += gᵀ h, db_acc += Σ_rows g; returns dH = g W [c, d] fp32.
 at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Tensor& weight, double temperature,
@@ -271,27 +312,12 @@ at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Te
   const int64_t V = weight.size(0);
   TORCH_CHECK(weight.size(1) == d, "h [c, d] and weight [V, d] must share d, got ", h.sizes(), " and ",
               weight.sizes());
-  DE_CHECK_CPU_INPUT(buf);
-  TORCH_CHECK(buf.scalar_type() == at::kFloat, "buf must be float32, got ", buf.scalar_type());
-  TORCH_CHECK(buf.dim() == 2 && buf.size(0) == c && buf.size(1) == V, "buf must have shape [", c, ", ", V,
-              "], got ", buf.sizes());
-  check_f32_vec(lse_t, "lse_T", c);
+  check_grad_buffers(buf, dW_acc, lse_t, c, d, V);
   const bool has_ce = s_1.has_value() && s_1->defined();
   TORCH_CHECK(!has_ce || (lse_1.has_value() && lse_1->defined()), "s_1 given without lse_1");
   if (has_ce) check_f32_vec(*lse_1, "lse_1", c);
-  check_float_input(s_q, "s_q");
-  TORCH_CHECK(s_q.dim() == 1 && s_q.size(0) == c, "s_q must have shape [", c, "], got ", s_q.sizes());
-  at::Tensor s_q_f = as_f32(s_q);
-  at::Tensor s_1_f;
-  if (has_ce) {
-    check_float_input(*s_1, "s_1");
-    TORCH_CHECK(s_1->dim() == 1 && s_1->size(0) == c, "s_1 must have shape [", c, "], got ", s_1->sizes());
-    s_1_f = as_f32(*s_1);
-  }
-  DE_CHECK_CPU_INPUT(dW_acc);
-  TORCH_CHECK(dW_acc.scalar_type() == at::kFloat, "dW_acc must be float32, got ", dW_acc.scalar_type());
-  TORCH_CHECK(dW_acc.dim() == 2 && dW_acc.size(0) == V && dW_acc.size(1) == d, "dW_acc must have shape [", V, ", ",
-              d, "], got ", dW_acc.sizes());
+  const at::Tensor s_q_f = row_scale_f32(s_q, "s_q", c);
+  const at::Tensor s_1_f = has_ce ? row_scale_f32(*s_1, "s_1", c) : at::Tensor();
   const bool has_db = db_acc.has_value() && db_acc->defined();
   if (has_db) check_f32_vec(*db_acc, "db_acc", V);
 
@@ -349,35 +375,12 @@ at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Te
         const bool fold = has_ce && t_is_one && pl1[r] == plt[r];
         if (!has_ce || fold) {
           const float s = fold ? sq + ps1[r] : sq;
-          if (acc != nullptr) {
-#pragma omp simd
-            for (int64_t v = 0; v < n; ++v) {
-              const float y = s * fast_expf(std::fma(g[v], inv_t, neg_lt));
-              g[v] = y;
-              acc[v] += y;
-            }
-          } else {
-#pragma omp simd
-            for (int64_t v = 0; v < n; ++v) g[v] = s * fast_expf(std::fma(g[v], inv_t, neg_lt));
-          }
+          if (acc != nullptr) grad_row<false, true>(g, acc, n, inv_t, s, neg_lt, 0.0f, 0.0f);
+          else grad_row<false, false>(g, acc, n, inv_t, s, neg_lt, 0.0f, 0.0f);
+        } else if (acc != nullptr) {
+          grad_row<true, true>(g, acc, n, inv_t, sq, neg_lt, ps1[r], -pl1[r]);
         } else {
-          const float s1 = ps1[r];
-          const float neg_l1 = -pl1[r];
-          if (acc != nullptr) {
-#pragma omp simd
-            for (int64_t v = 0; v < n; ++v) {
-              const float x = g[v];
-              const float y = sq * fast_expf(std::fma(x, inv_t, neg_lt)) + s1 * fast_expf(x + neg_l1);
-              g[v] = y;
-              acc[v] += y;
-            }
-          } else {
-#pragma omp simd
-            for (int64_t v = 0; v < n; ++v) {
-              const float x = g[v];
-              g[v] = sq * fast_expf(std::fma(x, inv_t, neg_lt)) + s1 * fast_expf(x + neg_l1);
-            }
-          }
+          grad_row<true, false>(g, acc, n, inv_t, sq, neg_lt, ps1[r], -pl1[r]);
         }
         for (int64_t j = 0; j < n_sp; ++j) {  // the row's sparse coefficients that fall in this tile
           const int64_t col_id = psp_ids[r * n_sp + j] - v0;
