@@ -103,3 +103,49 @@ def test_argument_checks_name_the_argument():
         ext.token_relation_backward(S, T, 2, mask, False, lse, lse, lse, torch.zeros(3), True, True)
     with pytest.raises(RuntimeError, match="h must be a CPU tensor|h must be float32"):
         ext.distill_logits_lse(h.to(torch.int64), w, None, 1.0, False)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ext.WITH_CUDA), reason="needs a GPU and _C built with CUDA")
+def test_cuda_ops_opcheck_and_match_the_torch_codecs():
+    """The tt_* CUDA operators (csrc/cuda/register.cu) against the torch paths they replace, and opcheck."""
+    from distill_engine.kernels.teacher_targets import merge_candidates
+    from distill_engine.ops import packing
+
+    g = torch.Generator().manual_seed(21)
+    V, n = 1009, 1001  # prime vocabulary, a stream that ends mid-word
+    bits = packing.id_bits_for(V)
+    ids = torch.randint(-1, V, (n,), generator=g, dtype=torch.int32)
+    words = NS.tt_pack_id_bits(ids.cuda(), bits, V)
+    assert torch.equal(words.cpu(), packing._pack_id_bits(ids, V, bits))
+    back, bad = NS.tt_unpack_id_bits(words, n, bits, V)
+    assert torch.equal(back.cpu(), ids) and int(bad.item()) == 0
+
+    lp = torch.log_softmax(torch.randn(7, 33, generator=g), dim=1).topk(5, dim=1).values  # [7, 5]
+    lp_ids = torch.randint(0, V, (7, 5), generator=g, dtype=torch.int32)
+    lp_ids[2, 3:] = -1  # empty slots
+    lp_ids[4] = -1      # an empty row
+    codes, off, sc = NS.tt_quantize_u8(lp.cuda(), lp_ids.cuda(), packing.U8_FLOOR)
+    want = packing._quantize_u8(lp, lp_ids)
+    for got_t, want_t in zip((codes, off, sc), want):
+        assert torch.equal(got_t.cpu(), want_t)
+    assert torch.equal(NS.tt_dequantize_u8(codes, off, sc).cpu(), packing._dequantize_u8(*want))
+
+    rows, S, KP, k = 6, 3, 8, 5
+    cv = torch.randn(rows, S * KP, generator=g)
+    ci = torch.randperm(rows * S * KP, generator=g).reshape(rows, S * KP).to(torch.int32)
+    cv[1, 4:] = float("-inf")  # row 1 has 4 real candidates (< k): its last slot is (-1, -inf)
+    ci[1, 4:] = -1
+    pm, ps = torch.randn(rows, S, generator=g), torch.rand(rows, S, generator=g) + 0.5
+    got = NS.tt_topk_merge(cv.cuda(), ci.cuda(), pm.cuda(), ps.cuda(), k)
+    want_ids, want_lp, want_lse = merge_candidates(cv, ci, pm, ps, k)  # CPU tensors: the torch path
+    assert torch.equal(got[0].cpu(), want_ids)
+    torch.testing.assert_close(got[1].cpu(), want_lp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[2].cpu(), want_lse, rtol=1e-6, atol=1e-6)
+
+    for name, args in [("tt_pack_id_bits", (ids.cuda(), bits, V)), ("tt_unpack_id_bits", (words, n, bits, V)),
+                       ("tt_quantize_u8", (lp.cuda(), lp_ids.cuda(), packing.U8_FLOOR)),
+                       ("tt_dequantize_u8", (codes, off, sc)),
+                       ("tt_topk_merge", (cv.cuda(), ci.cuda(), pm.cuda(), ps.cuda(), k))]:
+        torch.library.opcheck(getattr(NS, name), args)
+    with pytest.raises(RuntimeError, match="cand_ids must have dtype"):
+        NS.tt_topk_merge(cv.cuda(), ci.long().cuda(), pm.cuda(), ps.cuda(), k)
