@@ -361,7 +361,6 @@ def _check(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
 
 def merge_candidates(cv, ci, pm, ps, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k best of the split candidates: (ids [c, k] int32, logprobs [c, k] fp32 sorted desc, lse [c])."""
-    S = pm.shape[1]
     if cv.is_cuda and _backend.cuda_extension_has("tt_topk_merge"):
         return _backend.cpu_extension().tt_topk_merge(cv, ci, pm, ps, k)  # C++ checks dtypes/shapes/contiguity
     lse = _combine_lse(pm, ps)
