@@ -12,14 +12,10 @@
 #include <torch/library.h>
 
 #define DE_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got one on ", (x).device())
-#define DE_CHECK_CUDA(x) TORCH_CHECK((x).device().is_cuda(), #x " must be a CUDA tensor, got one on ", (x).device())
 #define DE_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous (call .contiguous())")
 #define DE_CHECK_DTYPE(x, dt) \
   TORCH_CHECK((x).scalar_type() == (dt), #x " must have dtype ", (dt), ", got ", (x).scalar_type())
 #define DE_CHECK_DIM(x, n) TORCH_CHECK((x).dim() == (n), #x " must have " #n " dimensions, got shape ", (x).sizes())
 #define DE_CHECK_CPU_INPUT(x) \
   DE_CHECK_CPU(x);            \
-  DE_CHECK_CONTIGUOUS(x)
-#define DE_CHECK_CUDA_INPUT(x) \
-  DE_CHECK_CUDA(x);            \
   DE_CHECK_CONTIGUOUS(x)
