@@ -29,11 +29,15 @@ BACKENDS = ("auto", "triton", "cpu", "torch")
 
 @functools.lru_cache(maxsize=None)
 def cpu_extension():
-    """The compiled ``distill_engine._C`` module, or None when it is not built."""
+    """The C++ operators, or None when ``distill_engine._C`` is not built.
+
+    The returned object's attributes are the ``torch.ops.distill_engine_C.<op>`` operators (CPU kernels
+    always, CUDA ones when built with CUDA) plus ``WITH_CUDA``; see ``distill_engine/_cpp_ops.py``.
+    """
     if os.environ.get("DISTILL_ENGINE_NO_EXT") == "1":
         return None
     try:
-        return importlib.import_module("distill_engine._C")
+        return importlib.import_module("distill_engine._cpp_ops").load()
     except ImportError as exc:  # not built: the torch backend still works
         if os.environ.get("DISTILL_ENGINE_WARN_NO_EXT") == "1":
             warnings.warn(f"distill_engine._C not importable ({exc}); using the torch backend")

@@ -1,14 +1,15 @@
 """Every csrc/cuda/*.cu compiles with this machine's nvcc for sm_90a against torch's headers.
 
 Skipped only when nvcc is absent. The files are compiled in parallel; each kernel file includes only
-<cuda_runtime.h> and csrc/cuda/cuda_ops.h, and register.cu adds pybind11 (host pass only), so the
-whole test takes well under a minute on two cores.
+<cuda_runtime.h> and csrc/cuda/cuda_ops.h; register.cu (the tensor-taking operators) adds the ATen and
+torch/library.h headers in its host pass only.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -58,12 +59,24 @@ def test_every_cuda_source_compiles(tmp_path):
         assert os.path.getsize(out) > 0, f"{src}: empty object file"
 
 
-def test_single_register_cuda_definition():
-    """Only csrc/cuda/register.cu may define register_cuda (others hook in with DE_CUDA_REGISTER)."""
-    defining = []
-    for src in CUDA_SOURCES:
-        with open(src) as f:
+def _defs_and_impls(paths):
+    """(op names given a schema with m.def, op names given a kernel with m.impl) in these C++ sources."""
+    defs, impls = [], []
+    for path in paths:
+        with open(path) as f:
             text = f.read()
-        if "void register_cuda(pybind11::module_& m) {" in text or "void register_cuda(pybind11::module_ &m) {" in text:
-            defining.append(os.path.basename(src))
-    assert defining == ["register.cu"], f"register_cuda must be defined exactly once, in register.cu; found {defining}"
+        defs += re.findall(r'm\.def\(\s*"([A-Za-z_0-9]+)\(', text)
+        impls += re.findall(r'm\.impl\(\s*"([A-Za-z_0-9]+)"', text)
+    return defs, impls
+
+
+def test_every_cuda_op_has_a_schema_a_kernel_and_a_fake():
+    """Each operator register.cu (or any .cu) defines is defined once, has a CUDA kernel and a fake."""
+    defs, impls = _defs_and_impls(CUDA_SOURCES)
+    assert defs, "no CUDA operator schemas found"
+    assert len(defs) == len(set(defs)), f"an operator is defined twice: {sorted(defs)}"
+    assert sorted(defs) == sorted(impls), f"schemas {sorted(defs)} vs CUDA kernels {sorted(impls)}"
+    cpu_defs, _ = _defs_and_impls([os.path.join(ROOT, "csrc", "bindings.cpp")])
+    assert not set(defs) & set(cpu_defs), "a CUDA operator shares its name with a CPU operator"
+    from distill_engine import _cpp_ops
+    assert set(defs) | set(cpu_defs) == set(_cpp_ops._FAKES), "every operator needs a fake in distill_engine/_cpp_ops.py"

@@ -30,16 +30,10 @@
 //   when T = 1 and lse_1 == lse_T) and adds it into a per-thread column-sum row for db (reduced after
 //   the tile, no atomics); then the two gradient GEMMs on the tile: dW[tile] += g_tileᵀ h and
 //   dH += g_tile W[tile].
-// * exp: std::exp does not vectorize without -ffast-math, so fast_expf below is a branch-free
-//   polynomial exp the compiler vectorizes inside `#pragma omp simd` loops (AVX2: 8 lanes).
-//     x = k·ln2 + r, k = round(x·log2 e), |r| ≤ ln2/2 (Cody–Waite split of ln2 into hi + lo, FMA);
-//     exp(r) by its degree-7 Taylor polynomial (truncation ≤ r⁸/8! ≈ 5e-9 relative, far below
-//     ½ ulp = 6e-8), Horner with FMA;  2^k built from exponent bits as 2^(k>>1) · 2^(k−(k>>1)) so
-//     results down to the subnormal range are formed with a single final rounding.
-//     Inputs are clamped to [−104, 88.8]: below −104 the true result rounds to 0 (−inf → 0, never
-//     NaN); above, 2^k overflows to +inf as it should.  NaN propagates.  Measured max error 0.92 ulp
-//     (tests/test_cpu_distill_kernels.py requires ≤ 2 ulp against float64 exp, through _vexp).
+// * exp: fast_expf from csrc/cpu/math.h (a branch-free polynomial exp the compiler vectorizes inside
+//   `#pragma omp simd` loops; its accuracy is stated and tested there).
 #include "common.h"
+#include "cpu/math.h"
 
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -56,56 +50,10 @@
 namespace distill_engine {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Block of a row processed at once by the log-sum-exp pass: 8 KB, stays in L1 between its two sweeps.
 constexpr int64_t kLseBlock = 2048;
 // Below this many elements a pass runs on one thread (thread start-up would dominate).
 constexpr int64_t kParallelGrain = 1 << 15;
-
-inline __attribute__((always_inline)) float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline __attribute__((always_inline)) uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-// Branch-free exp(x) for fp32, vectorizable when inlined into an `omp simd` loop (math at file top).
-inline __attribute__((always_inline)) float fast_expf(float x) {
-  constexpr float kLo = -104.0f;  // exp(-104) = 6.8e-46 < half the smallest subnormal: rounds to 0
-  constexpr float kHi = 88.8f;    // > log(FLT_MAX) = 88.7228: the result overflows to +inf
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693145751953125f;     // ln2 with trailing zero bits: k·kLn2Hi is exact
-  constexpr float kLn2Lo = 1.42860682030941723e-6f;  // ln2 − kLn2Hi
-  // 1.5·2^23: adding it rounds a float of magnitude < 2^22 to an integer held in the low mantissa bits.
-  constexpr float kShifter = 12582912.0f;
-  x = x < kLo ? kLo : x;  // written so that NaN passes through both clamps
-  x = x > kHi ? kHi : x;
-  const float t = std::fma(x, kLog2e, kShifter);
-  const float kf = t - kShifter;  // k = round(x·log2 e), as a float
-  float r = std::fma(kf, -kLn2Hi, x);
-  r = std::fma(kf, -kLn2Lo, r);
-  // exp(r) = Σ_{i≤7} r^i / i!
-  float p = 1.0f / 5040.0f;
-  p = std::fma(p, r, 1.0f / 720.0f);
-  p = std::fma(p, r, 1.0f / 120.0f);
-  p = std::fma(p, r, 1.0f / 24.0f);
-  p = std::fma(p, r, 1.0f / 6.0f);
-  p = std::fma(p, r, 0.5f);
-  p = std::fma(p, r, 1.0f);
-  p = std::fma(p, r, 1.0f);
-  // k from the bits of t (no float→int conversion, so a NaN input is no undefined behaviour).
-  const int32_t k = static_cast<int32_t>(float_to_bits(t) - float_to_bits(kShifter));
-  const int32_t k1 = k >> 1;
-  const int32_t k2 = k - k1;
-  const float s1 = bits_to_float(static_cast<uint32_t>(k1 + 127) << 23);
-  const float s2 = bits_to_float(static_cast<uint32_t>(k2 + 127) << 23);
-  return (p * s1) * s2;
-}
 
 inline int num_threads_for(int64_t work) { return work >= kParallelGrain ? at::get_num_threads() : 1; }
 
@@ -135,8 +83,7 @@ void lse_update(LseState& st, float* __restrict x0, const float* __restrict bias
         bm = y > bm ? y : bm;
       }
     } else {
-#pragma omp simd reduction(max : bm)
-      for (int64_t i = 0; i < n; ++i) bm = x[i] > bm ? x[i] : bm;
+      bm = row_max(x, n);
     }
     if (bm > st.m) {
       const float new_m_t = bm * inv_t;
@@ -305,6 +252,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_logits_lse(const at::Tens
   return {buf, lse_t, lse_1};
 }
 
+// buf [c, V] and dW_acc [V, d]: contiguous fp32 CPU tensors the gradient pass writes; lse_T fp32 [c].
+void check_grad_buffers(const at::Tensor& buf, const at::Tensor& dW_acc, const at::Tensor& lse_t, int64_t c,
+                        int64_t d, int64_t V) {
+  DE_CHECK_CPU_INPUT(buf);
+  TORCH_CHECK(buf.scalar_type() == at::kFloat, "buf must be float32, got ", buf.scalar_type());
+  TORCH_CHECK(buf.dim() == 2 && buf.size(0) == c && buf.size(1) == V, "buf must have shape [", c, ", ", V,
+              "], got ", buf.sizes());
+  DE_CHECK_CPU_INPUT(dW_acc);
+  TORCH_CHECK(dW_acc.scalar_type() == at::kFloat, "dW_acc must be float32, got ", dW_acc.scalar_type());
+  TORCH_CHECK(dW_acc.dim() == 2 && dW_acc.size(0) == V && dW_acc.size(1) == d, "dW_acc must have shape [", V, ", ",
+              d, "], got ", dW_acc.sizes());
+  check_f32_vec(lse_t, "lse_T", c);
+}
+
+// A per-row coefficient vector [c] of any float dtype, as fp32 contiguous.
+at::Tensor row_scale_f32(const at::Tensor& t, const char* name, int64_t c) {
+  check_float_input(t, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == c, name, " must have shape [", c, "], got ", t.sizes());
+  return as_f32(t);
+}
+
+// One row of the gradient pass over g [n] (the logits on entry): g = s·exp(l/T − lse_T), plus
+// s_1·exp(l − lse_1) when TWO; added into the thread's column sums acc [n] when ACC.  Compile-time
+// variants so each loop vectorizes without branches.
+template <bool TWO, bool ACC>
+inline void grad_row(float* __restrict g, float* __restrict acc, int64_t n, float inv_t, float s, float neg_lt,
+                     float s1, float neg_l1) {
+#pragma omp simd
+  for (int64_t v = 0; v < n; ++v) {
+    const float x = g[v];
+    float y;
+    if constexpr (TWO) {
+      y = s * fast_expf(std::fma(x, inv_t, neg_lt)) + s1 * fast_expf(x + neg_l1);
+    } else {
+      y = s * fast_expf(std::fma(x, inv_t, neg_lt));
+    }
+    g[v] = y;
+    if constexpr (ACC) acc[v] += y;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // distill_dense_grad: g in place in buf, dW_acc += gᵀ h, db_acc += Σ_rows g; returns dH = g W [c, d] fp32.
 at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Tensor& weight, double temperature,
@@ -324,27 +312,12 @@ at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Te
   const int64_t V = weight.size(0);
   TORCH_CHECK(weight.size(1) == d, "h [c, d] and weight [V, d] must share d, got ", h.sizes(), " and ",
               weight.sizes());
-  DE_CHECK_CPU_INPUT(buf);
-  TORCH_CHECK(buf.scalar_type() == at::kFloat, "buf must be float32, got ", buf.scalar_type());
-  TORCH_CHECK(buf.dim() == 2 && buf.size(0) == c && buf.size(1) == V, "buf must have shape [", c, ", ", V,
-              "], got ", buf.sizes());
-  check_f32_vec(lse_t, "lse_T", c);
+  check_grad_buffers(buf, dW_acc, lse_t, c, d, V);
   const bool has_ce = s_1.has_value() && s_1->defined();
   TORCH_CHECK(!has_ce || (lse_1.has_value() && lse_1->defined()), "s_1 given without lse_1");
   if (has_ce) check_f32_vec(*lse_1, "lse_1", c);
-  check_float_input(s_q, "s_q");
-  TORCH_CHECK(s_q.dim() == 1 && s_q.size(0) == c, "s_q must have shape [", c, "], got ", s_q.sizes());
-  at::Tensor s_q_f = as_f32(s_q);
-  at::Tensor s_1_f;
-  if (has_ce) {
-    check_float_input(*s_1, "s_1");
-    TORCH_CHECK(s_1->dim() == 1 && s_1->size(0) == c, "s_1 must have shape [", c, "], got ", s_1->sizes());
-    s_1_f = as_f32(*s_1);
-  }
-  DE_CHECK_CPU_INPUT(dW_acc);
-  TORCH_CHECK(dW_acc.scalar_type() == at::kFloat, "dW_acc must be float32, got ", dW_acc.scalar_type());
-  TORCH_CHECK(dW_acc.dim() == 2 && dW_acc.size(0) == V && dW_acc.size(1) == d, "dW_acc must have shape [", V, ", ",
-              d, "], got ", dW_acc.sizes());
+  const at::Tensor s_q_f = row_scale_f32(s_q, "s_q", c);
+  const at::Tensor s_1_f = has_ce ? row_scale_f32(*s_1, "s_1", c) : at::Tensor();
   const bool has_db = db_acc.has_value() && db_acc->defined();
   if (has_db) check_f32_vec(*db_acc, "db_acc", V);
 
@@ -402,35 +375,12 @@ at::Tensor distill_dense_grad(at::Tensor& buf, const at::Tensor& h, const at::Te
         const bool fold = has_ce && t_is_one && pl1[r] == plt[r];
         if (!has_ce || fold) {
           const float s = fold ? sq + ps1[r] : sq;
-          if (acc != nullptr) {
-#pragma omp simd
-            for (int64_t v = 0; v < n; ++v) {
-              const float y = s * fast_expf(std::fma(g[v], inv_t, neg_lt));
-              g[v] = y;
-              acc[v] += y;
-            }
-          } else {
-#pragma omp simd
-            for (int64_t v = 0; v < n; ++v) g[v] = s * fast_expf(std::fma(g[v], inv_t, neg_lt));
-          }
+          if (acc != nullptr) grad_row<false, true>(g, acc, n, inv_t, s, neg_lt, 0.0f, 0.0f);
+          else grad_row<false, false>(g, acc, n, inv_t, s, neg_lt, 0.0f, 0.0f);
+        } else if (acc != nullptr) {
+          grad_row<true, true>(g, acc, n, inv_t, sq, neg_lt, ps1[r], -pl1[r]);
         } else {
-          const float s1 = ps1[r];
-          const float neg_l1 = -pl1[r];
-          if (acc != nullptr) {
-#pragma omp simd
-            for (int64_t v = 0; v < n; ++v) {
-              const float x = g[v];
-              const float y = sq * fast_expf(std::fma(x, inv_t, neg_lt)) + s1 * fast_expf(x + neg_l1);
-              g[v] = y;
-              acc[v] += y;
-            }
-          } else {
-#pragma omp simd
-            for (int64_t v = 0; v < n; ++v) {
-              const float x = g[v];
-              g[v] = sq * fast_expf(std::fma(x, inv_t, neg_lt)) + s1 * fast_expf(x + neg_l1);
-            }
-          }
+          grad_row<true, false>(g, acc, n, inv_t, sq, neg_lt, ps1[r], -pl1[r]);
         }
         for (int64_t j = 0; j < n_sp; ++j) {  // the row's sparse coefficients that fall in this tile
           const int64_t col_id = psp_ids[r * n_sp + j] - v0;
@@ -502,30 +452,11 @@ at::Tensor vexp(const at::Tensor& x) {
 
 }  // namespace
 
-void register_distill_loss(pybind11::module_& m) {
-  namespace py = pybind11;
-  m.def("distill_logits_lse", &distill_logits_lse,
-        "distill_logits_lse(h [c,d], weight [V,d], bias [V] | None, temperature, need_lse1) -> "
-        "(buf fp32 [c,V] raw logits h Wᵀ + b, lse_T fp32 [c] = logsumexp(l/T), lse_1 fp32 [c] = logsumexp(l) "
-        "or an empty tensor when need_lse1 is False). With exclude_ids [c, m] int64 (< 0 = none) both "
-        "log-sum-exps leave those columns out, in the same pass (buf still holds every logit)",
-        py::arg("h"), py::arg("weight"), py::arg("bias"), py::arg("temperature"), py::arg("need_lse1"),
-        py::arg("exclude_ids") = py::none(), py::call_guard<py::gil_scoped_release>());
-  m.def("distill_dense_grad", &distill_dense_grad,
-        "distill_dense_grad(buf, h, weight, temperature, lse_T, lse_1 | None, s_q, s_1 | None, dW_acc, "
-        "db_acc | None, sparse_ids | None, sparse_coef | None) -> dH fp32 [c,d].  Overwrites buf with "
-        "g = s_q·exp(l/T − lse_T) + s_1·exp(l − lse_1) + sparse_coef scattered at sparse_ids (duplicates add), "
-        "adds gᵀ h to dW_acc and the column sums of g to db_acc.",
-        py::arg("buf"), py::arg("h"), py::arg("weight"), py::arg("temperature"), py::arg("lse_T"),
-        py::arg("lse_1"), py::arg("s_q"), py::arg("s_1"), py::arg("dW_acc"), py::arg("db_acc"),
-        py::arg("sparse_ids") = py::none(), py::arg("sparse_coef") = py::none(),
-        py::call_guard<py::gil_scoped_release>());
-  m.def("distill_buf_lse", &distill_buf_lse,
-        "distill_buf_lse(buf fp32 [c,V], temperature) -> fp32 [c] = logsumexp(buf/T) per row; -inf entries "
-        "(masked ids) count as zero mass, an all -inf row gives -inf",
-        py::arg("buf"), py::arg("temperature"), py::call_guard<py::gil_scoped_release>());
-  m.def("_vexp", &vexp, "the vectorized polynomial exp used by the kernels, elementwise on fp32 (for tests)",
-        py::arg("x"), py::call_guard<py::gil_scoped_release>());
+TORCH_LIBRARY_IMPL(distill_engine_C, CPU, m) {
+  m.impl("distill_logits_lse", &distill_logits_lse);
+  m.impl("distill_dense_grad", &distill_dense_grad);
+  m.impl("distill_buf_lse", &distill_buf_lse);
+  m.impl("_vexp", &vexp);
 }
 
 }  // namespace distill_engine

@@ -6,7 +6,7 @@
 //      (bf16/fp16 weights are cast to fp32 one vocabulary tile at a time: fp32 accumulation without an
 //      fp32 copy of the whole weight);
 //   2. an OpenMP loop over rows makes, per row, one pass z = (l + b)·inv_t with the running max, one
-//      vectorized pass Σ exp(z − max) (lse = max + log Σ), and then
+//      vectorized pass Σ exp(z − max) (lse = max + log Σ; exp and the sum from csrc/cpu/math.h), and then
 //      - topk:   a partial selection: a min-heap of the k best (value, index) pairs, scanned in blocks of
 //                16 whose maximum is first compared with the heap's worst, so a block below the current
 //                k-th value costs one vector max (the common case once the heap holds large values);
@@ -14,15 +14,19 @@
 //                row's k sorted uniforms consumed in order (draw j = first v with u_j·Σe < Σ_{w≤v} e_w;
 //                draws the rounding leaves past the end go to the last index with e_v > 0).
 // Nothing of size [N, V] exists; the buffer is reused across chunks by the caller.
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <utility>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
+#include "cpu/math.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -33,33 +37,6 @@ namespace {
 
 constexpr int64_t kWeightTile = 2048;  // vocabulary rows of a half-precision weight cast to fp32 at a time
 constexpr int64_t kScanBlock = 16;     // top-k scan block (one vector max per block)
-
-// exp(x) for x <= ~88, branch-free so the row loops vectorize (Cody–Waite reduction + degree-6 polynomial,
-// ~1 ulp on the range; returns 0 below -87.3 where the true value is subnormal).
-static inline float exp_poly(float x) {
-  const float xc = std::max(x, -87.3f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return x < -87.3f ? 0.0f : p * scale;
-}
-
-struct ChunkArgs {
-  int64_t c, V;
-  float* z;           // [c, V] row-major (buffer rows)
-  const float* bias;  // [V] or nullptr
-  float inv_t;
-};
 
 // Validated inputs → raw logits (no bias, no temperature) in buf[:c]. Returns the [c, V] view.
 at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& buf) {
@@ -78,21 +55,29 @@ at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& weight, const at:
   return z;
 }
 
-void check_inputs(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                   const at::Tensor& buf) {
-  DE_CHECK_CPU_INPUT(h);
+  DE_CHECK_CPU_INPUT(hidden);
   DE_CHECK_CPU_INPUT(weight);
   DE_CHECK_CPU_INPUT(buf);
-  DE_CHECK_DIM(h, 2);
+  DE_CHECK_DIM(hidden, 2);
   DE_CHECK_DIM(weight, 2);
   DE_CHECK_DIM(buf, 2);
   DE_CHECK_DTYPE(buf, at::kFloat);
-  TORCH_CHECK(h.scalar_type() == weight.scalar_type(), "hidden and weight must share a dtype");
-  TORCH_CHECK(h.size(1) == weight.size(1), "hidden [c, d] and weight [V, d] disagree on d");
-  TORCH_CHECK(buf.size(0) >= h.size(0) && buf.size(1) == weight.size(0), "buf must be [>= c, V] fp32");
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "hidden must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(dt == weight.scalar_type(), "hidden and weight must share a dtype, got ", dt, " and ",
+              weight.scalar_type());
+  TORCH_CHECK(hidden.size(1) == weight.size(1), "hidden [c, d] and weight [V, d] disagree on d: ", hidden.sizes(),
+              " and ", weight.sizes());
+  TORCH_CHECK(buf.size(0) >= hidden.size(0) && buf.size(1) == weight.size(0), "buf must be fp32 [>= ",
+              hidden.size(0), ", ", weight.size(0), "], got ", buf.sizes());
   if (bias.has_value()) {
-    DE_CHECK_CPU_INPUT((*bias));
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be [V]");
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.device().is_cpu() && b.is_contiguous(), "bias must be a contiguous CPU tensor");
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == weight.size(0), "bias must have shape [", weight.size(0), "], got ",
+                b.sizes());
   }
 }
 
@@ -117,19 +102,6 @@ static inline float scale_and_max(float* zr, const float* b, float inv_t, int64_
   return m;
 }
 
-// Σ exp(z − m) with float lanes per 1024-block, blocks summed in double.
-static inline double sum_exp(const float* zr, float m, int64_t V) {
-  double total = 0.0;
-  for (int64_t v0 = 0; v0 < V; v0 += 1024) {
-    const int64_t v1 = std::min(V, v0 + 1024);
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t v = v0; v < v1; ++v) s += exp_poly(zr[v] - m);
-    total += s;
-  }
-  return total;
-}
-
 // (value, index) order of the output: larger value first, smaller index first on a tie.
 struct Better {
   bool operator()(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) const {
@@ -137,12 +109,12 @@ struct Better {
   }
 };
 
-std::vector<at::Tensor> teacher_topk_chunk(const at::Tensor& h, const at::Tensor& weight,
-                                           const c10::optional<at::Tensor>& bias, int64_t k, double inv_t,
-                                           const at::Tensor& buf) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_chunk(const at::Tensor& h, const at::Tensor& weight,
+                                                                   const c10::optional<at::Tensor>& bias, int64_t k,
+                                                                   double inv_t, const at::Tensor& buf) {
   check_inputs(h, weight, bias, buf);
   const int64_t c = h.size(0), V = weight.size(0);
-  TORCH_CHECK(k >= 1 && k <= V, "k must lie in [1, V]");
+  TORCH_CHECK(k >= 1 && k <= V, "k must lie in [1, V = ", V, "], got ", k);
   at::Tensor z = chunk_logits(h, weight, buf);
   at::Tensor b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
@@ -165,7 +137,7 @@ std::vector<at::Tensor> teacher_topk_chunk(const at::Tensor& h, const at::Tensor
     for (int64_t r = 0; r < c; ++r) {
       float* zr = zp + r * ld;
       const float m = scale_and_max(zr, bp, it, V);
-      const double s = sum_exp(zr, m, V);
+      const double s = sum_exp(zr, V, 1.0f, m);  // Σ exp(z − m)
       const float row_lse = static_cast<float>(static_cast<double>(m) + std::log(s));
       lsep[r] = row_lse;
       // heap of the k best seen so far; front() is the worst of them
@@ -208,13 +180,14 @@ std::vector<at::Tensor> teacher_topk_chunk(const at::Tensor& h, const at::Tensor
   return {ids, lps, lse};
 }
 
-std::vector<at::Tensor> teacher_sample_chunk(const at::Tensor& h, const at::Tensor& weight,
-                                             const c10::optional<at::Tensor>& bias, double inv_t,
-                                             const at::Tensor& u, const at::Tensor& buf) {
+std::tuple<at::Tensor, at::Tensor> teacher_sample_chunk(const at::Tensor& h, const at::Tensor& weight,
+                                                         const c10::optional<at::Tensor>& bias, double inv_t,
+                                                         const at::Tensor& u, const at::Tensor& buf) {
   check_inputs(h, weight, bias, buf);
   DE_CHECK_CPU_INPUT(u);
   DE_CHECK_DTYPE(u, at::kDouble);
-  TORCH_CHECK(u.dim() == 2 && u.size(0) == h.size(0), "u must be [c, k] float64");
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == h.size(0), "u must be float64 [c, k] with c = ", h.size(0), ", got ",
+              u.sizes());
   const int64_t c = h.size(0), V = weight.size(0), k = u.size(1);
   at::Tensor z = chunk_logits(h, weight, buf);
   at::Tensor b32;
@@ -233,7 +206,7 @@ std::vector<at::Tensor> teacher_sample_chunk(const at::Tensor& h, const at::Tens
     float* zr = zp + r * ld;
     const float m = scale_and_max(zr, bp, it, V);
 #pragma omp simd
-    for (int64_t v = 0; v < V; ++v) zr[v] = exp_poly(zr[v] - m);
+    for (int64_t v = 0; v < V; ++v) zr[v] = fast_expf(zr[v] - m);
     double total = 0.0;
     for (int64_t v = 0; v < V; ++v) total += zr[v];
     lsep[r] = static_cast<float>(static_cast<double>(m) + std::log(total));
@@ -258,16 +231,9 @@ std::vector<at::Tensor> teacher_sample_chunk(const at::Tensor& h, const at::Tens
 
 }  // namespace
 
-void register_teacher_targets(pybind11::module_& m) {
-  m.def("teacher_topk_chunk", &teacher_topk_chunk,
-        "Top-k teacher targets of one row chunk: (ids int32 [c,k], logprobs fp32 [c,k], lse fp32 [c]); "
-        "buf is a reusable fp32 [>=c, V] logits buffer",
-        pybind11::arg("hidden"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("k"),
-        pybind11::arg("inv_t"), pybind11::arg("buf"));
-  m.def("teacher_sample_chunk", &teacher_sample_chunk,
-        "Inverse-CDF draws of one row chunk for sorted float64 uniforms u [c,k]: (draws int64 [c,k], lse fp32 [c])",
-        pybind11::arg("hidden"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("inv_t"),
-        pybind11::arg("u"), pybind11::arg("buf"));
+TORCH_LIBRARY_IMPL(distill_engine_C, CPU, m) {
+  m.impl("teacher_topk_chunk", &teacher_topk_chunk);
+  m.impl("teacher_sample_chunk", &teacher_sample_chunk);
 }
 
 }  // namespace distill_engine

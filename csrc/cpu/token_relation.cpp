@@ -8,42 +8,23 @@
 //   backward rows: per query tile, G^S = g(Q − P), G^T = g P (a^T − a^S − c) written over the score
 //                  buffers, dS_q = G^S S_k/√d_hs and dT_q = G^T T_k/√d_ht accumulated by GEMM
 //   backward cols: per key tile, the same tiles walked over query tiles: dS_k += G^Sᵀ S_q/√d_hs, ...
-// P and Q are recomputed from the forward's row log-sum-exps (flash-attention style); exp runs through a
-// branch-free polynomial that the compiler vectorises (relative error ~2e-7).
+// P and Q are recomputed from the forward's row log-sum-exps (flash-attention style); exp is
+// fast_expf_nonpos from csrc/cpu/math.h (vectorised; arguments clamped to <= 0, see there).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
+#include "cpu/math.h"
 
 namespace distill_engine {
 namespace {
 
 constexpr float kNeg = -1e30f;
-
-// exp(x) for x <= 0 (every argument here is a score minus a row maximum or lse; masked entries may be
-// anything and are clamped into range before a 0 multiplier drops them): 2^n · 2^f with
-// n = round(x·log2 e), f in [−½, ½], 2^f by its degree-6 Taylor series in f·ln 2 (error < 2e-7).
-inline float fexp(float x) {
-  x = std::min(std::max(x, -87.0f), 0.0f);
-  const float t = x * 1.4426950408889634f;
-  const float n = std::nearbyint(t);
-  const float r = (t - n) * 0.6931471805599453f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return p * scale;
-}
 
 struct Problem {
   int64_t B, L, H, ds, dt, d_s, d_t;
@@ -65,10 +46,15 @@ Problem make_problem(const at::Tensor& S, const at::Tensor& T, int64_t heads, co
   DE_CHECK_DTYPE(mask, at::kBool);
   DE_CHECK_DIM(S, 3);
   DE_CHECK_DIM(T, 3);
-  TORCH_CHECK(heads >= 1 && S.size(2) % heads == 0 && T.size(2) % heads == 0, "heads must divide both widths");
-  TORCH_CHECK(T.size(0) == S.size(0) && T.size(1) == S.size(1), "S and T must share B and L");
-  TORCH_CHECK(mask.size(0) == S.size(0) && mask.size(1) == S.size(1), "mask must be [B, L]");
-  TORCH_CHECK(bq >= 1 && bk >= 1, "tile sizes must be positive");
+  DE_CHECK_DIM(mask, 2);
+  TORCH_CHECK(heads >= 1 && S.size(2) % heads == 0 && T.size(2) % heads == 0, "heads (", heads,
+              ") must divide both widths S.size(2) = ", S.size(2), " and T.size(2) = ", T.size(2));
+  TORCH_CHECK(T.size(0) == S.size(0) && T.size(1) == S.size(1),
+              "S [B, L, d_s] and T [B, L, d_t] must share B and L, got ",
+              S.sizes(), " and ", T.sizes());
+  TORCH_CHECK(mask.size(0) == S.size(0) && mask.size(1) == S.size(1), "mask must have shape [B, L] = [", S.size(0),
+              ", ", S.size(1), "], got ", mask.sizes());
+  TORCH_CHECK(bq >= 1 && bk >= 1, "tile sizes bq and bk must be positive, got ", bq, " and ", bk);
   Problem p;
   p.B = S.size(0);
   p.L = S.size(1);
@@ -106,8 +92,9 @@ inline int64_t row_limit(const Problem& p, int64_t i, int64_t k0, int64_t nk) {
   return std::max<int64_t>(0, std::min<int64_t>(nk, i - k0 + 1));
 }
 
-std::vector<at::Tensor> token_relation_forward(const at::Tensor& S, const at::Tensor& T, int64_t heads,
-                                               const at::Tensor& mask, bool causal, int64_t bq, int64_t bk) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_relation_forward(const at::Tensor& S, const at::Tensor& T,
+                                                                      int64_t heads, const at::Tensor& mask,
+                                                                      bool causal, int64_t bq, int64_t bk) {
   const Problem p = make_problem(S, T, heads, mask, causal, bq, bk);
   auto opts = S.options();
   at::Tensor kl = at::zeros({p.B, p.H, p.L}, opts);
@@ -150,14 +137,14 @@ std::vector<at::Tensor> token_relation_forward(const at::Tensor& S, const at::Te
             mt = std::max(mt, v ? ta[j] * c_t : kNeg);
             ms = std::max(ms, v ? sa[j] * c_s : kNeg);
           }
-          const float al_t = fexp(m_t[r] - mt), al_s = fexp(m_s[r] - ms);
+          const float al_t = fast_expf_nonpos(m_t[r] - mt), al_s = fast_expf_nonpos(m_s[r] - ms);
           float st = 0.f, ss = 0.f, sd = 0.f;
 #pragma omp simd reduction(+ : st, ss, sd)
           for (int64_t j = 0; j < n; ++j) {
             const float a_t = ta[j] * c_t, a_s = sa[j] * c_s;
-            const float pt = valid[j] * fexp(a_t - mt);
+            const float pt = valid[j] * fast_expf_nonpos(a_t - mt);
             st += pt;
-            ss += valid[j] * fexp(a_s - ms);
+            ss += valid[j] * fast_expf_nonpos(a_s - ms);
             sd += pt * (a_t - a_s);
           }
           l_t[r] = l_t[r] * al_t + st;
@@ -199,8 +186,8 @@ void grad_tiles(const Problem& p, int64_t b, int64_t h, int64_t q0, int64_t nq, 
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const float a_t = ta[j] * c_t, a_s = sa[j] * c_s;
-      const float pt = valid[j] * fexp(a_t - lt);
-      const float qs = valid[j] * fexp(a_s - ls);
+      const float pt = valid[j] * fast_expf_nonpos(a_t - lt);
+      const float qs = valid[j] * fast_expf_nonpos(a_s - ls);
       ta[j] = gr * pt * (a_t - a_s - cr);
       sa[j] = gr * (qs - pt);
     }
@@ -224,85 +211,76 @@ void write_block(float* dst, int64_t L, int64_t d, int64_t dh, int64_t b, int64_
   }
 }
 
-std::vector<at::Tensor> token_relation_backward(const at::Tensor& S, const at::Tensor& T, int64_t heads,
-                                                const at::Tensor& mask, bool causal, const at::Tensor& lse_s,
-                                                const at::Tensor& lse_t, const at::Tensor& c, const at::Tensor& g,
-                                                bool need_s, bool need_t, int64_t bq, int64_t bk) {
-  const Problem p = make_problem(S, T, heads, mask, causal, bq, bk);
-  for (const at::Tensor* x : {&lse_s, &lse_t, &c, &g}) {
-    DE_CHECK_CPU_INPUT(*x);
-    DE_CHECK_DTYPE(*x, at::kFloat);
-    TORCH_CHECK(x->numel() == p.B * p.H * p.L, "row statistics must be [B, H, L]");
-  }
-  const float *lsp = lse_s.data_ptr<float>(), *ltp = lse_t.data_ptr<float>(), *cp = c.data_ptr<float>(),
-              *gp = g.data_ptr<float>();
-  at::Tensor dS = need_s ? at::zeros({p.B, p.L, p.d_s}, S.options()) : at::Tensor();
-  at::Tensor dT = need_t ? at::zeros({p.B, p.L, p.d_t}, S.options()) : at::Tensor();
-  float* dSp = need_s ? dS.data_ptr<float>() : nullptr;
-  float* dTp = need_t ? dT.data_ptr<float>() : nullptr;
+// Row statistics of the forward and the output gradients of one backward call (dS/dT null when not needed).
+struct Grads {
+  const float *lse_s, *lse_t, *c, *g;
+  float *dS, *dT;
+};
+
+// One side of the backward.  rows = true: one task per (b, h, query tile) walks the key tiles and WRITES
+// dS_q, dT_q into its own rows of the head's columns; rows = false: one task per (b, h, key tile) walks the
+// query tiles and ADDS dS_k, dT_k (so the row side must have run first).  Causal: a query tile sees keys
+// below its end; a key tile is seen by query tiles from the one holding its first key.
+void backward_side(const Problem& p, const at::Tensor& S, const at::Tensor& T, const Grads& gr, bool rows) {
   auto head = [&](const at::Tensor& X, int64_t b, int64_t h, int64_t dh, int64_t r0, int64_t r1) {
-    return X[b].slice(0, r0, r1).slice(1, h * dh, (h + 1) * dh);
+    return X[b].slice(0, r0, r1).slice(1, h * dh, (h + 1) * dh);  // [r1 - r0, dh] strided view
   };
-  // Row side: one task per (b, h, query tile), writes its own rows of the head's columns.
-  const int64_t nq_tiles = (p.L + p.bq - 1) / p.bq;
-  at::parallel_for(0, p.B * p.H * nq_tiles, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t own = rows ? p.bq : p.bk, other = rows ? p.bk : p.bq;
+  const int64_t n_tiles = (p.L + own - 1) / own;
+  at::parallel_for(0, p.B * p.H * n_tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> valid(p.bk);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / (p.H * nq_tiles), h = (task / nq_tiles) % p.H, qt = task % nq_tiles;
-      const int64_t q0 = qt * p.bq, q1 = std::min(p.L, q0 + p.bq);
-      at::Tensor acc_s = need_s ? at::zeros({q1 - q0, p.ds}, S.options()) : at::Tensor();
-      at::Tensor acc_t = need_t ? at::zeros({q1 - q0, p.dt}, S.options()) : at::Tensor();
-      const int64_t hi = p.causal ? q1 : p.L;
-      for (int64_t k0 = 0; k0 < hi; k0 += p.bk) {
-        const int64_t k1 = std::min(p.L, k0 + p.bk);
+      const int64_t b = task / (p.H * n_tiles), h = (task / n_tiles) % p.H, i = task % n_tiles;
+      const int64_t a0 = i * own, a1 = std::min(p.L, a0 + own);
+      at::Tensor acc_s = gr.dS ? at::zeros({a1 - a0, p.ds}, S.options()) : at::Tensor();  // [own, ds]
+      at::Tensor acc_t = gr.dT ? at::zeros({a1 - a0, p.dt}, S.options()) : at::Tensor();  // [own, dt]
+      const int64_t lo = (rows || !p.causal) ? 0 : (a0 / p.bq) * p.bq;
+      const int64_t hi = (rows && p.causal) ? a1 : p.L;
+      for (int64_t o0 = lo; o0 < hi; o0 += other) {
+        const int64_t o1 = std::min(p.L, o0 + other);
+        const int64_t q0 = rows ? a0 : o0, q1 = rows ? a1 : o1, k0 = rows ? o0 : a0, k1 = rows ? o1 : a1;
         at::Tensor as, at_;
         score_tiles(p, S, T, b, h, q0, q1, k0, k1, as, at_);
-        grad_tiles(p, b, h, q0, q1 - q0, k0, k1 - k0, as, at_, lsp, ltp, cp, gp, valid);
-        if (need_s) acc_s.addmm_(as, head(S, b, h, p.ds, k0, k1));
-        if (need_t) acc_t.addmm_(at_, head(T, b, h, p.dt, k0, k1));
+        grad_tiles(p, b, h, q0, q1 - q0, k0, k1 - k0, as, at_, gr.lse_s, gr.lse_t, gr.c, gr.g, valid);
+        if (gr.dS) acc_s.addmm_(rows ? as : as.t(), head(S, b, h, p.ds, o0, o1));
+        if (gr.dT) acc_t.addmm_(rows ? at_ : at_.t(), head(T, b, h, p.dt, o0, o1));
       }
-      if (need_s) write_block(dSp, p.L, p.d_s, p.ds, b, h, q0, acc_s, p.c_s, false);
-      if (need_t) write_block(dTp, p.L, p.d_t, p.dt, b, h, q0, acc_t, p.c_t, false);
+      if (gr.dS) write_block(gr.dS, p.L, p.d_s, p.ds, b, h, a0, acc_s, p.c_s, !rows);
+      if (gr.dT) write_block(gr.dT, p.L, p.d_t, p.dt, b, h, a0, acc_t, p.c_t, !rows);
     }
   });
-  // Column side: one task per (b, h, key tile), adds onto its own rows of the head's columns.
-  const int64_t nk_tiles = (p.L + p.bk - 1) / p.bk;
-  at::parallel_for(0, p.B * p.H * nk_tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> valid(p.bk);
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / (p.H * nk_tiles), h = (task / nk_tiles) % p.H, kt = task % nk_tiles;
-      const int64_t k0 = kt * p.bk, k1 = std::min(p.L, k0 + p.bk);
-      at::Tensor acc_s = need_s ? at::zeros({k1 - k0, p.ds}, S.options()) : at::Tensor();
-      at::Tensor acc_t = need_t ? at::zeros({k1 - k0, p.dt}, S.options()) : at::Tensor();
-      const int64_t lo = p.causal ? (k0 / p.bq) * p.bq : 0;  // earlier queries see none of these keys
-      for (int64_t q0 = lo; q0 < p.L; q0 += p.bq) {
-        const int64_t q1 = std::min(p.L, q0 + p.bq);
-        at::Tensor as, at_;
-        score_tiles(p, S, T, b, h, q0, q1, k0, k1, as, at_);
-        grad_tiles(p, b, h, q0, q1 - q0, k0, k1 - k0, as, at_, lsp, ltp, cp, gp, valid);
-        if (need_s) acc_s.addmm_(as.t(), head(S, b, h, p.ds, q0, q1));
-        if (need_t) acc_t.addmm_(at_.t(), head(T, b, h, p.dt, q0, q1));
-      }
-      if (need_s) write_block(dSp, p.L, p.d_s, p.ds, b, h, k0, acc_s, p.c_s, true);
-      if (need_t) write_block(dTp, p.L, p.d_t, p.dt, b, h, k0, acc_t, p.c_t, true);
-    }
-  });
-  return {need_s ? dS : at::empty({0}, S.options()), need_t ? dT : at::empty({0}, S.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor> token_relation_backward(const at::Tensor& S, const at::Tensor& T, int64_t heads,
+                                                           const at::Tensor& mask, bool causal,
+                                                           const at::Tensor& lse_s, const at::Tensor& lse_t,
+                                                           const at::Tensor& c, const at::Tensor& g, bool need_s,
+                                                           bool need_t, int64_t bq, int64_t bk) {
+  const Problem p = make_problem(S, T, heads, mask, causal, bq, bk);
+  DE_CHECK_CPU_INPUT(lse_s);
+  DE_CHECK_CPU_INPUT(lse_t);
+  DE_CHECK_CPU_INPUT(c);
+  DE_CHECK_CPU_INPUT(g);
+  for (const auto& [x, name] : {std::pair<const at::Tensor*, const char*>{&lse_s, "lse_s"}, {&lse_t, "lse_t"},
+                                {&c, "c"}, {&g, "g"}}) {
+    TORCH_CHECK(x->scalar_type() == at::kFloat && x->numel() == p.B * p.H * p.L, name,
+                " must be float32 with B·H·L = ", p.B * p.H * p.L, " entries ([B, H, L]), got ", x->scalar_type(),
+                " ", x->sizes());
+  }
+  at::Tensor dS = need_s ? at::zeros({p.B, p.L, p.d_s}, S.options()) : at::empty({0}, S.options());
+  at::Tensor dT = need_t ? at::zeros({p.B, p.L, p.d_t}, S.options()) : at::empty({0}, S.options());
+  const Grads gr{lse_s.data_ptr<float>(), lse_t.data_ptr<float>(), c.data_ptr<float>(), g.data_ptr<float>(),
+                 need_s ? dS.data_ptr<float>() : nullptr, need_t ? dT.data_ptr<float>() : nullptr};
+  backward_side(p, S, T, gr, true);   // query tiles: dS_q, dT_q
+  backward_side(p, S, T, gr, false);  // key tiles: dS_k, dT_k added
+  return {dS, dT};
 }
 
 }  // namespace
 
-void register_token_relation(pybind11::module_& m) {
-  m.def("token_relation_forward", &token_relation_forward,
-        "Token-relation KL, online softmax over key tiles: [kl, lse_s, lse_t], each [B, H, L] fp32",
-        pybind11::arg("S"), pybind11::arg("T"), pybind11::arg("heads"), pybind11::arg("mask"),
-        pybind11::arg("causal"), pybind11::arg("bq") = 128, pybind11::arg("bk") = 256);
-  m.def("token_relation_backward", &token_relation_backward,
-        "Token-relation KL gradients recomputed from the row lses: [dS, dT] fp32 (empty when not needed)",
-        pybind11::arg("S"), pybind11::arg("T"), pybind11::arg("heads"), pybind11::arg("mask"),
-        pybind11::arg("causal"), pybind11::arg("lse_s"), pybind11::arg("lse_t"), pybind11::arg("c"),
-        pybind11::arg("g"), pybind11::arg("need_s"), pybind11::arg("need_t"), pybind11::arg("bq") = 128,
-        pybind11::arg("bk") = 256);
+TORCH_LIBRARY_IMPL(distill_engine_C, CPU, m) {
+  m.impl("token_relation_forward", &token_relation_forward);
+  m.impl("token_relation_backward", &token_relation_backward);
 }
 
 }  // namespace distill_engine

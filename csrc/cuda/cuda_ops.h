@@ -1,16 +1,11 @@
-// CUDA side of distill_engine._C: launcher declarations and the registration hook.
+// CUDA side of distill_engine._C: the kernel launchers.
 //
-// Two parts:
-//  1. Launchers (always declared): plain host functions over raw device pointers and a cudaStream_t.
-//     Kernel files include only this header and <cuda_runtime.h>, so they compile in seconds (no torch
-//     or pybind11 headers); the Python side checks dtypes/shapes/devices and passes data_ptr() values and
-//     torch.cuda.current_stream().cuda_stream (inside `with torch.cuda.device(...)`).
-//  2. Registration (declared when DE_CUDA_WITH_PYBIND is defined before including this header):
-//     csrc/cuda/register.cu holds the ONLY definition of distill_engine::register_cuda(m). A .cu file that
-//     wants Python bindings of its own does NOT define register_cuda; it defines a function
-//     `void my_bindings(pybind11::module_& m)` and, at namespace scope,
-//         DE_CUDA_REGISTER(my_bindings);
-//     register_cuda() calls every function registered that way (in static-initialisation order).
+// Launchers are plain host functions over raw device pointers and a cudaStream_t.  Kernel files include
+// only this header and <cuda_runtime.h>, so they compile in seconds (no torch headers).  The operators
+// Python calls are in csrc/cuda/register.cu: tensor-taking torch.ops.distill_engine_C.tt_* registered for
+// the CUDA dispatch key, which check their arguments with TORCH_CHECK, allocate the outputs and call these
+// launchers on the current stream of the tensors' device.  A new .cu file adds its operators there, or in
+// its own TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL(distill_engine_C, CUDA, m) blocks (host pass only).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -48,23 +43,3 @@ void launch_dequantize_u8(const uint8_t* codes, const uint16_t* offset_h, const 
 
 }  // namespace cuda
 }  // namespace distill_engine
-
-// Host-only: the device compilation pass of a .cu file never parses pybind11 (it is the bulk of the
-// compile time of a bindings file).
-#if defined(DE_CUDA_WITH_PYBIND) && !defined(__CUDA_ARCH__)
-#include <pybind11/pybind11.h>
-
-namespace distill_engine {
-namespace cuda {
-using BindingsFn = void (*)(pybind11::module_&);
-// Adds fn to the list register_cuda() runs; returns true (so it can initialise a static).
-bool add_cuda_bindings(BindingsFn fn);
-}  // namespace cuda
-}  // namespace distill_engine
-
-#define DE_CUDA_CONCAT_INNER(a, b) a##b
-#define DE_CUDA_CONCAT(a, b) DE_CUDA_CONCAT_INNER(a, b)
-#define DE_CUDA_REGISTER(fn)                                                           \
-  static const bool DE_CUDA_CONCAT(de_cuda_bindings_registered_, __LINE__) [[maybe_unused]] = \
-      ::distill_engine::cuda::add_cuda_bindings(&(fn))
-#endif

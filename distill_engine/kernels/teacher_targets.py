@@ -323,17 +323,8 @@ def _check(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
 
 def merge_candidates(cv, ci, pm, ps, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k best of the split candidates: (ids [c, k] int32, logprobs [c, k] fp32 sorted desc, lse [c])."""
-    S = pm.shape[1]
     if cv.is_cuda and _backend.cuda_extension_has("tt_topk_merge"):
-        c = cv.shape[0]
-        ids = torch.empty(c, k, dtype=torch.int32, device=cv.device)
-        lps = torch.empty(c, k, dtype=torch.float32, device=cv.device)
-        lse = torch.empty(c, dtype=torch.float32, device=cv.device)
-        with torch.cuda.device(cv.device):
-            _backend.cpu_extension().tt_topk_merge(
-                cv.data_ptr(), ci.data_ptr(), pm.data_ptr(), ps.data_ptr(), ids.data_ptr(), lps.data_ptr(),
-                lse.data_ptr(), c, cv.shape[1], S, k, torch.cuda.current_stream(cv.device).cuda_stream)
-        return ids, lps, lse
+        return _backend.cpu_extension().tt_topk_merge(cv, ci, pm, ps, k)  # C++ checks dtypes/shapes/contiguity
     lse = _combine_lse(pm, ps)
     vals, pos = torch.topk(cv, k, dim=1, largest=True, sorted=True)  # [c, k]
     return ci.gather(1, pos), vals - lse[:, None], lse

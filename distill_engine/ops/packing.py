@@ -145,11 +145,7 @@ def _pack_id_bits(ids: torch.Tensor, V: int, bits: int) -> torch.Tensor:
     n = ids.numel()
     n_words = (n * bits + 31) // 32
     if _use_cuda_ext(ids, "tt_pack_id_bits"):
-        words = torch.empty(n_words, dtype=torch.int32, device=ids.device)
-        with torch.cuda.device(ids.device):
-            _backend.cpu_extension().tt_pack_id_bits(ids.data_ptr(), n, bits, V, words.data_ptr(), n_words,
-                                                      torch.cuda.current_stream().cuda_stream)
-        return words
+        return _backend.cpu_extension().tt_pack_id_bits(ids.contiguous(), bits, V)
     code = torch.where(ids < 0, torch.full_like(ids, V), ids).to(torch.int64)
     s = torch.arange(n, device=ids.device, dtype=torch.int64) * bits
     w0 = s >> 5
@@ -166,11 +162,7 @@ def _pack_id_bits(ids: torch.Tensor, V: int, bits: int) -> torch.Tensor:
 def _unpack_id_bits(words: torch.Tensor, n: int, V: int, bits: int) -> torch.Tensor:
     """uint32 words (int32 view) → ids [n] int32; ValueError on a code > V."""
     if _use_cuda_ext(words, "tt_unpack_id_bits"):
-        ids = torch.empty(n, dtype=torch.int32, device=words.device)
-        bad = torch.zeros(1, dtype=torch.int32, device=words.device)
-        with torch.cuda.device(words.device):
-            _backend.cpu_extension().tt_unpack_id_bits(words.data_ptr(), words.numel(), n, bits, V, ids.data_ptr(),
-                                                        bad.data_ptr(), torch.cuda.current_stream().cuda_stream)
+        ids, bad = _backend.cpu_extension().tt_unpack_id_bits(words.contiguous(), n, bits, V)
         if int(bad.item()) > 0:
             raise ValueError(f"corrupt packed targets: {int(bad.item())} bit-packed ids exceed V={V}")
         return ids
@@ -190,13 +182,7 @@ def _quantize_u8(lp: torch.Tensor, ids: torch.Tensor):
     """lp, ids [N, k] → (codes uint8 [N, k], offset fp16 [N], scale fp16 [N])."""
     N, k = lp.shape
     if _use_cuda_ext(lp, "tt_quantize_u8"):
-        codes = torch.empty(N, k, dtype=torch.uint8, device=lp.device)
-        off = torch.empty(N, dtype=torch.float16, device=lp.device)
-        sc = torch.empty(N, dtype=torch.float16, device=lp.device)
-        with torch.cuda.device(lp.device):
-            _backend.cpu_extension().tt_quantize_u8(lp.data_ptr(), ids.data_ptr(), N, k, U8_FLOOR, codes.data_ptr(),
-                                                     off.data_ptr(), sc.data_ptr(), torch.cuda.current_stream().cuda_stream)
-        return codes, off, sc
+        return _backend.cpu_extension().tt_quantize_u8(lp.contiguous(), ids.contiguous(), U8_FLOOR)
     slot = ids >= 0
     x = lp.clamp(min=U8_FLOOR)
     inf = torch.full((), float("inf"), device=lp.device)
@@ -217,13 +203,8 @@ def _quantize_u8(lp: torch.Tensor, ids: torch.Tensor):
 
 
 def _dequantize_u8(codes: torch.Tensor, off: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
-    N, k = codes.shape
     if _use_cuda_ext(codes, "tt_dequantize_u8"):
-        lp = torch.empty(N, k, dtype=torch.float32, device=codes.device)
-        with torch.cuda.device(codes.device):
-            _backend.cpu_extension().tt_dequantize_u8(codes.data_ptr(), off.data_ptr(), sc.data_ptr(), N, k, lp.data_ptr(),
-                                                       torch.cuda.current_stream().cuda_stream)
-        return lp
+        return _backend.cpu_extension().tt_dequantize_u8(codes.contiguous(), off.contiguous(), sc.contiguous())
     c = codes.to(torch.float32)
     lp = off.float()[:, None] - c * sc.float()[:, None]
     return torch.where(codes == 255, torch.full_like(lp, float("-inf")), lp)

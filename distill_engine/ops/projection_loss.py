@@ -67,7 +67,7 @@ class ProjectionLossOptions:
 # backends
 # ----------------------------------------------------------------------------------------------
 class _CpuExt:
-    """Adapter from ``_C.projection_chunk`` (csrc/cpu/projection.cpp) to the chunk contract."""
+    """Adapter from ``_C.projection_chunk`` (csrc/cpu/projection_loss.cpp) to the chunk contract."""
 
     @staticmethod
     def prepare(weight, bias):

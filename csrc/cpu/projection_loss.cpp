@@ -1,4 +1,5 @@
-// CPU kernel of the projection loss (the `cpu` backend of fused_projection_loss).
+// CPU kernel of the projection loss (the `cpu` backend of fused_projection_loss): operator
+// torch.ops.distill_engine_C.projection_chunk (schema in csrc/bindings.cpp).
 //
 // One row chunk per call (ops/projection_loss.py drives the chunks):
 //   buf = h Pᵀ                        ATen GEMM into the chunk's one fp32 [c, d_t] buffer
@@ -33,23 +34,13 @@ inline float row_pass(float* __restrict y, const tT* __restrict t, const float* 
   if (kind == kMse) {
     const float coef = 2.0f * scale / static_cast<float>(d_t);
     float ss = 0.f, chk = 0.f;
-    if (GRAD) {
 #pragma omp simd reduction(+ : ss, chk)
-      for (int64_t j = 0; j < d_t; ++j) {
-        const float tj = static_cast<float>(t[j]);
-        const float r = (HAS_BIAS ? y[j] + b[j] : y[j]) - tj;
-        ss += r * r;
-        chk += tj * 0.f;
-        y[j] = r * coef;
-      }
-    } else {
-#pragma omp simd reduction(+ : ss, chk)
-      for (int64_t j = 0; j < d_t; ++j) {
-        const float tj = static_cast<float>(t[j]);
-        const float r = (HAS_BIAS ? y[j] + b[j] : y[j]) - tj;
-        ss += r * r;
-        chk += tj * 0.f;
-      }
+    for (int64_t j = 0; j < d_t; ++j) {
+      const float tj = static_cast<float>(t[j]);
+      const float r = (HAS_BIAS ? y[j] + b[j] : y[j]) - tj;
+      ss += r * r;
+      chk += tj * 0.f;
+      if constexpr (GRAD) y[j] = r * coef;  // compile-time: the forward-only loop has no store
     }
     *bad = !(chk == 0.f);
     return ss / static_cast<float>(d_t);
@@ -121,6 +112,14 @@ void fused_pass(at::Tensor& buf, const at::Tensor& t, const c10::optional<at::Te
   });
 }
 
+// An optional fp32 vector argument: absent, or a contiguous float32 CPU tensor of n entries.
+void check_f32_vector(const c10::optional<at::Tensor>& x, const char* name, int64_t n) {
+  if (!x.has_value()) return;
+  TORCH_CHECK(x->device().is_cpu() && x->is_contiguous() && x->scalar_type() == at::kFloat && x->numel() == n, name,
+              " must be a contiguous float32 CPU tensor of ", n, " entries, got ", x->scalar_type(), " ", x->sizes(),
+              " on ", x->device());
+}
+
 // Returns (loss [c] fp32, nonfinite_teacher [c] bool). h [c, d_s] fp32, weight [d_t, d_s] fp32,
 // bias [d_t] fp32, t [c, d_t] fp32/bf16/fp16, row_scale [c] fp32 (absent: forward only).
 // dW_acc [d_t, d_s] and db_acc [d_t] (fp32) accumulate; dh_out [c, d_s] (any float dtype) is written.
@@ -136,19 +135,26 @@ std::tuple<at::Tensor, at::Tensor> projection_chunk(
   DE_CHECK_DIM(h, 2);
   DE_CHECK_DIM(weight, 2);
   DE_CHECK_DIM(t, 2);
-  TORCH_CHECK(kind == kMse || kind == kCosine, "kind must be 0 (mse) or 1 (cosine)");
-  const int64_t c = h.size(0), d_t = weight.size(0);
-  TORCH_CHECK(h.size(1) == weight.size(1), "h and weight disagree on d_s");
-  TORCH_CHECK(t.size(0) == c && t.size(1) == d_t, "t must be [c, d_t]");
-  if (bias.has_value()) {
-    DE_CHECK_CPU_INPUT(*bias);
-    DE_CHECK_DTYPE(*bias, at::kFloat);
-    TORCH_CHECK(bias->numel() == d_t, "bias must have d_t entries");
+  TORCH_CHECK(kind == kMse || kind == kCosine, "kind must be 0 (mse) or 1 (cosine), got ", kind);
+  const int64_t c = h.size(0), d_s = h.size(1), d_t = weight.size(0);
+  TORCH_CHECK(weight.size(1) == d_s, "h [c, d_s] and weight [d_t, d_s] disagree on d_s: ", h.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(t.size(0) == c && t.size(1) == d_t, "t must have shape [c, d_t] = [", c, ", ", d_t, "], got ",
+              t.sizes());
+  check_f32_vector(bias, "bias", d_t);
+  check_f32_vector(row_scale, "row_scale", c);
+  check_f32_vector(db_acc, "db_acc", d_t);
+  if (dW_acc.has_value()) {
+    TORCH_CHECK(dW_acc->device().is_cpu() && dW_acc->scalar_type() == at::kFloat && dW_acc->dim() == 2 &&
+                    dW_acc->size(0) == d_t && dW_acc->size(1) == d_s,
+                "dW_acc must be a float32 CPU tensor [d_t, d_s] = [", d_t, ", ", d_s, "], got ", dW_acc->scalar_type(),
+                " ", dW_acc->sizes(), " on ", dW_acc->device());
   }
-  if (row_scale.has_value()) {
-    DE_CHECK_CPU_INPUT(*row_scale);
-    DE_CHECK_DTYPE(*row_scale, at::kFloat);
-    TORCH_CHECK(row_scale->numel() == c, "row_scale must have c entries");
+  if (dh_out.has_value()) {
+    TORCH_CHECK(dh_out->device().is_cpu(), "dh_out must be a CPU tensor, got one on ", dh_out->device());
+    TORCH_CHECK(dh_out->dim() == 2 && dh_out->size(0) == c && dh_out->size(1) == d_s,
+                "dh_out must have shape [c, d_s] = [",
+                c, ", ", d_s, "], got ", dh_out->sizes());
   }
   at::Tensor buf = at::mm(h, weight.t());  // [c, d_t] fp32: the chunk's only [c, d_t] buffer
   at::Tensor loss = at::empty({c}, h.options());
@@ -156,9 +162,6 @@ std::tuple<at::Tensor, at::Tensor> projection_chunk(
   const float zn = static_cast<float>(zero_norm_sq);
   at::Tensor db_part;
   if (row_scale.has_value() && db_acc.has_value()) {
-    DE_CHECK_CPU_INPUT(*db_acc);
-    DE_CHECK_DTYPE(*db_acc, at::kFloat);
-    TORCH_CHECK(db_acc->numel() == d_t, "db_acc must have d_t entries");
     db_part = at::zeros({at::get_num_threads(), d_t}, h.options());  // [threads, d_t]
   }
   float* dbp = db_part.defined() ? db_part.data_ptr<float>() : nullptr;
@@ -173,7 +176,6 @@ std::tuple<at::Tensor, at::Tensor> projection_chunk(
     // buf now holds g = s·dL/dy
     if (dh_out.has_value()) {
       at::Tensor& dh = *dh_out;
-      TORCH_CHECK(dh.size(0) == c && dh.size(1) == h.size(1), "dh_out must be [c, d_s]");
       if (dh.scalar_type() == at::kFloat && dh.is_contiguous()) {
         at::mm_out(dh, buf, weight);
       } else {
@@ -195,12 +197,6 @@ std::tuple<at::Tensor, at::Tensor> projection_chunk(
 
 }  // namespace
 
-void register_projection(pybind11::module_& m) {
-  m.def("projection_chunk", &projection_chunk,
-        "Fused projection loss of one row chunk: (loss [c], nonfinite_teacher [c]); accumulates the gradients",
-        pybind11::arg("h"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("t"),
-        pybind11::arg("kind"), pybind11::arg("zero_norm_sq"), pybind11::arg("row_scale"),
-        pybind11::arg("dW_acc"), pybind11::arg("db_acc"), pybind11::arg("dh_out"));
-}
+TORCH_LIBRARY_IMPL(distill_engine_C, CPU, m) { m.impl("projection_chunk", &projection_chunk); }
 
 }  // namespace distill_engine
