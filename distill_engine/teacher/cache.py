@@ -34,7 +34,6 @@ import hashlib
 import json
 import mmap
 import os
-import queue
 import threading
 import time
 from typing import Dict, List, Optional
@@ -48,6 +47,7 @@ from ..data.loader import Batch, MicroBatchPlan, collate
 from .base import TeacherBatch, TeacherSource, sample_generator
 from .codec import decode, encode
 from .colocated import runner_rest
+from .prefetch import Prefetcher
 
 FORMAT = "distill-engine-teacher-cache"
 VERSION = 1
@@ -383,9 +383,7 @@ class CacheTeacher(TeacherSource):
                  verify: str = "lazy"):
         self.reader = CacheReader(cache_dir, expect=expect, verify=verify)
         self.samples, self.plan, self.prefetch = samples, plan, prefetch
-        self._q: "queue.Queue" = queue.Queue(maxsize=prefetch)
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._fetch = Prefetcher(prefetch, "teacher cache prefetch")
 
     def targets_for(self, sample_ids: List[int], micro_step: int) -> TeacherBatch:
         parts = [self.reader.sample_with_rest(i) for i in sample_ids]
@@ -396,36 +394,13 @@ class CacheTeacher(TeacherSource):
         return TeacherBatch(ids, lps, micro_step, None, rest)
 
     def start(self, first_micro_step: int, last_micro_step: Optional[int] = None) -> None:
-        last = last_micro_step if last_micro_step is not None else first_micro_step + (1 << 40)
-
-        def work():
-            try:
-                for t in range(first_micro_step, last):
-                    item = self.targets_for(self.plan.sample_ids(t), t)
-                    while not self._stop.is_set():
-                        try:
-                            self._q.put(item, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-                    if self._stop.is_set():
-                        return
-            except BaseException as exc:  # handed to the training thread by get()
-                self._q.put(exc)
-
-        self._thread = threading.Thread(target=work, name="teacher-cache-prefetch", daemon=True)
-        self._thread.start()
+        self._fetch.start(lambda t: self.targets_for(self.plan.sample_ids(t), t), first_micro_step, last_micro_step)
 
     def get(self, batch: Batch) -> TeacherBatch:
-        if self._thread is None:
+        if not self._fetch.started:
             return self.targets_for([int(i) for i in batch.sample_ids], batch.micro_step)
-        item = self._q.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        return self._fetch.get(batch.micro_step)
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._fetch.close(timeout_s=5)
         self.reader.close()
