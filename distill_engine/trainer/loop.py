@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..data import MicroBatchPlan, MicroBatchStream, check_shared_vocab, load_texts, load_tokenizer, tokenize
 from ..data.tokenizer import tokenizer_for_model
+from ..loading import load_config as load_model_config
 from ..teacher import topology
 from ..teacher.base import NoTeacher, check_alignment
 from ..teacher.colocated import ColocatedTeacher, TeacherHead
@@ -530,9 +531,7 @@ def _teacher_config(cfg: Config):
         from .families import init_config
 
         return init_config(cfg.teacher.init, "teacher")
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(cfg.teacher.path)
+    return load_model_config(cfg.teacher.path, key="teacher.path")
 
 
 def _student_config(cfg: Config):
@@ -540,6 +539,4 @@ def _student_config(cfg: Config):
         from .families import init_config
 
         return init_config(cfg.student.init, "student")
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(cfg.student.path)
+    return load_model_config(cfg.student.path, key="student.path")
