@@ -28,7 +28,7 @@ def test_gpu_check_plan_fits_five_minutes(tmp_path):
     # order: build (beside the kernel tests), the gpu-marked tests, then the benchmarks
     first_bench = min(i for i, n in enumerate(names) if n.startswith("bench_"))
     assert names.index("build(background)") < names.index("test-kernels") < names.index("test-ext") < first_bench
-    assert {"bench_loss", "bench_online_step", "bench_teacher_targets", "bench_projection"} <= set(names)
+    assert {"bench_distill_loss", "bench_online_step", "bench_teacher_targets", "bench_projection"} <= set(names)
     # nothing written by a dry run; a real run writes exactly results.jsonl + gpu_check.log (≤ 8 files)
     assert not out.exists() or len(list(out.iterdir())) == 0
     text = open(SCRIPT).read()
