@@ -32,25 +32,23 @@ def test_items_arrive_in_order_and_the_producer_stays_bounded():
         p.close(timeout_s=2)
 
 
-def test_producer_error_is_raised_in_the_consumer_with_its_message():
-    def produce(t):
-        if t == 2:
-            raise ValueError("teacher cache 'x': shard shard-00000.bin fails its sha256 check")
-        return t
-
-    p = Prefetcher(2, "test producer")
-    p.start(produce, 0, None)
-    assert [p.get(0), p.get(1)] == [0, 1]
-    with pytest.raises(ValueError, match="fails its sha256 check"):
-        p.get(2)
-    p.close(timeout_s=2)
+def _fails_at_2(t):
+    if t == 2:
+        raise ValueError("teacher cache 'x': shard shard-00000.bin fails its sha256 check")
+    return t
 
 
-def test_a_producer_that_ends_early_is_named_not_a_hang():
+@pytest.mark.parametrize("produce, last, exc, match", [
+    # a producer error reaches the consumer with its own message
+    (_fails_at_2, None, ValueError, "fails its sha256 check"),
+    # a producer that ends before the awaited micro-step is named, not a hang
+    (lambda t: t, 2, RuntimeError, "the teacher stream receiver stopped without delivering micro-step 2"),
+])
+def test_the_consumer_raises_instead_of_hanging(produce, last, exc, match):
     p = Prefetcher(2, "teacher stream receiver")
-    p.start(lambda t: t, 0, 2)
+    p.start(produce, 0, last)
     assert [p.get(0), p.get(1)] == [0, 1]
-    with pytest.raises(RuntimeError, match="the teacher stream receiver stopped without delivering micro-step 2"):
+    with pytest.raises(exc, match=match):
         p.get(2)
     p.close(timeout_s=2)
 
