@@ -36,7 +36,7 @@ demo: build
 	$(VENV)/bin/distill-engine demo
 
 bench: build
-	$(VPY) benchmarks/bench_loss.py
+	$(VPY) benchmarks/bench_distill_loss.py
 
 # Ahead-of-time sm_90a compile + register/spill check of every Triton kernel (no GPU needed; also part of `make test`
 # through tests/test_aot_compile.py). Results are cached per kernel source in .aot_cache/.

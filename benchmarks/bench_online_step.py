@@ -28,28 +28,21 @@ Presets: ``--preset cpu`` (default: N=2048, d_s=512, d_t=1024, V=32,000, k=64; f
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    import distill_engine  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import VOCAB, Case, add_shape_args, env_override, main, resolve_shape
 
-import distill_engine as de  # noqa: E402
-from harness import Case, main  # noqa: E402
+import distill_engine as de
+from distill_engine.trainer.config import TeacherConfig
 
-PRESETS = {"cpu": dict(N=2048, ds=512, dt=1024, V=32000, k=64),
-           "gpu": dict(N=8192, ds=2048, dt=4096, V=128256, k=64)}
+PRESETS = {"cpu": dict(N=2048, ds=512, dt=1024, V=VOCAB["llama2"], k=TeacherConfig.k),
+           "gpu": dict(N=8192, ds=2048, dt=4096, V=VOCAB["llama3"], k=TeacherConfig.k)}
 
 
 def add_args(p):
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    for name in ("N", "ds", "dt", "V", "k"):
-        p.add_argument(f"--{name}", type=int, default=None, help=f"{name} (overrides the preset)")
+    add_shape_args(p, PRESETS)
     p.add_argument("--liger-compiled", action="store_true", help="torch.compile Liger's chunk step on CPU too")
     p.add_argument("--liger-chunk", type=int, default=1024)
     p.add_argument("--teacher-backend", default="auto", help="backend of de.teacher_targets")
@@ -57,11 +50,7 @@ def add_args(p):
 
 
 def _shape(args):
-    s = dict(PRESETS[args.preset])
-    for name in s:
-        if getattr(args, name) is not None:
-            s[name] = getattr(args, name)
-    return s
+    return resolve_shape(args, PRESETS)
 
 
 def gemm_shape(args):
@@ -119,16 +108,8 @@ def build_cases(args):
             gen = torch.Generator(device=dev).manual_seed(0) if method == "sample" else None
 
             def step():
-                old = {k_: os.environ.get(k_) for k_ in (env or {})}
-                os.environ.update(env or {})
-                try:
+                with env_override(env):
                     t = de.teacher_targets(h_t, w_t, k, method=method, generator=gen, backend=args.teacher_backend)
-                finally:
-                    for k_, v in old.items():
-                        if v is None:
-                            os.environ.pop(k_, None)
-                        else:
-                            os.environ[k_] = v
                 loss = de.fused_distill_loss(h_s, w_s, t.ids, t.logprobs, divergence=divergence, beta=0.5, tail=tail,
                                              backend=args.loss_backend)
                 loss.backward()

@@ -26,15 +26,11 @@ import sys
 import tempfile
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(0, os.path.dirname(_HERE))
+import torch
 
-import torch  # noqa: E402
+from harness import _MMAP_ENV, VOCAB, _reset_peak_rss, _rss_bytes, add_jsonl_arg, emit, fmt_bytes, machine_info
 
-from harness import _MMAP_ENV, _reset_peak_rss, _rss_bytes, fmt_bytes, machine_info  # noqa: E402
-
-PRESET = dict(V=32000, seq=64, teacher=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+PRESET = dict(V=VOCAB["llama2"], seq=64, teacher=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2),
               student=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2))
@@ -155,6 +151,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--variants", default="engine,trl")
     ap.add_argument("--out", help="write the results as JSON here")
+    add_jsonl_arg(ap)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
@@ -173,6 +170,7 @@ def main() -> None:
         if out.returncode or not line:
             raise SystemExit(f"{v} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         results[v] = json.loads(line[-1][7:])
+        emit(dict(results[v], case=v, mb=args.mb, prompt=args.prompt, new=args.new, k=args.k), args.jsonl)
     print(f"| variant | steps/s | tokens/s | peak RSS | peak growth |\n|---|---|---|---|---|")
     for v, r in results.items():
         print(f"| {v} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:.1f} | {fmt_bytes(r['peak_rss'])} | "

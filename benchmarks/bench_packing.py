@@ -14,25 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    import distill_engine  # noqa: F401
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import VOCAB, add_jsonl_arg, atomic_write, emit, machine_info, sync
 
-import distill_engine as de  # noqa: E402
-from distill_engine.ops.packing import id_bits_for  # noqa: E402
-from harness import atomic_write, machine_info, sync  # noqa: E402
+import distill_engine as de
+from distill_engine.ops.packing import LOGPROB_DTYPES, id_bits_for
+from distill_engine.trainer.config import TeacherConfig
 
-FORMATS = [("float16", False), ("bfloat16", False), ("uint8", False), ("float16", True), ("bfloat16", True),
-           ("uint8", True)]
+# every log-prob format of the library, with int32 ids, then with bit-packed ids
+FORMATS = [(fmt, bitpack) for bitpack in (False, True) for fmt in LOGPROB_DTYPES]
 
 
 def _timed(fn, device, reps=5):
@@ -47,7 +42,7 @@ def _timed(fn, device, reps=5):
     return out, statistics.median(times)
 
 
-def run(V, N, d, k, device, scale, seed=0):
+def run(V, N, d, k, device, scale, seed=0, jsonl=None):
     g = torch.Generator().manual_seed(seed)
     h_t = (torch.randn(N, d, generator=g) * scale).to(device)
     w_t = (torch.randn(V, d, generator=g) / d ** 0.5).to(device)
@@ -80,6 +75,7 @@ def run(V, N, d, k, device, scale, seed=0):
                              unpack_ms=t_unpack * 1e3, max_dlogp=dlp,
                              loss_rel={f"{a}/{b}": v for (a, b), v in rel.items()},
                              base_loss={f"{a}/{b}": v for (a, b), v in base.items()}))
+            emit(dict(rows[-1], case=f"{method} {rows[-1]['format']}", device=str(device)), jsonl)
     return rows, mass
 
 
@@ -96,17 +92,18 @@ def table(rows):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--V", type=int, nargs="+", default=[32000, 128256])
+    p.add_argument("--V", type=int, nargs="+", default=[VOCAB["llama2"], VOCAB["llama3"]])
     p.add_argument("--N", type=int, default=512)
     p.add_argument("--d", type=int, default=256)
-    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--k", type=int, default=TeacherConfig.k)
     p.add_argument("--scale", type=float, default=5.0, help="teacher hidden-state scale (sets its entropy)")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
+    add_jsonl_arg(p)
     args = p.parse_args()
     rows, notes = [], []
     for V in args.V:
-        r, mass = run(V, args.N, args.d, args.k, args.device, args.scale)
+        r, mass = run(V, args.N, args.d, args.k, args.device, args.scale, jsonl=args.jsonl)
         rows += r
         notes.append(f"V={V:,}: mean top-{args.k} teacher mass {mass:.3f}; base losses {r[0]['base_loss']} (top-k), "
                      f"{[x for x in r if x['method'] == 'sample'][0]['base_loss']} (sample)")

@@ -19,28 +19,17 @@ d_t=8192; use with ``--device cuda``, where the harness's default dtype is bfloa
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    import distill_engine  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import Case, add_shape_args, main, resolve_shape
 
-from harness import Case, main  # noqa: E402
-
-PRESETS = {"cpu": (4096, 1024, 4096), "gpu": (16384, 2048, 8192)}
+# rows N, student width ds, teacher width dt
+PRESETS = {"cpu": dict(N=4096, ds=1024, dt=4096), "gpu": dict(N=16384, ds=2048, dt=8192)}
 
 
 def add_args(p):
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--N", type=int, default=None, help="rows (overrides the preset)")
-    p.add_argument("--ds", type=int, default=None, help="student width d_s (overrides the preset)")
-    p.add_argument("--dt", type=int, default=None, help="teacher width d_t (overrides the preset)")
+    add_shape_args(p, PRESETS)
     p.add_argument("--kind", choices=["mse", "cosine"], default="mse")
     p.add_argument("--no-bias", action="store_true", help="projection without bias")
     p.add_argument("--liger-eager", action="store_true",
@@ -48,8 +37,8 @@ def add_args(p):
 
 
 def _shape(args):
-    N, ds, dt = PRESETS[args.preset]
-    return args.N or N, args.ds or ds, args.dt or dt
+    s = resolve_shape(args, PRESETS)
+    return s["N"], s["ds"], s["dt"]
 
 
 def gemm_shape(args):

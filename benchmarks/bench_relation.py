@@ -18,18 +18,11 @@ L = 8192 the naive path holds several [heads, L, L] fp32 tensors: 3 GiB each at 
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    import distill_engine  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from harness import Case, fmt_bytes, main  # noqa: E402
+from harness import Case, fmt_bytes, main
 
 # [B, H, L, L] fp32 tensors alive at the naive path's peak: 7, measured (1,356 MiB peak extra at L=2048,
 # 12 heads, where one such tensor is 192 MiB): scores, masked scores, log-softmaxes, P, the KL product.

@@ -20,35 +20,25 @@ Usage::
 from __future__ import annotations
 
 import math
-import os
-import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(0, os.path.dirname(_HERE))
+import torch
 
-import torch  # noqa: E402
+from harness import VOCAB, Case, add_shape_args, env_override, main, resolve_shape
 
-from harness import Case, main  # noqa: E402
+from distill_engine.trainer.config import TeacherConfig
 
 PRESETS = {
-    "cpu": dict(N=512, d=256, V=8192, k=64),
-    "gpu": dict(N=8192, d=4096, V=128256, k=64),
+    "cpu": dict(N=512, d=256, V=8192, k=TeacherConfig.k),
+    "gpu": dict(N=8192, d=4096, V=VOCAB["llama3"], k=TeacherConfig.k),
 }
 
 
 def add_args(p):
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    for name in ("N", "d", "V", "k"):
-        p.add_argument(f"--{name}", type=int, default=None, help=f"{name} (overrides the preset)")
+    add_shape_args(p, PRESETS)
 
 
 def _shape(args):
-    s = dict(PRESETS[args.preset])
-    for name in s:
-        if getattr(args, name, None) is not None:
-            s[name] = getattr(args, name)
-    return s
+    return resolve_shape(args, PRESETS)
 
 
 def build_cases(args):
@@ -75,16 +65,8 @@ def build_cases(args):
             h, w = inputs()
 
             def step():
-                old = {k_: os.environ.get(k_) for k_ in (env or {})}
-                os.environ.update(env or {})
-                try:
+                with env_override(env):
                     de.teacher_targets(h, w, k, backend=backend)
-                finally:
-                    for k_, v in old.items():
-                        if v is None:
-                            os.environ.pop(k_, None)
-                        else:
-                            os.environ[k_] = v
 
             return step, []
 

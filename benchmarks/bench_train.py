@@ -34,30 +34,27 @@ import sys
 import tempfile
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(0, os.path.dirname(_HERE))
+import torch
 
-import torch  # noqa: E402
-
-from harness import _MMAP_ENV, _reset_peak_rss, _rss_bytes, atomic_write, fmt_bytes, machine_info  # noqa: E402
+from harness import (_MMAP_ENV, _ROOT, VOCAB, _reset_peak_rss, _rss_bytes, add_jsonl_arg, atomic_write, emit,
+                     fmt_bytes, machine_info)
 
 PRESETS = {
     # ~19.6M-parameter teacher (tied embeddings 12.3M + 4 layers), ~4.5M student (tied 4.1M + 2 layers)
-    "cpu": dict(V=32000, seq=256, teacher=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+    "cpu": dict(V=VOCAB["llama2"], seq=256, teacher=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
                                                num_attention_heads=6, num_key_value_heads=2),
                 student=dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2), mbs=[1, 2, 4], mb=4, steps=2, nproc=2, precision="fp32",
                 zero=2, cap_gb=2.0),
     # ZeRO-0 vs ZeRO-3 per-rank memory: a student large enough (~46M params) that its parameters, gradients and
     # AdamW state dominate a rank's memory; targets from the teacher cache, so no teacher sits in memory.
-    "zero": dict(V=32000, seq=256, teacher=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+    "zero": dict(V=VOCAB["llama2"], seq=256, teacher=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
                                                 num_attention_heads=6, num_key_value_heads=2),
                  student=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                               num_key_value_heads=4), mbs=[2], mb=2, steps=2, nproc=2, precision="fp32", zero=0,
                  cap_gb=8.0),
     # Llama-3 vocabulary; ~0.9B teacher, ~0.3B student: one GPU, bf16
-    "gpu": dict(V=128256, seq=1024, teacher=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
+    "gpu": dict(V=VOCAB["llama3"], seq=1024, teacher=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
                                                  num_attention_heads=16, num_key_value_heads=8),
                 student=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
                              num_key_value_heads=4), mbs=[4, 8], mb=8, steps=3, nproc=1, precision="bf16", zero=0,
@@ -285,7 +282,7 @@ def launch(args, variant: str, mbs, nproc: int, max_samples=None) -> list:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     env.update(PYTHONWARNINGS="ignore", DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu" if args.device == "cpu" else "cuda"),
                TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
-               PYTHONPATH=os.path.dirname(_HERE) + os.pathsep + env.get("PYTHONPATH", ""))
+               PYTHONPATH=_ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     print(f"[bench_train] {variant} mb={mbs} ...", file=sys.stderr, flush=True)
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -295,7 +292,10 @@ def launch(args, variant: str, mbs, nproc: int, max_samples=None) -> list:
         print(f"[bench_train] {variant} FAILED (rc {proc.returncode}):\n{tail}", file=sys.stderr)
         return [{"mb": m, "error": f"rc {proc.returncode}: {tail[-300:]}"} for m in mbs]
     print(f"[bench_train] {variant} done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    return json.loads(line[len("@@RESULT@@"):])
+    rows = json.loads(line[len("@@RESULT@@"):])
+    for r in rows:
+        emit(dict(r, case=variant, preset=args.preset, nproc=nproc, device=args.device), args.jsonl)
+    return rows
 
 
 def largest_mb(rows, cap: float):
@@ -347,6 +347,7 @@ def main() -> None:
     ap.add_argument("--max-samples", type=int, default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
+    add_jsonl_arg(ap)
     ap.add_argument("--_worker", dest="worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-mbs", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -449,7 +450,7 @@ def _build_cache(args, p, paths, nproc):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
             str(_free_port())] + base) if nproc > 1 else [sys.executable] + base
     env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error",
-               PYTHONPATH=os.path.dirname(_HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     print("[bench_train] cache-teacher ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

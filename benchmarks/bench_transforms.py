@@ -8,18 +8,19 @@ import time
 
 import torch
 
+from harness import VOCAB, add_jsonl_arg, emit
+
 from distill_engine.ops.distill_loss import fused_distill_loss
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=512)
-    ap.add_argument("--d", type=int, default=512)
-    ap.add_argument("--v", type=int, default=32000)
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in (("n", 512), ("d", 512), ("v", VOCAB["llama2"]), ("k", 16), ("reps", 3)):
+        ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--device", default="cpu")
+    add_jsonl_arg(ap)
     a = ap.parse_args()
+    rows = []
     torch.manual_seed(0)
     dev = torch.device(a.device)
     h = torch.randn(a.n, a.d, device=dev) * 0.5  # [N, d]
@@ -41,6 +42,12 @@ def main():
                     torch.cuda.synchronize()
                 ts.append(time.perf_counter() - t)
             print(f"{backend:6s} logit_scale={scale} softcap={cap}: {min(ts) * 1e3:.0f} ms fwd+bwd (best of {a.reps})")
+            rows.append(dict(case=backend, logit_scale=scale, softcap=cap, time_s=min(ts), times_s=ts, N=a.n, d=a.d,
+                             V=a.v, k=a.k, device=a.device))
+            emit(rows[-1], a.jsonl)
+    print("\n| backend | logit_scale | softcap | fwd+bwd (best) |\n|---|---|---|---:|")
+    for r in rows:
+        print(f"| {r['case']} | {r['logit_scale']} | {r['softcap']} | {r['time_s'] * 1e3:.0f} ms |")
 
 
 if __name__ == "__main__":

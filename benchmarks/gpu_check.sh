@@ -40,7 +40,7 @@ RESERVE_S=5                            # kept for the summary
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0              # tests/conftest.py defaults it to 1 (CPU); on the GPU, compile for real
 export PYTHONUNBUFFERED=1
-export BENCH_JSONL="$RESULTS"          # benchmarks/harness.py appends one line per measured case here
+export DE_BENCH_JSONL="$RESULTS"       # benchmarks/harness.py emit(): one line per measured case, as measured
 NPROC=$(nproc 2>/dev/null || echo 4)
 export MAX_JOBS="${MAX_JOBS:-$(( NPROC > 12 ? 12 : NPROC ))}"   # parallel build, capped
 STATUS=()
@@ -130,7 +130,7 @@ run_step test-ext 25 env DISTILL_ENGINE_TRITON_AUTOTUNE=0 python3 -m pytest -q -
 
 # --- benchmarks (every case appended to results.jsonl as it is measured) ---
 # loss: N 8192, d 4096, V 128256, k 64 bf16: naive, torch, triton, each alternative path, Liger JSD beta=0 (if carried)
-run_step bench_loss 45 python3 benchmarks/bench_loss.py --preset gpu --device cuda --dtype bfloat16 --iters 3
+run_step bench_distill_loss 45 python3 benchmarks/bench_distill_loss.py --preset gpu --device cuda --dtype bfloat16 --iters 3
 # online step (teacher top-k + student loss) vs Liger's chunked JSD at the same beta (0.5), compiled as it recommends
 run_step bench_online_step 35 python3 benchmarks/bench_online_step.py --preset gpu --device cuda --dtype bfloat16 \
     --iters 3

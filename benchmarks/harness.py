@@ -31,13 +31,21 @@ How a benchmark script uses it::
   recorded (``value``) and its relative difference to the baseline case's value is added to the notes.
 
 Results print as a markdown table (last, so a truncated log still ends with it) and, with ``--json``,
-are written atomically together with the machine description. With ``--jsonl FILE`` (or ``$BENCH_JSONL``)
-every case is also appended to FILE as one JSON line the moment it is measured, so a run that is cut
-short (a time limit) still returns every case before the cut.
+are written atomically together with the machine description. With ``--jsonl FILE`` (or ``$DE_BENCH_JSONL``)
+every case is also appended to FILE as one JSON line the moment it is measured (:func:`emit`), so a run that
+is cut short (a time limit) still returns every case before the cut. The benchmarks that do not run through
+``main`` (bench_train, bench_onpolicy, bench_packing, bench_transforms) take the same flag
+(:func:`add_jsonl_arg`) and call :func:`emit` per measured row as well.
+
+Shared set-up for every benchmark: importing this module makes the checkout's ``distill_engine`` importable
+(the script's own folder, ``benchmarks/``, is on ``sys.path`` already); :func:`add_shape_args` /
+:func:`resolve_shape` give the ``--preset`` + per-dimension overrides; :func:`env_override` sets the
+library's tuning variables for one call; :data:`VOCAB` names the vocabulary sizes of the target models.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -47,11 +55,20 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # a checkout without `pip install -e .`: the package sits next to benchmarks/
+    sys.path.insert(0, _ROOT)
+
+from distill_engine.data.io import atomic_write_bytes  # noqa: E402
+
+# Vocabulary sizes of the target models the presets are built on (Llama-2/Mistral, Llama-3).
+VOCAB = {"llama2": 32000, "llama3": 128256}
+JSONL_ENV = "DE_BENCH_JSONL"  # default of --jsonl: where every benchmark appends its JSON lines
 
 _MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
@@ -188,14 +205,7 @@ def machine_info(device: str) -> dict:
 
 
 def atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def append_jsonl(path: str, record: dict) -> None:
@@ -209,6 +219,52 @@ def append_jsonl(path: str, record: dict) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def add_jsonl_arg(p: argparse.ArgumentParser) -> None:
+    """``--jsonl PATH`` (default ``$DE_BENCH_JSONL``): where :func:`emit` appends one line per measured case."""
+    p.add_argument("--jsonl", default=os.environ.get(JSONL_ENV),
+                   help=f"append one JSON line per measured case to this file as soon as it is measured (default: "
+                        f"${JSONL_ENV}), so a run cut short keeps every case measured before the cut")
+
+
+def emit(record: dict, path: Optional[str]) -> None:
+    """Append ``record`` (plus ``bench``: the script's name) to the JSONL file ``path``; nothing when None."""
+    if path:
+        append_jsonl(path, dict(record, bench=record.get("bench") or os.path.basename(sys.argv[0])))
+
+
+def add_shape_args(p: argparse.ArgumentParser, presets: Dict[str, dict], default: Optional[str] = "cpu") -> None:
+    """``--preset`` (one of ``presets``) and one ``--<dim>`` override per dimension of the presets."""
+    p.add_argument("--preset", choices=sorted(presets), default=default,
+                   help="shape preset (explicit dimensions override it)")
+    for name in next(iter(presets.values())):
+        p.add_argument(f"--{name}", type=int, default=None, help=f"{name} (overrides the preset)")
+
+
+def resolve_shape(args, presets: Dict[str, dict], default: str = "cpu") -> dict:
+    """The preset's dimensions with the explicit overrides applied; also set on ``args`` (``args.N`` ...)."""
+    shape = dict(presets[args.preset or default])
+    for name in shape:
+        if getattr(args, name, None) is not None:
+            shape[name] = getattr(args, name)
+        setattr(args, name, shape[name])
+    return shape
+
+
+@contextlib.contextmanager
+def env_override(env: Optional[Dict[str, str]]):
+    """Set the environment variables ``env`` (the library's tuning switches) for the block, then restore."""
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def fmt_bytes(b) -> str:
@@ -238,12 +294,7 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def main(build_cases: Callable, description: str = "", add_args: Optional[Callable] = None, baseline: str = "naive",
-         gemm_shape: Optional[Callable] = None) -> List[dict]:
-    """Parse the common flags, run every case side by side, print and optionally save the table.
-
-    ``gemm_shape(args) -> (m, n, k)`` picks the shape at which the GEMM rate is measured (default 2048³).
-    """
+def _parse_args(description: str, add_args: Optional[Callable]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -251,9 +302,7 @@ def main(build_cases: Callable, description: str = "", add_args: Optional[Callab
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--json", default=None, help="write results + machine info here (atomic)")
     p.add_argument("--md", default=None, help="write the markdown table here (atomic)")
-    p.add_argument("--jsonl", default=os.environ.get("BENCH_JSONL"),
-                   help="append one JSON line per case to this file as soon as it is measured (default: $BENCH_JSONL), "
-                        "so a run cut short keeps every case measured before the cut")
+    add_jsonl_arg(p)
     p.add_argument("--cases", default=None, help="comma-separated subset of case names")
     p.add_argument("--no-isolate", action="store_true", help="CPU: run cases in this process (memory numbers then unreliable)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -265,7 +314,47 @@ def main(build_cases: Callable, description: str = "", add_args: Optional[Callab
     args.torch_dtype = _dtype(args.dtype)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
+    return args
 
+
+def _run_case(case: Case, args, isolate: bool) -> dict:
+    """One case's measurement: in a fresh child process (CPU memory numbers) or here; errors are rows too."""
+    if isolate:
+        argv = [sys.executable] + sys.argv + ["--_child", case.name]
+        env = dict(os.environ, **_MMAP_ENV)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")), None)
+        if line is None:
+            return {"error": f"child exited {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+        return json.loads(line[len("@@RESULT@@"):])
+    try:
+        res = measure_case(case, args.device, args.warmup, args.iters)
+    except Exception as exc:  # reported in the table, never hidden
+        res = {"error": f"{type(exc).__name__}: {exc}"}
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return res
+
+
+def _compare_values(rows: List[dict], baseline: str) -> None:
+    """Sanity check across cases: steps that return a scalar (the loss) are compared with the baseline's."""
+    base_row = next((r for r in rows if r["case"] == baseline and "value" in r), None)
+    if base_row is None:
+        return
+    for r in rows:
+        if "value" in r and r is not base_row:
+            rel = abs(r["value"] - base_row["value"]) / max(abs(base_row["value"]), 1e-30)
+            r["value_rel_diff"] = rel
+            r["notes"] = (r.get("notes") or "") + f"; value vs {baseline}: {rel:.1e}"
+
+
+def main(build_cases: Callable, description: str = "", add_args: Optional[Callable] = None, baseline: str = "naive",
+         gemm_shape: Optional[Callable] = None) -> List[dict]:
+    """Parse the common flags, run every case side by side, print and optionally save the table.
+
+    ``gemm_shape(args) -> (m, n, k)`` picks the shape at which the GEMM rate is measured (default 2048³).
+    """
+    args = _parse_args(description, add_args)
     cases = build_cases(args)
     if args.cases:
         keep = set(args.cases.split(","))
@@ -273,11 +362,7 @@ def main(build_cases: Callable, description: str = "", add_args: Optional[Callab
 
     if args._child is not None:  # child mode: one case, one JSON line on stdout
         case = next(c for c in cases if c.name == args._child)
-        try:
-            res = measure_case(case, args.device, args.warmup, args.iters)
-        except Exception as exc:  # reported in the table, never hidden
-            res = {"error": f"{type(exc).__name__}: {exc}"}
-        print("@@RESULT@@" + json.dumps(res))
+        print("@@RESULT@@" + json.dumps(_run_case(case, args, isolate=False)))
         return []
 
     isolate = args.device == "cpu" and not args.no_isolate
@@ -286,22 +371,7 @@ def main(build_cases: Callable, description: str = "", add_args: Optional[Callab
     rows = []
     for case in cases:
         print(f"[bench] {case.name} ...", file=sys.stderr, flush=True)
-        if isolate:
-            argv = [sys.executable] + sys.argv + ["--_child", case.name]
-            env = dict(os.environ, **_MMAP_ENV)
-            proc = subprocess.run(argv, capture_output=True, text=True, env=env)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")), None)
-            if line is None:
-                res = {"error": f"child exited {proc.returncode}: {proc.stderr.strip()[-300:]}"}
-            else:
-                res = json.loads(line[len("@@RESULT@@"):])
-        else:
-            try:
-                res = measure_case(case, args.device, args.warmup, args.iters)
-            except Exception as exc:
-                res = {"error": f"{type(exc).__name__}: {exc}"}
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+        res = _run_case(case, args, isolate)
         res["case"] = case.name
         res["notes"] = case.notes
         if case.flops and "time_s" in res:
@@ -309,18 +379,8 @@ def main(build_cases: Callable, description: str = "", add_args: Optional[Callab
             res["floor_fraction"] = case.flops / rate / res["time_s"]
         rows.append(res)
         print(f"[bench] {case.name}: {res.get('time_s', res.get('error'))}", file=sys.stderr, flush=True)
-        if args.jsonl:
-            append_jsonl(args.jsonl, dict(res, bench=os.path.basename(sys.argv[0]), device=args.device,
-                                          dtype=args.dtype, gemm_rate_flops=rate, gemm_shape=[m, n, k]))
-
-    # sanity check across cases: steps that return a scalar (the loss) are compared with the baseline's
-    base_row = next((r for r in rows if r["case"] == baseline and "value" in r), None)
-    if base_row is not None:
-        for r in rows:
-            if "value" in r and r is not base_row:
-                rel = abs(r["value"] - base_row["value"]) / max(abs(base_row["value"]), 1e-30)
-                r["value_rel_diff"] = rel
-                r["notes"] = (r.get("notes") or "") + f"; value vs {baseline}: {rel:.1e}"
+        emit(dict(res, device=args.device, dtype=args.dtype, gemm_rate_flops=rate, gemm_shape=[m, n, k]), args.jsonl)
+    _compare_values(rows, baseline)
 
     info = machine_info(args.device)
     info["gemm_rate_flops"] = rate

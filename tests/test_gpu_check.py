@@ -28,7 +28,7 @@ def test_gpu_check_plan_fits_five_minutes(tmp_path):
     # order: build (beside the kernel tests), the gpu-marked tests, then the benchmarks
     first_bench = min(i for i, n in enumerate(names) if n.startswith("bench_"))
     assert names.index("build(background)") < names.index("test-kernels") < names.index("test-ext") < first_bench
-    assert {"bench_loss", "bench_online_step", "bench_teacher_targets", "bench_projection"} <= set(names)
+    assert {"bench_distill_loss", "bench_online_step", "bench_teacher_targets", "bench_projection"} <= set(names)
     # nothing written by a dry run; a real run writes exactly results.jsonl + gpu_check.log (≤ 8 files)
     assert not out.exists() or len(list(out.iterdir())) == 0
     text = open(SCRIPT).read()
@@ -72,3 +72,35 @@ def test_harness_appends_each_case_as_measured(tmp_path):
     for row in rows:
         assert row["bench"] == "bench_fake.py" and row["device"] == "cpu" and row["time_s"] > 0
         assert row["flops"] == 2 * 64 ** 3 and row["floor_fraction"] > 0
+
+
+def test_harness_shared_setup_and_emit(tmp_path, monkeypatch):
+    """The shared benchmark set-up: preset + overrides, env_override restores, and a benchmark outside
+    harness.main (bench_transforms.py) appends one JSON line per case to $DE_BENCH_JSONL as it measures."""
+    import argparse
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import harness
+
+    presets = {"cpu": dict(N=8, d=4), "gpu": dict(N=64, d=32)}
+    p = argparse.ArgumentParser()
+    harness.add_shape_args(p, presets)
+    args = p.parse_args(["--preset", "gpu", "--d", "5"])
+    assert harness.resolve_shape(args, presets) == {"N": 64, "d": 5} and (args.N, args.d) == (64, 5)
+    monkeypatch.setenv("DE_BENCH_TEST_A", "old")
+    monkeypatch.delenv("DE_BENCH_TEST_B", raising=False)
+    with harness.env_override({"DE_BENCH_TEST_A": "new", "DE_BENCH_TEST_B": "1"}):
+        assert os.environ["DE_BENCH_TEST_A"] == "new" and os.environ["DE_BENCH_TEST_B"] == "1"
+    assert os.environ["DE_BENCH_TEST_A"] == "old" and "DE_BENCH_TEST_B" not in os.environ
+
+    out = tmp_path / "results.jsonl"
+    harness.emit({"case": "x", "time_s": 1.0}, None)  # no path: nothing written
+    assert not out.exists()
+    env = dict(os.environ, DE_BENCH_JSONL=str(out), PYTHONPATH=ROOT)
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_transforms.py"), "--n", "8", "--d", "8",
+                    "--v", "101", "--k", "4", "--reps", "1"], env=env, check=True, capture_output=True, timeout=300)
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    # 2 backends (cpu, torch) x 3 transforms (none, logit_scale, softcap), in the order measured
+    assert [(r["case"], r["logit_scale"], r["softcap"]) for r in rows] == [
+        (b, s, c) for b in ("cpu", "torch") for s, c in ((None, None), (0.5, None), (None, 30.0))]
+    assert all(r["bench"] == "bench_transforms.py" and r["time_s"] > 0 and r["V"] == 101 for r in rows)

@@ -251,7 +251,7 @@ def test_dense_grad_cuda(dtype, from_buf, monkeypatch):
 def test_autotuned_bf16_cuda(monkeypatch):
     # The autotuned launch (all candidates compiled and timed, the fastest kept) must agree too.
     # Shapes are multiples of 16 and options match the benchmark's (no bias, no CE), so the compiled
-    # kernels are cache hits for benchmarks/bench_loss.py --preset gpu afterwards.
+    # kernels are cache hits for benchmarks/bench_distill_loss.py --preset gpu afterwards.
     monkeypatch.setenv("DISTILL_ENGINE_TRITON_AUTOTUNE", "1")
     _check_logits_lse(512, 512, 16384, torch.bfloat16, "cuda", False, 1.0, False, True)
     _check_dense_grad(512, 512, 16384, torch.bfloat16, "cuda", False, 1.0, False, True, True, False)

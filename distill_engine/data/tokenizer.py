@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Optional
+
+from ..loading import has_tokenizer_files, load_tokenizer_dir
 
 BYTE_TOKENIZER = "byte"
 BYTE_VOCAB_SIZE = 257  # 256 byte tokens + <|endoftext|> (a prime, which keeps tiny runs off block-size multiples)
 _EOS = "<|endoftext|>"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def byte_level_tokenizer():
@@ -37,25 +37,12 @@ def byte_level_tokenizer():
     return fast
 
 
-def has_tokenizer_files(path: str) -> bool:
-    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
-
-
 def load_tokenizer(spec: str, *, key: str = "data.tokenizer"):
     """``spec`` is a local tokenizer directory or ``"byte"``. The result always has a pad token."""
     if spec == BYTE_TOKENIZER:
         return byte_level_tokenizer()
-    if not has_tokenizer_files(spec):
-        raise ValueError(f"{key}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {spec!r}; "
-                         f"point {key} at a directory saved by save_pretrained, or use {BYTE_TOKENIZER!r}")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(spec)
-    if tok.pad_token_id is None:
-        if tok.eos_token_id is None:
-            raise ValueError(f"{key}: the tokenizer in {spec!r} has neither a pad nor an eos token; add one")
-        tok.pad_token = tok.eos_token
-    return tok
+    return load_tokenizer_dir(spec, key=key,
+                              fix=f"point {key} at a directory saved by save_pretrained, or use {BYTE_TOKENIZER!r}")
 
 
 def tokenizer_fingerprint(tok) -> str:

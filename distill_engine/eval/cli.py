@@ -8,6 +8,13 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
+_EVAL_DESCRIPTION = ("Per slice and overall: teacher/student perplexity, exact KL(teacher||student) per token, "
+                     "top-1/top-5 agreement, the student/teacher perplexity ratio, the same for an optional "
+                     "baseline; flags coverage warnings and suspicious slices. Writes report.json, report.md, PNGs.")
+_GENERATE_DESCRIPTION = ("Samples one completion per prompt and appends rows {id, prompt, completion, text, ...} "
+                         "to a JSONL file, one fsync'd batch at a time; rerunning resumes where it stopped. Train a "
+                         "student on the `text` column with `teacher: none`.")
+
 
 def _csv(value: str) -> List[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -30,10 +37,15 @@ GENERATE_HELP = "write teacher completions for black-box (sequence-level) distil
 DEMO_HELP = "the embedded end-to-end demo: stdlib corpus → teacher → distilled + baseline student → eval"
 
 
+def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """Where and how the models run (eval and generate)."""
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Per slice and overall: teacher/student perplexity, exact KL(teacher||student) per token, "
-                    "top-1/top-5 agreement, the student/teacher perplexity ratio, the same for an optional "
-                    "baseline; flags coverage warnings and suspicious slices. Writes report.json, report.md, PNGs.")
+    p.description = _EVAL_DESCRIPTION
     p.add_argument("--teacher", required=True, help="teacher model directory (save_pretrained output)")
     p.add_argument("--student", required=True, help="student model directory")
     p.add_argument("--baseline", help="optional baseline student (e.g. trained on hard labels only)")
@@ -62,15 +74,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                         "continuations (0 = skip)")
     p.add_argument("--on-policy-prompt-tokens", type=int, default=16)
     p.add_argument("--on-policy-max-new-tokens", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    _add_runtime_arguments(p)
 
 
 def add_generate_arguments(g: argparse.ArgumentParser) -> None:
-    g.description = ("Samples one completion per prompt and appends rows {id, prompt, completion, text, ...} to a "
-                    "JSONL file, one fsync'd batch at a time; rerunning resumes where it stopped. Train a student "
-                    "on the `text` column with `teacher: none`.")
+    g.description = _GENERATE_DESCRIPTION
     g.add_argument("--teacher", required=True, help="teacher model directory")
     g.add_argument("--prompts", required=True, help=".jsonl/.json/.parquet with a prompt column, or .txt (one per line)")
     g.add_argument("--out", required=True, help="output .jsonl (appended to; resumable)")
@@ -84,9 +92,7 @@ def add_generate_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--limit", type=int, help="generate at most this many new rows now")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--no-progress", action="store_true")
+    _add_runtime_arguments(g)
 
 
 def add_demo_arguments(d: argparse.ArgumentParser) -> None:

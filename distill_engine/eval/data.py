@@ -29,6 +29,21 @@ def _check_readable(path, what: str) -> str:
     return path
 
 
+def jsonl_objects(lines, where) -> Iterator[Tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file (``lines``: the open file); a line that is
+    not a JSON object raises one ValueError that starts with ``where(line number)`` (file and line)."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where(lineno)} is not valid JSON ({exc.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where(lineno)} is a JSON {type(rec).__name__}, expected an object")
+        yield lineno, rec
+
+
 def read_records(path, what: str = "data") -> List[dict]:
     """Records (dicts) of a local data file; ValueError for a missing, empty or unreadable file."""
     path = _check_readable(path, what)
@@ -37,16 +52,7 @@ def read_records(path, what: str = "data") -> List[dict]:
     try:
         if ext in (".jsonl", ".ndjson") or (ext == ".json" and _first_char(path) == "{"):
             with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{what}: {path!r} line {lineno} is not valid JSON ({exc.msg})") from None
-                    if not isinstance(rec, dict):
-                        raise ValueError(f"{what}: {path!r} line {lineno} is a JSON {type(rec).__name__}, expected an object")
-                    records.append(rec)
+                records = [rec for _, rec in jsonl_objects(f, lambda n: f"{what}: {path!r} line {n}")]
         elif ext == ".json":
             with open(path, encoding="utf-8") as f:
                 try:

@@ -176,32 +176,13 @@ def evaluate(
         raise ValueError("student is required: a model directory or a causal-LM module")
     # Cheap checks first: data and paths fail before any model is loaded.
     _check_outputs(out_dir, metrics)
-    records = data if isinstance(data, list) else _data.read_records(data, "data")
-    if isinstance(data, list) and not data:
-        raise ValueError("data: the record list is empty")
-    groups = _data.slice_texts(records, text_column=cfg.text_column, slice_column=cfg.slice_column)
-    distill = list(cfg.distill_slices) if cfg.distill_slices is not None else None
-    if distill is not None:
-        missing = [s for s in distill if s not in groups]
-        if missing:
-            raise ValueError(f"distill_slices {missing} are not slices of the data (slices: {list(groups)})")
+    groups, distill = _read_slices(data, cfg)
     for role, m in (("teacher", teacher), ("student", student), ("baseline", baseline)):
         if m is not None and not isinstance(m, torch.nn.Module):
             _models.check_model_dir(m, role)
 
     tok = _resolve_tokenizer(tokenizer, student, teacher)
-    t_model = _models.load_causal_lm(teacher, "teacher", dtype=dtype, device=device)
-    students: Dict[str, torch.nn.Module] = {}
-    for role, m in (("student", student), ("baseline", baseline)):
-        if m is None:
-            continue
-        sm = _models.load_causal_lm(m, role, dtype=dtype, device=device)
-        _models.check_same_vocab(
-            t_model, sm, role,
-            teacher_tok_dir=None if isinstance(teacher, torch.nn.Module) else os.fspath(teacher),
-            student_tok_dir=None if isinstance(m, torch.nn.Module) else os.fspath(m),
-        )
-        students[role] = sm
+    t_model, students = _load_models(teacher, student, baseline, dtype=dtype, device=device)
     v = _models.vocab_size(t_model)
     if len(tok) > v:
         raise ValueError(f"the tokenizer has {len(tok)} tokens but the models' vocabulary has {v}; pass the models' own tokenizer")
@@ -209,64 +190,15 @@ def evaluate(
     names, windows = _data.make_windows(groups, tok, max_length=cfg.max_length, max_tokens_per_slice=cfg.max_tokens_per_slice)
     if not windows:
         raise ValueError("data: no document has two or more tokens; nothing to evaluate")
-    n_slices = len(names)
     use_obj = cfg.objective_k > 0 and engine_ops_available()
     obj_k = min(cfg.objective_k, v)
-    if use_obj:
-        from ..ops.teacher_targets import teacher_targets
-
-    tokens = torch.zeros(n_slices, dtype=torch.float64)
-    t_nll = torch.zeros(n_slices, dtype=torch.float64)
-    sums = {role: _Sums(n_slices) for role in students}
-    tw, tb = _models.lm_head(t_model)
-    from ..trainer.families import check_logits_path, logit_transform  # issue 12: each family's transform
-
-    t_tr = logit_transform(t_model.config, "teacher")
-    s_tr = {role: logit_transform(sm.config, role) for role, sm in students.items()}
-    guarded = False
-    progress = _progress(total=sum(len(w.ids) - 1 for w in windows), enabled=cfg.progress)
-    with torch.no_grad():
-        for inp, mask, lab, sid in _data.batches(windows, cfg.batch_size, tok.pad_token_id):
-            inp, mask, lab = inp.to(device), mask.to(device), lab.to(device)
-            valid = lab.ne(-100)                                    # [B, L]
-            rows_sid = sid.to(device)[:, None].expand_as(lab)[valid].cpu()  # [N]
-            y = lab[valid]                                          # [N]
-            if not guarded:  # first batch: the hidden-state path must reproduce each model's own logits
-                for role, mm in (("teacher", t_model), *students.items()):
-                    check_logits_path(mm, inp, mask, key=role)
-                guarded = True
-            h_t = _models.final_hidden(t_model, inp, mask)[valid]   # [N, d_t]
-            tokens.index_add_(0, rows_sid, torch.ones(len(y), dtype=torch.float64))
-            t_done = False
-            targets = None
-            if use_obj:  # the teacher's top-k once per batch, shared by every student
-                targets = teacher_targets(h_t, tw, obj_k, bias=tb, backend=cfg.backend, logit_scale=t_tr[0],
-                                          softcap=t_tr[1])
-            for role, sm in students.items():
-                sw, sb = _models.lm_head(sm)
-                h_s = _models.final_hidden(sm, inp, mask)[valid]    # [N, d_s]
-                m = token_metrics(h_t, tw, h_s, sw, y, teacher_bias=tb, student_bias=sb,
-                                  chunk_rows=cfg.chunk_rows, vocab_tile=cfg.vocab_tile, teacher_transform=t_tr,
-                                  student_transform=s_tr[role])
-                if not t_done:
-                    t_nll.index_add_(0, rows_sid, m.teacher_nll.cpu())
-                    t_done = True
-                s = sums[role]
-                s.add(rows_sid, "s_nll", m.student_nll)
-                s.add(rows_sid, "kl", m.kl)
-                s.add(rows_sid, "top1", m.top1)
-                s.add(rows_sid, "top5", m.topk)
-                if use_obj:
-                    s.add(rows_sid, "kl_obj", objective_kl(h_t, tw, h_s, sw, k=obj_k, teacher_bias=tb,
-                                                           student_bias=sb, backend=cfg.backend, targets=targets,
-                                                           student_transform=s_tr[role]))
-            progress.update(len(y))
-    progress.close()
+    tokens, t_nll, sums = _accumulate(windows, len(names), t_model, students, tok, cfg, device,
+                                      obj_k if use_obj else 0)
     onpol = None
     if cfg.on_policy_samples > 0:  # the teacher's NLL of each student's own continuations, per slice
         from .onpolicy import on_policy_metrics
 
-        onpol = on_policy_metrics(windows, n_slices, t_model, students, tok, samples=cfg.on_policy_samples,
+        onpol = on_policy_metrics(windows, len(names), t_model, students, tok, samples=cfg.on_policy_samples,
                                   prompt_tokens=cfg.on_policy_prompt_tokens,
                                   max_new_tokens=cfg.on_policy_max_new_tokens, batch_size=cfg.batch_size,
                                   device=device, backend=cfg.backend)
@@ -285,6 +217,95 @@ def evaluate(
 
         write_report(report, out_dir, metrics=metrics)
     return report
+
+
+def _read_slices(data, cfg: EvalConfig):
+    """(texts per slice, the distillation slices or None) of ``data``, checked before any model loads."""
+    records = data if isinstance(data, list) else _data.read_records(data, "data")
+    if isinstance(data, list) and not data:
+        raise ValueError("data: the record list is empty")
+    groups = _data.slice_texts(records, text_column=cfg.text_column, slice_column=cfg.slice_column)
+    distill = list(cfg.distill_slices) if cfg.distill_slices is not None else None
+    if distill is not None:
+        missing = [s for s in distill if s not in groups]
+        if missing:
+            raise ValueError(f"distill_slices {missing} are not slices of the data (slices: {list(groups)})")
+    return groups, distill
+
+
+def _load_models(teacher, student, baseline, *, dtype, device):
+    """The frozen teacher and {role: student} (student, optional baseline), each checked to share its vocabulary."""
+    t_model = _models.load_causal_lm(teacher, "teacher", dtype=dtype, device=device)
+    students: Dict[str, torch.nn.Module] = {}
+    for role, m in (("student", student), ("baseline", baseline)):
+        if m is None:
+            continue
+        sm = _models.load_causal_lm(m, role, dtype=dtype, device=device)
+        _models.check_same_vocab(
+            t_model, sm, role,
+            teacher_tok_dir=None if isinstance(teacher, torch.nn.Module) else os.fspath(teacher),
+            student_tok_dir=None if isinstance(m, torch.nn.Module) else os.fspath(m),
+        )
+        students[role] = sm
+    return t_model, students
+
+
+@torch.no_grad()
+def _accumulate(windows, n_slices: int, t_model, students, tok, cfg: EvalConfig, device, obj_k: int):
+    """Per-slice float64 sums over every window: (tokens [S], teacher NLL [S], {role: _Sums}).
+    ``obj_k`` > 0 adds the top-k objective KL through the engine's ops (0: skipped)."""
+    from ..trainer.families import check_logits_path, logit_transform  # issue 12: each family's transform
+
+    tokens = torch.zeros(n_slices, dtype=torch.float64)
+    t_nll = torch.zeros(n_slices, dtype=torch.float64)
+    sums = {role: _Sums(n_slices) for role in students}
+    teacher = (t_model, *_models.lm_head(t_model), logit_transform(t_model.config, "teacher"))
+    heads = {role: (sm, *_models.lm_head(sm), logit_transform(sm.config, role)) for role, sm in students.items()}
+    guarded = False
+    progress = _progress(total=sum(len(w.ids) - 1 for w in windows), enabled=cfg.progress)
+    for inp, mask, lab, sid in _data.batches(windows, cfg.batch_size, tok.pad_token_id):
+        inp, mask, lab = inp.to(device), mask.to(device), lab.to(device)
+        valid = lab.ne(-100)                                    # [B, L]
+        rows_sid = sid.to(device)[:, None].expand_as(lab)[valid].cpu()  # [N]
+        if not guarded:  # first batch: the hidden-state path must reproduce each model's own logits
+            for role, mm in (("teacher", t_model), *students.items()):
+                check_logits_path(mm, inp, mask, key=role)
+            guarded = True
+        n = int(valid.sum())
+        tokens.index_add_(0, rows_sid, torch.ones(n, dtype=torch.float64))
+        t_nll.index_add_(0, rows_sid, _batch_metrics(inp, mask, valid, lab[valid], teacher, heads, sums, rows_sid,
+                                                     cfg, obj_k))
+        progress.update(n)
+    progress.close()
+    return tokens, t_nll, sums
+
+
+def _batch_metrics(inp, mask, valid, y, teacher, heads, sums, rows_sid, cfg: EvalConfig, obj_k: int):
+    """Add one batch's per-token metrics of every student (``heads``: role → (model, W, b, transform)) to
+    ``sums``; returns the teacher's NLL per token [N] (the same for every student: taken once)."""
+    t_model, tw, tb, t_tr = teacher
+    h_t = _models.final_hidden(t_model, inp, mask)[valid]   # [N, d_t]
+    targets = None
+    if obj_k:  # the teacher's top-k once per batch, shared by every student
+        from ..ops.teacher_targets import teacher_targets
+
+        targets = teacher_targets(h_t, tw, obj_k, bias=tb, backend=cfg.backend, logit_scale=t_tr[0], softcap=t_tr[1])
+    t_nll = torch.zeros(len(y), dtype=torch.float64)
+    for i, (role, (sm, sw, sb, s_tr)) in enumerate(heads.items()):
+        h_s = _models.final_hidden(sm, inp, mask)[valid]    # [N, d_s]
+        m = token_metrics(h_t, tw, h_s, sw, y, teacher_bias=tb, student_bias=sb, chunk_rows=cfg.chunk_rows,
+                          vocab_tile=cfg.vocab_tile, teacher_transform=t_tr, student_transform=s_tr)
+        if i == 0:
+            t_nll = m.teacher_nll.cpu()
+        s = sums[role]
+        s.add(rows_sid, "s_nll", m.student_nll)
+        s.add(rows_sid, "kl", m.kl)
+        s.add(rows_sid, "top1", m.top1)
+        s.add(rows_sid, "top5", m.topk)
+        if obj_k:
+            s.add(rows_sid, "kl_obj", objective_kl(h_t, tw, h_s, sw, k=obj_k, teacher_bias=tb, student_bias=sb,
+                                                   backend=cfg.backend, targets=targets, student_transform=s_tr))
+    return t_nll
 
 
 def _add_on_policy(report: dict, onpol: dict) -> None:

@@ -160,6 +160,74 @@ def _prompt_rows(prompts, cfg: GenerateConfig):
     return rows
 
 
+def _done_ids(out: str, rows, settings_hash: str):
+    """(ids already in ``out``, bytes of a cut-off partial line): an existing file must have been written with the
+    same settings, for the same prompt set, without duplicate ids."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    existing, dropped = read_jsonl_repairing(out)
+    done = set()
+    for i, r in enumerate(existing):
+        if r.get("settings") != settings_hash:
+            raise ValueError(
+                f"out: {out!r} already holds rows written with other teacher/sampling settings (row {i}: "
+                f"{r.get('settings')!r}, now {settings_hash!r}); resume with the same settings or write to a new file"
+            )
+        rid = str(r.get("id"))
+        if rid in done:
+            raise ValueError(f"out: {out!r} holds id {rid!r} twice; the file was edited by hand — deduplicate it first")
+        done.add(rid)
+    unknown_ids = done - {rid for rid, _ in rows}
+    if unknown_ids:
+        raise ValueError(f"out: {out!r} holds ids not in the prompts file (e.g. {sorted(unknown_ids)[:3]}); "
+                         "it belongs to another prompt set — write to a new file")
+    return done, dropped
+
+
+def _generation_tokenizer(tokenizer, teacher):
+    """The tokenizer object, directory, or (None) the teacher directory's own; always with a pad token."""
+    if tokenizer is None:
+        if isinstance(teacher, torch.nn.Module):
+            raise ValueError("tokenizer is required when the teacher is a module rather than a model directory")
+        tok = _models.load_tokenizer(os.fspath(teacher), "teacher tokenizer")
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tok = _models.load_tokenizer(os.fspath(tokenizer))
+    else:
+        tok = tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _generate_batch(model, tok, batch, cfg: GenerateConfig, device, settings_hash: str) -> List[str]:
+    """One JSON line per (id, prompt) of ``batch``: the prompt continued by ``model`` (left-padded ``tok``),
+    cut at the first eos; sampling is seeded per row id so a resumed run reproduces every row."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    eos = tok.eos_token_id
+    enc = tok([t for _, t in batch], return_tensors="pt", padding=True, add_special_tokens=True)
+    gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=cfg.max_new_tokens,
+                               pad_token_id=tok.pad_token_id, eos_token_id=eos, bos_token_id=tok.bos_token_id)
+    procs = LogitsProcessorList()
+    if cfg.temperature > 0:
+        procs.append(_RowwiseSampler([_row_seed(cfg.seed, rid) for rid, _ in batch],
+                                     float(cfg.temperature), cfg.top_k, float(cfg.top_p)))
+    with torch.no_grad():
+        seqs = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                              generation_config=gen_cfg, logits_processor=procs)
+    new = seqs[:, enc["input_ids"].shape[1]:].cpu()  # [B, ≤ max_new_tokens]
+    lines = []
+    for (rid, prompt), ids in zip(batch, new.tolist()):
+        finish = "length"
+        if eos is not None and eos in ids:
+            ids = ids[:ids.index(eos)]
+            finish = "stop"
+        completion = tok.decode(ids, skip_special_tokens=True)
+        lines.append(json.dumps({"id": rid, "prompt": prompt, "completion": completion,
+                                 "text": prompt + completion, "finish_reason": finish,
+                                 "completion_tokens": len(ids), "settings": settings_hash}, ensure_ascii=False))
+    return lines
+
+
 def generate(teacher, prompts, out: str, *, tokenizer=None, config: Optional[GenerateConfig] = None, **overrides) -> dict:
     """Append teacher completions for every prompt not yet in ``out``; returns a summary dict."""
     cfg = config or GenerateConfig()
@@ -179,24 +247,8 @@ def generate(teacher, prompts, out: str, *, tokenizer=None, config: Optional[Gen
     settings = dict(cfg.sampling(), teacher=_fingerprint(teacher))
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    existing, dropped = read_jsonl_repairing(out)
-    done = set()
-    for i, r in enumerate(existing):
-        if r.get("settings") != settings_hash:
-            raise ValueError(
-                f"out: {out!r} already holds rows written with other teacher/sampling settings (row {i}: "
-                f"{r.get('settings')!r}, now {settings_hash!r}); resume with the same settings or write to a new file"
-            )
-        rid = str(r.get("id"))
-        if rid in done:
-            raise ValueError(f"out: {out!r} holds id {rid!r} twice; the file was edited by hand — deduplicate it first")
-        done.add(rid)
+    done, dropped = _done_ids(out, rows, settings_hash)
     todo = [(rid, text) for rid, text in rows if rid not in done]
-    unknown_ids = done - {rid for rid, _ in rows}
-    if unknown_ids:
-        raise ValueError(f"out: {out!r} holds ids not in the prompts file (e.g. {sorted(unknown_ids)[:3]}); "
-                         "it belongs to another prompt set — write to a new file")
     if cfg.limit is not None:
         todo = todo[:cfg.limit]
     summary = {"out": out, "total": len(rows), "already_present": len(done), "written": 0,
@@ -207,21 +259,10 @@ def generate(teacher, prompts, out: str, *, tokenizer=None, config: Optional[Gen
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
     dtype = _models.resolve_dtype(cfg.dtype, device)
-    if tokenizer is None:
-        if isinstance(teacher, torch.nn.Module):
-            raise ValueError("tokenizer is required when the teacher is a module rather than a model directory")
-        tok = _models.load_tokenizer(os.fspath(teacher), "teacher tokenizer")
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        tok = _models.load_tokenizer(os.fspath(tokenizer))
-    else:
-        tok = tokenizer
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = _generation_tokenizer(tokenizer, teacher)
     model = _models.load_causal_lm(teacher, "teacher", dtype=dtype, device=device)
-    eos = tok.eos_token_id
 
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig, LogitsProcessorList
 
     old_side = tok.padding_side
     tok.padding_side = "left"  # decoder-only generation continues from the right end of every row
@@ -230,29 +271,7 @@ def generate(teacher, prompts, out: str, *, tokenizer=None, config: Optional[Gen
     try:
         for b0 in range(0, len(todo), cfg.batch_size):
             batch = todo[b0:b0 + cfg.batch_size]
-            enc = tok([t for _, t in batch], return_tensors="pt", padding=True, add_special_tokens=True)
-            gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=cfg.max_new_tokens,
-                                       pad_token_id=tok.pad_token_id, eos_token_id=eos,
-                                       bos_token_id=tok.bos_token_id)
-            procs = LogitsProcessorList()
-            if cfg.temperature > 0:
-                procs.append(_RowwiseSampler([_row_seed(cfg.seed, rid) for rid, _ in batch],
-                                             float(cfg.temperature), cfg.top_k, float(cfg.top_p)))
-            with torch.no_grad():
-                seqs = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                                      generation_config=gen_cfg, logits_processor=procs)
-            new = seqs[:, enc["input_ids"].shape[1]:].cpu()  # [B, ≤ max_new_tokens]
-            lines = []
-            for (rid, prompt), ids in zip(batch, new.tolist()):
-                finish = "length"
-                if eos is not None and eos in ids:
-                    ids = ids[:ids.index(eos)]
-                    finish = "stop"
-                completion = tok.decode(ids, skip_special_tokens=True)
-                lines.append(json.dumps({"id": rid, "prompt": prompt, "completion": completion,
-                                         "text": prompt + completion, "finish_reason": finish,
-                                         "completion_tokens": len(ids), "settings": settings_hash},
-                                        ensure_ascii=False))
+            lines = _generate_batch(model, tok, batch, cfg, device, settings_hash)
             append_lines_durably(out, lines)  # one write + fsync per batch: a kill loses at most this batch
             summary["written"] += len(batch)
             bar.update(len(batch))

@@ -87,28 +87,9 @@ def _merge_topk(vals: Optional[torch.Tensor], ids: Optional[torch.Tensor], tile:
     return best_v, torch.gather(cat_i, 1, pos)
 
 
-@torch.no_grad()
-def token_metrics(
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    teacher_bias: Optional[torch.Tensor] = None,
-    student_bias: Optional[torch.Tensor] = None,
-    top: int = 5,
-    chunk_rows: Optional[int] = None,
-    vocab_tile: Optional[int] = None,
-    teacher_transform=None,
-    student_transform=None,
-) -> TokenMetrics:
-    """Exact teacher/student comparison for N rows (see the module docstring for the math).
-
-    teacher_hidden [N, d_t], teacher_weight [V, d_t], student_hidden [N, d_s], student_weight [V, d_s],
-    labels [N] in [0, V) (drop ignored positions before calling). ``teacher_transform`` /
-    ``student_transform``: (logit_scale, softcap) of each model's family (trainer/families.logit_transform).
-    """
+def _check_metric_inputs(teacher_hidden, teacher_weight, student_hidden, student_weight, labels, teacher_bias,
+                         student_bias, top) -> int:
+    """Validate :func:`token_metrics`' arguments (one-line ValueErrors naming the argument); returns V."""
     check_tensor("teacher_hidden", teacher_hidden, ndim=2, dtypes=FLOAT_DTYPES)
     n = teacher_hidden.shape[0]
     device = teacher_hidden.device
@@ -131,8 +112,77 @@ def token_metrics(
         raise ValueError(f"top must be an int in [1, {v}], got {top!r}")
     if n and (int(labels.min()) < 0 or int(labels.max()) >= v):
         raise ValueError(f"labels must lie in [0, {v}); drop ignored positions before calling token_metrics")
+    return v
 
-    f64 = torch.float64
+
+def _vocab_pass(ht: torch.Tensor, hs: torch.Tensor, teacher, student, v: int, tile: int, top: int):
+    """One pass over the vocabulary tiles for a chunk of c rows (``teacher``/``student``: (weight, bias,
+    transform)). Returns lse_t [c], lse_s [c], E_p[t − s] [c] (float64), the teacher's argmax [c] and the
+    student's ``top`` most probable ids [c, top] — the online recurrences of the module docstring."""
+    f64, c, device = torch.float64, ht.shape[0], ht.device
+    mt = torch.full((c,), -float("inf"), dtype=f64, device=device)  # running max, teacher
+    st = torch.zeros(c, dtype=f64, device=device)                   # Σ e^{t−m}
+    at = torch.zeros(c, dtype=f64, device=device)                   # Σ e^{t−m} (t − s)
+    ms = torch.full((c,), -float("inf"), dtype=f64, device=device)
+    ss = torch.zeros(c, dtype=f64, device=device)
+    t_top_v = t_top_i = s_top_v = s_top_i = None
+    for v0 in range(0, v, tile):
+        v1 = min(v, v0 + tile)
+        zt = _tile_logits(ht, teacher[0], teacher[1], v0, v1, teacher[2])  # [c, tile] fp32
+        zs = _tile_logits(hs, student[0], student[1], v0, v1, student[2])  # [c, tile] fp32
+        t_top_v, t_top_i = _merge_topk(t_top_v, t_top_i, zt, v0, 1)
+        s_top_v, s_top_i = _merge_topk(s_top_v, s_top_i, zs, v0, top)
+
+        new_mt = torch.maximum(mt, zt.max(dim=1).values.to(f64))
+        scale = torch.exp(mt - new_mt)  # e^{-inf} = 0 on the first tile
+        e = torch.exp(zt - new_mt.to(torch.float32)[:, None])  # [c, tile] the third and last buffer
+        st = st * scale + e.sum(dim=1, dtype=f64)
+        zt.sub_(zs).mul_(e)  # zt now holds e^{t−m} (t − s)
+        at = at * scale + zt.sum(dim=1, dtype=f64)
+        mt = new_mt
+        del e, zt
+
+        new_ms = torch.maximum(ms, zs.max(dim=1).values.to(f64))
+        zs.sub_(new_ms.to(torch.float32)[:, None]).exp_()
+        ss = ss * torch.exp(ms - new_ms) + zs.sum(dim=1, dtype=f64)
+        ms = new_ms
+        del zs
+    return mt + torch.log(st), ms + torch.log(ss), at / st, t_top_i[:, 0], s_top_i
+
+
+def _label_logit(h: torch.Tensor, y: torch.Tensor, head) -> torch.Tensor:
+    """[c] float64 logit of each row's label: h · W_y (+ b_y), a [c, d] product, then the family's transform."""
+    weight, bias, transform = head
+    z = (h.to(torch.float64) * weight[y].to(torch.float64)).sum(dim=1)
+    if bias is not None:
+        z = z + bias[y].to(torch.float64)
+    return _transform_f64(z, transform)
+
+
+@torch.no_grad()
+def token_metrics(
+    teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+    student_hidden: torch.Tensor, student_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_bias: Optional[torch.Tensor] = None, student_bias: Optional[torch.Tensor] = None,
+    top: int = 5,
+    chunk_rows: Optional[int] = None,
+    vocab_tile: Optional[int] = None,
+    teacher_transform=None,
+    student_transform=None,
+) -> TokenMetrics:
+    """Exact teacher/student comparison for N rows (see the module docstring for the math).
+
+    teacher_hidden [N, d_t], teacher_weight [V, d_t], student_hidden [N, d_s], student_weight [V, d_s],
+    labels [N] in [0, V) (drop ignored positions before calling). ``teacher_transform`` /
+    ``student_transform``: (logit_scale, softcap) of each model's family (trainer/families.logit_transform).
+    """
+    v = _check_metric_inputs(teacher_hidden, teacher_weight, student_hidden, student_weight, labels,
+                             teacher_bias, student_bias, top)
+    n, device, f64 = teacher_hidden.shape[0], teacher_hidden.device, torch.float64
+    teacher = (teacher_weight, teacher_bias, teacher_transform)
+    student = (student_weight, student_bias, student_transform)
     out_t_nll = torch.empty(n, dtype=f64, device=device)
     out_s_nll = torch.empty(n, dtype=f64, device=device)
     out_kl = torch.empty(n, dtype=f64, device=device)
@@ -144,51 +194,12 @@ def token_metrics(
         r1 = min(n, r0 + rows)
         ht = teacher_hidden[r0:r1].to(torch.float32)  # [c, d_t]
         hs = student_hidden[r0:r1].to(torch.float32)  # [c, d_s]
-        c = r1 - r0
-        mt = torch.full((c,), -float("inf"), dtype=f64, device=device)  # running max, teacher
-        st = torch.zeros(c, dtype=f64, device=device)                   # Σ e^{t−m}
-        at = torch.zeros(c, dtype=f64, device=device)                   # Σ e^{t−m} (t − s)
-        ms = torch.full((c,), -float("inf"), dtype=f64, device=device)
-        ss = torch.zeros(c, dtype=f64, device=device)
-        t_top_v = t_top_i = s_top_v = s_top_i = None
-        for v0 in range(0, v, tile):
-            v1 = min(v, v0 + tile)
-            zt = _tile_logits(ht, teacher_weight, teacher_bias, v0, v1, teacher_transform)  # [c, tile] fp32
-            zs = _tile_logits(hs, student_weight, student_bias, v0, v1, student_transform)  # [c, tile] fp32
-            t_top_v, t_top_i = _merge_topk(t_top_v, t_top_i, zt, v0, 1)
-            s_top_v, s_top_i = _merge_topk(s_top_v, s_top_i, zs, v0, top)
-
-            new_mt = torch.maximum(mt, zt.max(dim=1).values.to(f64))
-            scale = torch.exp(mt - new_mt)  # e^{-inf} = 0 on the first tile
-            e = torch.exp(zt - new_mt.to(torch.float32)[:, None])  # [c, tile] the third and last buffer
-            st = st * scale + e.sum(dim=1, dtype=f64)
-            zt.sub_(zs).mul_(e)  # zt now holds e^{t−m} (t − s)
-            at = at * scale + zt.sum(dim=1, dtype=f64)
-            mt = new_mt
-            del e, zt
-
-            new_ms = torch.maximum(ms, zs.max(dim=1).values.to(f64))
-            zs.sub_(new_ms.to(torch.float32)[:, None]).exp_()
-            ss = ss * torch.exp(ms - new_ms) + zs.sum(dim=1, dtype=f64)
-            ms = new_ms
-            del zs
-
-        lse_t = mt + torch.log(st)
-        lse_s = ms + torch.log(ss)
+        lse_t, lse_s, e_diff, t_arg, s_top_i = _vocab_pass(ht, hs, teacher, student, v, tile, top)
         y = labels[r0:r1].long()
-        # logit of the label: h · W_y (+ b_y), a [c, d] product
-        zt_y = (ht.to(f64) * teacher_weight[y].to(f64)).sum(dim=1)
-        zs_y = (hs.to(f64) * student_weight[y].to(f64)).sum(dim=1)
-        if teacher_bias is not None:
-            zt_y = zt_y + teacher_bias[y].to(f64)
-        if student_bias is not None:
-            zs_y = zs_y + student_bias[y].to(f64)
-        zt_y, zs_y = _transform_f64(zt_y, teacher_transform), _transform_f64(zs_y, student_transform)
-        out_t_nll[r0:r1] = lse_t - zt_y
-        out_s_nll[r0:r1] = lse_s - zs_y
+        out_t_nll[r0:r1] = lse_t - _label_logit(ht, y, teacher)
+        out_s_nll[r0:r1] = lse_s - _label_logit(hs, y, student)
         # KL ≥ 0 mathematically; clamp the float round-off of a near-identical pair.
-        out_kl[r0:r1] = (at / st - lse_t + lse_s).clamp_min(0.0)
-        t_arg = t_top_i[:, 0]
+        out_kl[r0:r1] = (e_diff - lse_t + lse_s).clamp_min(0.0)
         out_top1[r0:r1] = s_top_i[:, 0] == t_arg
         out_topk[r0:r1] = (s_top_i == t_arg[:, None]).any(dim=1)
     return TokenMetrics(out_t_nll, out_s_nll, out_kl, out_top1, out_topk)

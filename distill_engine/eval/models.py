@@ -13,69 +13,14 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-
-def _subdirs_with_model(path: str):
-    found = []
-    for name in sorted(os.listdir(path)):
-        sub = os.path.join(path, name)
-        if os.path.isdir(sub) and os.path.isfile(os.path.join(sub, "config.json")):
-            found.append(sub)
-    return found
-
-
-def check_model_dir(path: str, role: str) -> str:
-    """Raise ValueError unless ``path`` is a directory written by ``save_pretrained`` (config + weights)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"{role} must be a path to a Hugging Face model directory or a torch.nn.Module, got {type(path).__name__}")
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ValueError(f"{role}: {path!r} does not exist; pass a directory written by save_pretrained")
-    if not os.path.isdir(path):
-        raise ValueError(f"{role}: {path!r} is a file, not a model directory; pass the directory that holds config.json and the weights")
-    has_config = os.path.isfile(os.path.join(path, "config.json"))
-    has_weights = any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES)
-    if has_config and has_weights:
-        return path
-    hints = []
-    if os.path.isfile(os.path.join(path, "latest")) or any(n.startswith("global_step") for n in os.listdir(path)):
-        hints.append("it looks like a DeepSpeed checkpoint (training state), not a saved model")
-    subs = _subdirs_with_model(path)
-    if subs:
-        hints.append("model directories inside it: " + ", ".join(repr(s) for s in subs[:5]))
-    missing = "config.json" if not has_config else "model weights (" + " / ".join(WEIGHT_FILES[::2]) + ")"
-    hint = ("; " + "; ".join(hints)) if hints else ""
-    raise ValueError(
-        f"{role}: checkpoint path {path!r} holds no model: {missing} missing{hint}. Pass the directory the "
-        f"trainer's final save_pretrained wrote (or any Hugging Face model directory)"
-    )
-
-
-def has_tokenizer(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
+# the shared loaders (distill_engine/loading.py), under the names evaluation, generation and the demo use
+from ..loading import check_model_dir, load_tokenizer_dir  # noqa: F401 (check_model_dir: for callers)
+from ..loading import has_tokenizer_files as has_tokenizer
 
 
 def load_tokenizer(path: str, role: str = "tokenizer"):
     """AutoTokenizer from a local directory, with a pad token (eos when the tokenizer has none)."""
-    from transformers import AutoTokenizer
-
-    path = os.fspath(path)
-    if not os.path.isdir(path) or not has_tokenizer(path):
-        raise ValueError(f"{role}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {path!r}; pass --tokenizer DIR")
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token_id is None:
-        if tok.eos_token is None:
-            raise ValueError(f"{role}: the tokenizer in {path!r} has neither a pad nor an eos token; add a pad token")
-        tok.pad_token = tok.eos_token
-    return tok
+    return load_tokenizer_dir(path, key=role, fix="pass --tokenizer DIR")
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
@@ -95,10 +40,9 @@ def load_causal_lm(model, role: str, *, dtype: torch.dtype, device: torch.device
     if isinstance(model, torch.nn.Module):
         m = model
     else:
-        from transformers import AutoModelForCausalLM
+        from ..loading import load_causal_lm as load_pretrained
 
-        path = check_model_dir(model, role)
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        m = load_pretrained(model, key=role, dtype=dtype)
     m = m.to(device=device)
     if not isinstance(model, torch.nn.Module):
         m = m.to(dtype=dtype)

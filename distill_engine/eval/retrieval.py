@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import models as _models
+from .data import jsonl_objects
 
 __all__ = ["load_pairs", "evaluate_retrieval", "retrieval_markdown", "plot_retrieval", "attach_retrieval"]
 
@@ -26,15 +27,8 @@ def load_pairs(path: str, query_column: str = "query", positive_column: str = "p
                          f"{{\"{query_column}\": ..., \"{positive_column}\": ...}} rows")
     qs, ps = [], []
     with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--retrieval: {path}:{no} is not valid JSON ({e.msg})") from None
-            q = row.get(query_column) if isinstance(row, dict) else None
-            p = row.get(positive_column) if isinstance(row, dict) else None
+        for no, row in jsonl_objects(f, lambda n: f"--retrieval: {path}:{n}"):
+            q, p = row.get(query_column), row.get(positive_column)
             if not isinstance(q, str) or not isinstance(p, str) or not q or not p:
                 raise ValueError(f"--retrieval: {path}:{no} needs non-empty string fields {query_column!r} and "
                                  f"{positive_column!r} (set --query-column / --positive-column)")

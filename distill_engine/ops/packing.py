@@ -44,9 +44,7 @@ csrc/cuda/pack.cu when the extension was built with CUDA, else the equivalent to
 from __future__ import annotations
 
 import dataclasses
-import os
 import struct
-import tempfile
 from typing import Optional, Union
 
 import torch
@@ -305,20 +303,10 @@ class PackedTargets:
         return self
 
     def save(self, path: str) -> None:
-        """Write atomically (temp file in the same directory, fsync, rename)."""
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-packed-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.to_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Write atomically (temp file in the same directory, fsync, rename: ``data/io.atomic_write_bytes``)."""
+        from ..data.io import atomic_write_bytes  # imported here: the op module stays free of the data package
+
+        atomic_write_bytes(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str, device=None) -> "PackedTargets":

@@ -34,7 +34,6 @@ import hashlib
 import json
 import mmap
 import os
-import queue
 import threading
 import time
 from typing import Dict, List, Optional
@@ -48,6 +47,7 @@ from ..data.loader import Batch, MicroBatchPlan, collate
 from .base import TeacherBatch, TeacherSource, sample_generator
 from .codec import decode, encode
 from .colocated import runner_rest
+from .prefetch import Prefetcher
 
 FORMAT = "distill-engine-teacher-cache"
 VERSION = 1
@@ -155,22 +155,7 @@ def write_cache(out_dir: str, *, runner, samples: TokenSamples, fields: Dict, pa
 
     M = len(samples)
     n_shards = (M + shard_samples - 1) // shard_samples
-    # Shards recorded by an earlier (killed) writer: each rank checks a slice, then all agree on the result.
-    good = torch.zeros(n_shards, dtype=torch.long)
-    for s in range(rank, n_shards, world):
-        rec = os.path.join(prog, _shard_name(s) + ".json")
-        path = os.path.join(out_dir, _shard_name(s))
-        if os.path.isfile(rec) and os.path.isfile(path):
-            try:
-                with open(rec) as f:
-                    r = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if r.get("bytes") == os.path.getsize(path) and r.get("sha256") == sha256_file(path):
-                good[s] = 1
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(good)
-    done = {s for s in range(n_shards) if good[s] > 0}
+    done = _recorded_shards(out_dir, prog, n_shards, rank, world)
     todo = [s for s in range(n_shards) if s not in done]
     mine = todo[rank::world]
     if rank == 0 and done:
@@ -194,21 +179,9 @@ def write_cache(out_dir: str, *, runner, samples: TokenSamples, fields: Dict, pa
             runner(b.input_ids, b.attention_mask, b.valid_index, None)
             continue
         s, lo, hi = work[it]
-        ids = list(range(lo, hi))
-        b = collate(samples, ids, it, pad_id)
         gen = sample_generator(fields["seed"], s, lo, device) if fields["method"] == "sample" else None
-        bd = b.to(device)
-        with torch.no_grad():
-            out = runner(bd.input_ids, bd.attention_mask, bd.valid_index, gen)
-        t_ids, t_lps = out[0].cpu(), out[1].cpu()
-        t_rest = runner_rest(out)  # [rows] exact teacher rest log-mass (topk): stored in packed format v2
-        t_rest = t_rest.cpu() if t_rest is not None else None
-        r0 = 0
-        for i in ids:
-            n = samples.rows(i)
-            blob = encode(t_ids[r0:r0 + n], t_lps[r0:r0 + n], logprob_dtype, vocab_size, bitpack_ids,
-                          t_rest[r0:r0 + n] if t_rest is not None else None)
-            r0 += n
+        for i, blob, n in _teacher_blobs(runner, samples, list(range(lo, hi)), it, pad_id, gen, device,
+                                         (logprob_dtype, vocab_size, bitpack_ids)):
             entries.append([i, len(blob), n])
             blobs.append(blob)
         last_of_shard = it + 1 == len(work) or work[it + 1][0] != s
@@ -226,6 +199,46 @@ def write_cache(out_dir: str, *, runner, samples: TokenSamples, fields: Dict, pa
         with open(manifest_path) as f:
             man = json.load(f)
     return man
+
+
+def _recorded_shards(out_dir: str, prog: str, n_shards: int, rank: int, world: int) -> set:
+    """Shards recorded by an earlier (killed) writer whose file still matches its record: each rank checks a
+    slice, then all agree on the result."""
+    import torch.distributed as dist
+
+    good = torch.zeros(n_shards, dtype=torch.long)
+    for s in range(rank, n_shards, world):
+        rec = os.path.join(prog, _shard_name(s) + ".json")
+        path = os.path.join(out_dir, _shard_name(s))
+        if os.path.isfile(rec) and os.path.isfile(path):
+            try:
+                with open(rec) as f:
+                    r = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if r.get("bytes") == os.path.getsize(path) and r.get("sha256") == sha256_file(path):
+                good[s] = 1
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(good)
+    return {s for s in range(n_shards) if good[s] > 0}
+
+
+def _teacher_blobs(runner, samples: TokenSamples, ids: List[int], it: int, pad_id: int, gen, device, packing):
+    """(sample, packed bytes, rows) for each sample of one teacher batch; ``packing``: (logprob_dtype,
+    vocab_size, bitpack_ids) of ``encode``."""
+    bd = collate(samples, ids, it, pad_id).to(device)
+    with torch.no_grad():
+        out = runner(bd.input_ids, bd.attention_mask, bd.valid_index, gen)
+    t_ids, t_lps = out[0].cpu(), out[1].cpu()  # [rows, k]
+    t_rest = runner_rest(out)  # [rows] exact teacher rest log-mass (topk): stored in packed format v2
+    t_rest = t_rest.cpu() if t_rest is not None else None
+    blobs, r0 = [], 0
+    for i in ids:
+        n = samples.rows(i)
+        blobs.append((i, encode(t_ids[r0:r0 + n], t_lps[r0:r0 + n], *packing,
+                                t_rest[r0:r0 + n] if t_rest is not None else None), n))
+        r0 += n
+    return blobs
 
 
 def _finish_shard(out_dir: str, prog: str, s: int, blobs: List[bytes], entries: List[List[int]]) -> None:
@@ -383,9 +396,7 @@ class CacheTeacher(TeacherSource):
                  verify: str = "lazy"):
         self.reader = CacheReader(cache_dir, expect=expect, verify=verify)
         self.samples, self.plan, self.prefetch = samples, plan, prefetch
-        self._q: "queue.Queue" = queue.Queue(maxsize=prefetch)
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._fetch = Prefetcher(prefetch, "teacher cache prefetch")
 
     def targets_for(self, sample_ids: List[int], micro_step: int) -> TeacherBatch:
         parts = [self.reader.sample_with_rest(i) for i in sample_ids]
@@ -396,36 +407,13 @@ class CacheTeacher(TeacherSource):
         return TeacherBatch(ids, lps, micro_step, None, rest)
 
     def start(self, first_micro_step: int, last_micro_step: Optional[int] = None) -> None:
-        last = last_micro_step if last_micro_step is not None else first_micro_step + (1 << 40)
-
-        def work():
-            try:
-                for t in range(first_micro_step, last):
-                    item = self.targets_for(self.plan.sample_ids(t), t)
-                    while not self._stop.is_set():
-                        try:
-                            self._q.put(item, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-                    if self._stop.is_set():
-                        return
-            except BaseException as exc:  # handed to the training thread by get()
-                self._q.put(exc)
-
-        self._thread = threading.Thread(target=work, name="teacher-cache-prefetch", daemon=True)
-        self._thread.start()
+        self._fetch.start(lambda t: self.targets_for(self.plan.sample_ids(t), t), first_micro_step, last_micro_step)
 
     def get(self, batch: Batch) -> TeacherBatch:
-        if self._thread is None:
+        if not self._fetch.started:
             return self.targets_for([int(i) for i in batch.sample_ids], batch.micro_step)
-        item = self._q.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        return self._fetch.get(batch.micro_step)
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._fetch.close(timeout_s=5)
         self.reader.close()

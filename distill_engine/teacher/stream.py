@@ -31,6 +31,7 @@ import torch
 from ..data.loader import Batch, MicroBatchStream
 from .base import TeacherBatch, TeacherSource
 from .codec import decode, encode
+from .prefetch import Prefetcher, put_bounded
 
 MAGIC = 0x44495354  # "DIST"
 _HDR = 8
@@ -167,14 +168,8 @@ def serve(topo, teacher, stream: MicroBatchStream, first: int, last: int, *, pre
                     batch = _recv_rollout(link, s, t, batch)
                 tb = teacher.compute(batch, dp_rank=s)
                 hdr, payload = _message(tb, logprob_dtype, vocab_size, bitpack_ids)
-                while True:
-                    if failure:
-                        raise failure[0]
-                    try:
-                        q.put((s, hdr, payload), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
+                if not put_bounded(q, (s, hdr, payload), lambda: bool(failure)):
+                    raise failure[0]
                 sent += 1
         q.put(None)
         while th.is_alive():
@@ -202,9 +197,7 @@ class StreamTeacher(TeacherSource):
         self.src = topo.teacher_of(topo.rank)
         self.link = _Link(topo, timeout_s)
         self.prefetch = prefetch
-        self._q: "queue.Queue" = queue.Queue(maxsize=max(1, prefetch))
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._fetch = Prefetcher(prefetch, "teacher stream receiver")
         self._out: "queue.Queue" = queue.Queue()  # on-policy rollouts to send (unbounded: at most grad_accum)
         self._sender: Optional[threading.Thread] = None
         self._send_error: List[BaseException] = []
@@ -225,7 +218,7 @@ class StreamTeacher(TeacherSource):
                         self.link.send(item[1], self.src, _TAG_RPAY)
                 except BaseException as exc:
                     self._send_error.append(exc)
-                    self._q.put(exc)  # surfaces in get()
+                    self._fetch.fail(exc)  # surfaces in get()
 
             self._sender = threading.Thread(target=send_loop, name="onpolicy-rollout-sender", daemon=True)
             self._sender.start()
@@ -261,43 +254,14 @@ class StreamTeacher(TeacherSource):
         return TeacherBatch(ids, lps, step, hidden, rest, relation)
 
     def start(self, first_micro_step: int, last_micro_step: Optional[int] = None) -> None:
-        last = last_micro_step
-
-        def work():
-            try:
-                t = first_micro_step
-                while not self._stop.is_set() and (last is None or t < last):
-                    item = self._recv_one(t, first=t == first_micro_step)
-                    while not self._stop.is_set():
-                        try:
-                            self._q.put(item, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-                    t += 1
-            except BaseException as exc:
-                self._q.put(exc)
-
-        self._thread = threading.Thread(target=work, name="teacher-stream-receiver", daemon=True)
-        self._thread.start()
+        self._fetch.start(lambda t: self._recv_one(t, first=t == first_micro_step), first_micro_step, last_micro_step)
 
     def get(self, batch: Batch) -> TeacherBatch:
-        while True:
-            try:
-                item = self._q.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if self._thread is not None and not self._thread.is_alive() and self._q.empty():
-                    raise RuntimeError("the teacher stream receiver stopped without delivering micro-step "
-                                       f"{batch.micro_step}")
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        return self._fetch.get(batch.micro_step)
 
     def close(self) -> None:
-        self._stop.set()
+        self._fetch.stop()
         if self._sender is not None:
             self._out.put(None)
             self._sender.join(timeout=2)
-        if self._thread is not None:
-            self._thread.join(timeout=2)
+        self._fetch.close(timeout_s=2)

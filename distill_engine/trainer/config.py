@@ -267,6 +267,14 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# plain value types: (accepts(value), what the error says is expected); bool is no int here (YAML `true` ≠ 1)
+_PLAIN = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def _convert(key: str, tp, value):
     origin = typing.get_origin(tp)
     if origin is Union:
@@ -307,13 +315,10 @@ def _convert(key: str, tp, value):
         if not isinstance(value, dict):
             raise ValueError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if tp in _PLAIN:
+        accepts, what = _PLAIN[tp]
+        if not accepts(value):
+            raise ValueError(f"{key}: expected {what}, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
@@ -324,10 +329,6 @@ def _convert(key: str, tp, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}: expected a number, got {value!r}")
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
-        return value
     if tp is Any:
         return value
     raise TypeError(f"unsupported config type {tp} at {key}")

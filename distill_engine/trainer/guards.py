@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..loading import WEIGHT_FILES
 from . import checkpoint as ckpt
 
 EXIT_USER_ERROR = 2
@@ -164,9 +165,6 @@ def check_output_dir(path: str, key: str = "run.output_dir") -> None:
                          f"output directory")
 
 
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
 def check_safetensors(path: str, key: str) -> None:
     """The header parses and the file is as long as its tensors say (a truncated download/copy is named)."""
     import json
@@ -196,9 +194,9 @@ def check_model_files(path: str, key: str) -> None:
         raise ValueError(f"{key}: {path!r} is not a directory; pass a directory written by save_pretrained")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{key}: {path!r} has no config.json; pass a directory written by save_pretrained")
-    present = [w for w in _WEIGHTS if os.path.isfile(os.path.join(path, w))]
+    present = [w for w in WEIGHT_FILES if os.path.isfile(os.path.join(path, w))]
     if not present:
-        raise ValueError(f"{key}: {path!r} holds config.json but no weights ({' / '.join(_WEIGHTS[::2])}); copy "
+        raise ValueError(f"{key}: {path!r} holds config.json but no weights ({' / '.join(WEIGHT_FILES[::2])}); copy "
                          f"the weight files too")
     shards = []
     if "model.safetensors" in present:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..data import MicroBatchPlan, MicroBatchStream, check_shared_vocab, load_texts, load_tokenizer, tokenize
 from ..data.tokenizer import tokenizer_for_model
+from ..loading import load_config as load_model_config
 from ..teacher import topology
 from ..teacher.base import NoTeacher, check_alignment
 from ..teacher.colocated import ColocatedTeacher, TeacherHead
@@ -214,62 +215,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ set-up
     def setup(self) -> "Trainer":
         cfg, tr, device = self.cfg, self.cfg.train, self.device
-        self.engine_kind = resolve_engine(cfg, self.world)
-        if self.engine_kind == "deepspeed":
-            quiet_deepspeed()
-            init_deepspeed_comm(self.topo.backend)  # before zero.Init asks deepspeed.comm for the world size
-        self.zero3 = self.engine_kind == "deepspeed" and tr.zero_stage == 3
-        ds_cfg = None
-        if self.engine_kind == "deepspeed":
-            try:  # bucket sizes follow the student's width; a bad path is reported by the model loader below
-                width = getattr(_student_config(cfg), "hidden_size", None)
-            except Exception:
-                width = None
-            ds_cfg = deepspeed_config(cfg, self.world, width)
-        if ds_cfg is not None and not self.storage.shared:
-            # local rank 0 of every node writes the module states a ZeRO-0/1/2 resume reads on every rank
-            ds_cfg.setdefault("checkpoint", {}).setdefault("use_node_local_storage", True)
-
-        # The student: partitioned at load under ZeRO-3 — the only place transformers' switch is on.
+        ds_cfg = self._engine_config()
         s_dtype = torch.bfloat16 if tr.precision == "bf16" and self.engine_kind == "deepspeed" else torch.float32
-        attn = resolve_attn(cfg.student.attn_implementation, device)
-        with zero3_loading(ds_cfg if self.zero3 and cfg.student.zero_init else None):
-            student = load_model(cfg.student.path, cfg.student.init, key="student", dtype=s_dtype, attn=attn,
-                                 init_seed=cfg.student.init_seed)
-        if cfg.student.gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        student.config.use_cache = False
-        self.student = student
-
-        # The teacher source.
-        teacher_model_cfg = None
+        self.student = student = self._load_student(ds_cfg, s_dtype)
+        teacher_model_cfg = self._build_source(student)
         tok = self.tokenizer
-        if cfg.teacher.source == "colocated":
-            runner, tmodel = load_teacher_runner(cfg, device, student_config=student.config)
-            teacher_model_cfg = tmodel.config
-            self.teacher_model = tmodel
-            check_shared_vocab(tok, student.config, tmodel.config, tokenizer_for_model(cfg.teacher.path),
-                               allow_padded=True)
-            if int(tmodel.config.vocab_size) != int(student.config.vocab_size):  # padded vocabularies (issue 12)
-                (runner.module if hasattr(runner, "module") else runner).vocab_limit = len(tok)
-            self.source = ColocatedTeacher(runner, device=device, seed=cfg.run.seed, dp_rank=self.rank,
-                                           method=cfg.teacher.method)
-        elif cfg.teacher.source == "cache":
-            from ..teacher.cache import CacheTeacher, expected_manifest
-
-            check_shared_vocab(tok, student.config)
-            self.source = CacheTeacher(cfg.teacher.cache_dir, expect=expected_manifest(cfg, tok, self.samples),
-                                       samples=self.samples, plan=self.plan, prefetch=cfg.teacher.prefetch,
-                                       verify=cfg.teacher.cache_verify)
-        elif cfg.teacher.source == "stream":
-            from ..teacher.stream import StreamTeacher
-
-            check_shared_vocab(tok, student.config)
-            teacher_model_cfg = _teacher_config(cfg)
-            self.source = StreamTeacher(self.topo, prefetch=cfg.teacher.prefetch, timeout_s=tr.dist_timeout_s)
-        else:
-            check_shared_vocab(tok, student.config)
-            self.source = NoTeacher()
         self.ce_weight = 1.0 if cfg.teacher.source == "none" else cfg.loss.ce_weight
 
         # The trained module and its engine.
@@ -328,6 +278,72 @@ class Trainer:
         self.acc_aux = 0.0  # MoE router aux loss × rows since last log
         self.wait_s = 0.0
         return self
+
+    def _engine_config(self) -> Optional[dict]:
+        """The engine kind (``self.engine_kind``, ``self.zero3``) and its DeepSpeed config (None: plain torch)."""
+        cfg, tr = self.cfg, self.cfg.train
+        self.engine_kind = resolve_engine(cfg, self.world)
+        if self.engine_kind == "deepspeed":
+            quiet_deepspeed()
+            init_deepspeed_comm(self.topo.backend)  # before zero.Init asks deepspeed.comm for the world size
+        self.zero3 = self.engine_kind == "deepspeed" and tr.zero_stage == 3
+        ds_cfg = None
+        if self.engine_kind == "deepspeed":
+            try:  # bucket sizes follow the student's width; a bad path is reported by the model loader below
+                width = getattr(_student_config(cfg), "hidden_size", None)
+            except Exception:
+                width = None
+            ds_cfg = deepspeed_config(cfg, self.world, width)
+        if ds_cfg is not None and not self.storage.shared:
+            # local rank 0 of every node writes the module states a ZeRO-0/1/2 resume reads on every rank
+            ds_cfg.setdefault("checkpoint", {}).setdefault("use_node_local_storage", True)
+        return ds_cfg
+
+    def _load_student(self, ds_cfg: Optional[dict], s_dtype: torch.dtype):
+        """The student: partitioned at load under ZeRO-3 — the only place transformers' switch is on."""
+        cfg, device = self.cfg, self.device
+        attn = resolve_attn(cfg.student.attn_implementation, device)
+        with zero3_loading(ds_cfg if self.zero3 and cfg.student.zero_init else None):
+            student = load_model(cfg.student.path, cfg.student.init, key="student", dtype=s_dtype, attn=attn,
+                                 init_seed=cfg.student.init_seed)
+        if cfg.student.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.config.use_cache = False
+        return student
+
+    def _build_source(self, student):
+        """The teacher source (``self.source``) for the configured ``teacher.source``, with the vocabulary checks;
+        returns the teacher's model config (None for cache and none)."""
+        cfg, tr, device = self.cfg, self.cfg.train, self.device
+        teacher_model_cfg = None
+        tok = self.tokenizer
+        if cfg.teacher.source == "colocated":
+            runner, tmodel = load_teacher_runner(cfg, device, student_config=student.config)
+            teacher_model_cfg = tmodel.config
+            self.teacher_model = tmodel
+            check_shared_vocab(tok, student.config, tmodel.config, tokenizer_for_model(cfg.teacher.path),
+                               allow_padded=True)
+            if int(tmodel.config.vocab_size) != int(student.config.vocab_size):  # padded vocabularies (issue 12)
+                (runner.module if hasattr(runner, "module") else runner).vocab_limit = len(tok)
+            self.source = ColocatedTeacher(runner, device=device, seed=cfg.run.seed, dp_rank=self.rank,
+                                           method=cfg.teacher.method)
+        elif cfg.teacher.source == "cache":
+            from ..teacher.cache import CacheTeacher, expected_manifest
+
+            check_shared_vocab(tok, student.config)
+            self.source = CacheTeacher(cfg.teacher.cache_dir, expect=expected_manifest(cfg, tok, self.samples),
+                                       samples=self.samples, plan=self.plan, prefetch=cfg.teacher.prefetch,
+                                       verify=cfg.teacher.cache_verify)
+        elif cfg.teacher.source == "stream":
+            from ..teacher.stream import StreamTeacher
+
+            check_shared_vocab(tok, student.config)
+            teacher_model_cfg = _teacher_config(cfg)
+            self.source = StreamTeacher(self.topo, prefetch=cfg.teacher.prefetch, timeout_s=tr.dist_timeout_s)
+        else:
+            check_shared_vocab(tok, student.config)
+            self.source = NoTeacher()
+        return teacher_model_cfg
 
     # ------------------------------------------------------------------------------------------ one step
     def step(self, step: int, *, measure: bool = False, on_boundary=None) -> float:
@@ -530,9 +546,7 @@ def _teacher_config(cfg: Config):
         from .families import init_config
 
         return init_config(cfg.teacher.init, "teacher")
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(cfg.teacher.path)
+    return load_model_config(cfg.teacher.path, key="teacher.path")
 
 
 def _student_config(cfg: Config):
@@ -540,6 +554,4 @@ def _student_config(cfg: Config):
         from .families import init_config
 
         return init_config(cfg.student.init, "student")
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(cfg.student.path)
+    return load_model_config(cfg.student.path, key="student.path")

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..loading import load_causal_lm, load_config
+
 class _Zero3Switch:
     """What transformers' loading code asks of its (weakly referenced) DeepSpeed config object."""
 
@@ -72,12 +74,6 @@ def resolve_attn(impl: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def check_model_dir(path: str, key: str) -> None:
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{key}: {path!r} is not a Hugging Face model directory (no config.json); pass a "
-                         f"directory written by save_pretrained")
-
-
 def check_logit_path(config, key: str) -> None:
     """Refuse a model whose logit transform the engine does not implement (families.logit_transform raises)."""
     from .families import logit_transform
@@ -89,8 +85,6 @@ def load_model(path: Optional[str], init: Optional[dict], *, key: str, dtype: to
                init_seed: int = 0) -> nn.Module:
     """A causal LM from ``path`` (local, offline), or built from the ``init`` config dict with ``init_seed``
     (``model_type`` picks the config class, default "llama"; see families.init_config)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from .families import init_config, model_from_config, supported_attn
 
     if init is not None:
@@ -111,11 +105,9 @@ def load_model(path: Optional[str], init: Optional[dict], *, key: str, dtype: to
         finally:
             torch.random.set_rng_state(state)
     else:
-        check_model_dir(path, f"{key}.path")
-        cfg = AutoConfig.from_pretrained(path)
+        cfg = load_config(path, key=f"{key}.path")
         check_logit_path(cfg, f"{key}.path")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=supported_attn(cfg, attn),
-                                                     local_files_only=True)
+        model = load_causal_lm(path, key=f"{key}.path", dtype=dtype, attn_implementation=supported_attn(cfg, attn))
     check_logit_path(model.config, key)
     return model
 

@@ -22,40 +22,34 @@ from the stored chunk logits, no recompute).
 
 Usage::
 
-    python benchmarks/bench_loss.py                       # CPU targets of issue 2 (N=2048, d=512, V=32000, k=64, fp32)
-    python benchmarks/bench_loss.py --preset cpu-large    # N=4096, d=256, V=128256
-    python benchmarks/bench_loss.py --preset gpu --device cuda --dtype bfloat16   # N=8192, d=4096, V=128256
+    python benchmarks/bench_distill_loss.py                       # CPU targets of issue 2 (N=2048, d=512, V=32000, k=64, fp32)
+    python benchmarks/bench_distill_loss.py --preset cpu-large    # N=4096, d=256, V=128256
+    python benchmarks/bench_distill_loss.py --preset gpu --device cuda --dtype bfloat16   # N=8192, d=4096, V=128256
 """
 from __future__ import annotations
 
 import math
-import os
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(0, os.path.dirname(_HERE))
+import torch
 
-import torch  # noqa: E402
+from harness import VOCAB, Case, add_shape_args, env_override, main, resolve_shape
 
-from harness import Case, main  # noqa: E402
+from distill_engine.reference.distill_loss import LOG_FLOOR  # the teacher log-prob floor of the op itself
+from distill_engine.trainer.config import TeacherConfig
 
+K = TeacherConfig.k  # the trainer's default top-k
 PRESETS = {
-    "cpu": dict(N=2048, d=512, V=32000, k=64),
-    "cpu-large": dict(N=4096, d=256, V=128256, k=64),
-    "gpu": dict(N=8192, d=4096, V=128256, k=64),
+    "cpu": dict(N=2048, d=512, V=VOCAB["llama2"], k=K),
+    "cpu-large": dict(N=4096, d=256, V=VOCAB["llama3"], k=K),
+    "gpu": dict(N=8192, d=4096, V=VOCAB["llama3"], k=K),
 }
-LOG_FLOOR = -100.0
-TAIL_FLOOR = 2.0 ** -23
+# the naive bucket's floor on its rest masses 1 − Σp, 1 − Σq (fp32 round-off below it is noise)
+TAIL_FLOOR = torch.finfo(torch.float32).eps
 
 
 def add_args(p):
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="shape preset (explicit --N/--d/--V/--k override it); default: the cpu targets")
-    p.add_argument("--N", type=int, default=None)
-    p.add_argument("--d", type=int, default=None)
-    p.add_argument("--V", type=int, default=None)
-    p.add_argument("--k", type=int, default=None)
+    add_shape_args(p, PRESETS, default=None)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--chunk-rows", type=int, default=None, help="chunk_rows for the fused backends (default: theirs)")
     p.add_argument("--big-chunk", type=int, default=1024,
@@ -65,11 +59,7 @@ def add_args(p):
 
 
 def _resolve_shape(args):
-    base = dict(PRESETS[args.preset or "cpu"])
-    for key in ("N", "d", "V", "k"):
-        if getattr(args, key) is not None:
-            base[key] = getattr(args, key)
-        setattr(args, key, base[key])
+    resolve_shape(args, PRESETS)
     if args.preset == "gpu" and "--dtype" not in sys.argv:
         args.dtype, args.torch_dtype = "bfloat16", torch.bfloat16
 
@@ -144,17 +134,9 @@ def build_cases(args):
             h, w, ids, lp, lab = _make_inputs(args)
 
             def loss_fn():
-                old = {k_: os.environ.get(k_) for k_ in env}
-                os.environ.update(env)
-                try:
+                with env_override(env):
                     return de.fused_distill_loss(h, w, ids, lp, labels=lab, temperature=T, backend=backend,
                                                  validate=validate, chunk_rows=chunk_rows or args.chunk_rows)
-                finally:
-                    for k_, v in old.items():
-                        if v is None:
-                            os.environ.pop(k_, None)
-                        else:
-                            os.environ[k_] = v
 
             return _case_step(loss_fn, [h, w])
 
