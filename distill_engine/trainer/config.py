@@ -34,7 +34,8 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       cache_dir: null               # cache source: directory written by `distill-engine cache-teacher`
       cache_verify: lazy            # lazy (each shard's sha256 on first use) | full (all at start) | none
       cache_shard_samples: 1024
-      logprob_dtype: float16        # packed targets in caches and streams: float16 | bfloat16 | uint8
+      logprob_dtype: float16        # packed targets in caches and streams: float16 | bfloat16 | uint8 | float32
+                                    # (float32: lossless, bit-identical targets through the cache and the stream)
       bitpack_ids: false            # ids in ceil(log2(V+1)) bits instead of int32 (17 at V = 128k)
       prefetch: 4                   # micro-batches buffered ahead (cache reader, stream receiver/sender)
       ranks: 0                      # stream: the last R processes host the teacher (CLI --teacher-ranks)
@@ -144,7 +145,7 @@ class TeacherConfig(ModelConfig):
     cache_dir: Optional[str] = None
     cache_verify: Literal["lazy", "full", "none"] = "lazy"
     cache_shard_samples: int = 1024
-    logprob_dtype: Literal["float16", "bfloat16", "uint8"] = "float16"
+    logprob_dtype: Literal["float16", "bfloat16", "uint8", "float32"] = "float16"
     bitpack_ids: bool = False
     prefetch: int = 4
     ranks: int = 0
