@@ -308,4 +308,5 @@ def test_sampled_reverse_kl_trains_a_gemma2_student_on_column_prompts(tmp_path):
                   "log_every": 1, "save_every": 0, "save_final": False, "device": "cpu"},
     })
     assert summary["on_policy_micro_batches"] == 2 and summary["steps"] == 2
+    assert summary["on_policy_prompts"] == "column"
     assert all(math.isfinite(x) for x in (summary["first_loss"], summary["final_loss"]))

@@ -459,6 +459,7 @@ class Trainer:
         }
         if self.on_policy is not None:
             summary["on_policy_micro_batches"] = self.on_policy.rollouts
+            summary["on_policy_prompts"] = self.on_policy.prompt_source  # "column" | "first_tokens"
         if is_main and cfg.run.progress != "false":
             sys.stderr.write(format_summary(summary) + "\n")
         return summary

@@ -249,6 +249,11 @@ class OnPolicy:
                           "full copy of the student fits in memory.")
 
     @property
+    def prompt_source(self) -> str:
+        """Where rollout prompts come from: the data's prompt column, or each sample's first prompt_tokens tokens."""
+        return "column" if self.prompts is not None else "first_tokens"
+
+    @property
     def sampled(self) -> bool:
         return self.op.objective == "sampled_reverse_kl"
 
