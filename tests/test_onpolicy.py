@@ -218,7 +218,8 @@ def test_rollout_continues_the_prompt_column(model):
 
     tok = byte_level_tokenizer()
     samples = tokenize(["the alpha sees", "the beta", "a gamma sees"], tok, seq_len=16, packing=False)
-    table = op.PromptTable(["Q: one?", "Q: two, longer?", "Q3"], samples.doc_index, tok, 8)
+    with pytest.warns(UserWarning, match="1 of 3 prompts are longer"):
+        table = op.PromptTable(["Q: one?", "Q: two, longer?", "Q3"], samples.doc_index, tok, 8)
     cfg = from_dict(dict(BASE, loss={"on_policy": {"fraction": 0.5, "prompt_tokens": 8, "max_new_tokens": 5}}))
     onp = op.OnPolicy(cfg, model, rank=0, device=torch.device("cpu"), zero3=False, eos_id=None, pad_id=256,
                       prompts=table)

@@ -55,7 +55,8 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       relation: null                # relation distillation, e.g. {kind: similarity, pooling: mean, weight: 1.0}
       on_policy: null               # on-policy distillation (GKD), e.g.:
         # fraction: 0.5               # λ: share of micro-batches the student generates (0 off-policy, 1 fully)
-        # prompt_tokens: 16           # the student continues the first prompt_tokens tokens of each sample
+        # prompt_tokens: 16           # the student continues the first prompt_tokens tokens of each sample, or
+        #                             # its data.prompt_field text, left-truncated to its last prompt_tokens tokens
         # max_new_tokens: 32
         # temperature: 1.0            # sampling temperature (> 0)
         # top_p: 1.0                  # nucleus sampling, in (0, 1]
@@ -65,7 +66,9 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       train_files: []               # .jsonl / .json / .txt / .parquet
       format: auto                  # auto | json | text | parquet
       text_field: text
-      prompt_field: prompt          # on-policy: a prompt column (not supported yet: data having it is refused)
+      prompt_field: prompt          # on-policy: when the .jsonl/.json/.parquet data has this column, rollouts
+                                    # continue its text (packed samples: the prompt of the document a sample
+                                    # starts in); an empty prompt is an error; off-policy steps use the text
       text_sample_by: document      # text files: document | paragraph | line
       tokenizer: null               # tokenizer dir or "byte"; default: the student's directory
       seq_len: 256
