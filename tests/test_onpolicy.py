@@ -189,7 +189,7 @@ def test_load_prompts_aligned_with_texts_and_empty_prompt_named(tmp_path):
             load_prompts(files)
         assert "\n" not in str(exc.value)
     missing = _jsonl(tmp_path / "m.jsonl", [{"text": "x", "prompt": "ok"}, {"text": "y"}])
-    with pytest.raises(ValueError, match="row 1 of .*m.jsonl.* empty or missing 'prompt'"):
+    with pytest.raises(ValueError, match="row 1 of .*m.jsonl.* empty, missing or non-string 'prompt'"):
         load_prompts([missing])
 
 

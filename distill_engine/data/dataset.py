@@ -46,8 +46,10 @@ def load_prompts(files: Sequence[str], *, fmt: str = "auto", text_field: str = "
     """The ``prompt_field`` column, one entry per document of :func:`load_texts` (same files, same rows kept), or
     None when the data has no such column (text files never do). An empty or missing prompt in a row that has
     text raises a one-line ValueError naming the file and the row."""
+    if {_format_of(f, fmt, key) for f in files} == {"text"}:
+        return None  # text files have no columns
     ds, kind = _load_dataset(files, fmt, "document", cache_dir, key)
-    if kind == "text" or prompt_field not in ds.column_names:
+    if prompt_field not in ds.column_names:
         return None
     out = []
     for row, (t, p) in enumerate(zip(ds[text_field], ds[prompt_field])):
@@ -55,9 +57,10 @@ def load_prompts(files: Sequence[str], *, fmt: str = "auto", text_field: str = "
             continue  # no text: not a document (load_texts drops it too)
         if not isinstance(p, str) or not p:
             path, r = _row_origin(files, kind, cache_dir, row)
-            raise ValueError(f"data.prompt_field: row {r} of {path!r} has an empty or missing {prompt_field!r} "
-                             f"prompt; fill it in or drop the row (or set data.prompt_field to a column the data "
-                             f"does not have: prompts are then the first loss.on_policy.prompt_tokens tokens)")
+            raise ValueError(f"data.prompt_field: row {r} of {path!r} has an empty, missing or non-string "
+                             f"{prompt_field!r} prompt; fill it in with text or drop the row (or set data.prompt_field "
+                             f"to a column the data does not have: prompts are then the first "
+                             f"loss.on_policy.prompt_tokens tokens)")
         out.append(p)
     return out
 
