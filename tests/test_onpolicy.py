@@ -278,7 +278,8 @@ def test_sampled_reverse_kl_teacher_scores_with_its_family_transform():
                                      "temperature": 1.3}))
     onp = op.OnPolicy(cfg, student, rank=0, device=torch.device("cpu"), zero3=False, eos_id=None, pad_id=256,
                       teacher_model=teacher)
-    tmpl = Batch(torch.zeros(2, 4, dtype=torch.long), None, torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 1]), 3)
+    tmpl = Batch(torch.zeros(2, 4, dtype=torch.long), None, torch.zeros(2, 3, dtype=torch.long),
+                 torch.tensor([0, 1]), 3)
     b = op.build_batch([torch.tensor([3, 4, 5]), torch.tensor([6])], [torch.tensor([7, 8]), torch.tensor([9, 10, 11])],
                        tmpl, pad_id=256)
     tb = onp.teacher_batch(b)

@@ -179,7 +179,8 @@ def _write(tiny, cache_dir, **over):
 
     fields = manifest_fields(cfg, tok, samples, model_fingerprint(paths["teacher"], None))
     man = write_cache(cache_dir, runner=runner, samples=samples, fields=fields, pad_id=tok.pad_token_id, batch_size=4,
-                      shard_samples=8, logprob_dtype=over.get("logprob_dtype", "float16"), vocab_size=257, bitpack_ids=over.get("bitpack", False),
+                      shard_samples=8, logprob_dtype=over.get("logprob_dtype", "float16"), vocab_size=257,
+                      bitpack_ids=over.get("bitpack", False),
                       rank=0, world=1, zero3=False, device=torch.device("cpu"), teacher_info={}, log=lambda m: None)
     return cfg, tok, samples, head, man, calls
 

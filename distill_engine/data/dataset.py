@@ -141,7 +141,7 @@ class TokenSamples:
     offsets: np.ndarray   # [M + 1] int64
     seq_len: int
     packing: bool
-    doc_index: Optional[np.ndarray] = None  # [M] int64: the document (index into the texts) of each sample's first token
+    doc_index: Optional[np.ndarray] = None  # [M] int64: the text (document) holding each sample's first token
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

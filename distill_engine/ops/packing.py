@@ -33,9 +33,9 @@ bit-packed + fp16 = 4.13, bit-packed + uint8 = 3.19, int32 + fp32 = 8 (plus the 
 
 float32 is lossless: unpacking returns the packed log-probs bit for bit (empty slots −inf, as packed), with no
 renormalization — it serves exactness checks (a cache or stream round trip gives bit-identical targets).
-Lossy steps of the other formats and what unpacking restores: float16 clamps log-probs to >= -65504; uint8 floors them at
-``U8_FLOOR`` = -100 first (exp(-100) ≈ 4e-44: no change to any loss, and the core op floors its logs
-there too) and rounds to the row's 255-level grid (error <= s_n / 2); after decoding, a row whose
+Lossy steps of the other formats and what unpacking restores: float16 clamps log-probs to >= -65504; uint8
+floors them at ``U8_FLOOR`` = -100 first (exp(-100) ≈ 4e-44: no change to any loss, and the core op floors its
+logs there too) and rounds to the row's 255-level grid (error <= s_n / 2); after decoding, a row whose
 probabilities sum to more than 1 (rounding of a near-1 top slot) is renormalized to sum 1 so
 ``tail="bucket"`` stays valid. Ids are always exact.
 
