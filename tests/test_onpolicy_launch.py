@@ -1,13 +1,13 @@
 """On-policy distillation as users launch it: each configuration in a FRESH 2-rank ``torchrun`` +
 ``python -m distill_engine.cli train --config X.yaml`` (see tests/test_launch_matrix.py for why).
 
-The matrix: colocated ZeRO-0, ZeRO-2 (objective sampled_reverse_kl, prompts from the data's prompt column) and
-ZeRO-3 (student gathered once per rollout batch into a plain replica), stop at step 2 + ``--resume``
-(bit-identical losses and final weights: rollouts are seeded by (run.seed, micro-step, rank)); stream (2 student
-ranks + 1 teacher rank) ZeRO-2 with the default float16 packing (first loss within 1e-3 of colocated) and ZeRO-3 with the lossless
-``teacher.logprob_dtype: float32`` and partitioned generation (every loss within 1e-6 of colocated ZeRO-3 with
-the gathered replica). Tiny models, 3 optimizer steps of 2 micro-batches each; 7 launches (the issue caps this
-file at 4 minutes on 2 cores)."""
+The matrix: colocated ZeRO-0, ZeRO-2 (objective sampled_reverse_kl, prompts from the data's prompt column)
+and ZeRO-3 (student gathered once per rollout batch into a plain replica), stop at step 2 + ``--resume``
+(bit-identical losses and final weights: rollouts are seeded by (run.seed, micro-step, rank)); stream (2
+student ranks + 1 teacher rank) ZeRO-2 with the default float16 packing (first loss within 1e-3 of colocated)
+and ZeRO-3 with the lossless ``teacher.logprob_dtype: float32`` and partitioned generation (every loss within
+1e-6 of colocated ZeRO-3 with the gathered replica). Tiny models, 3 optimizer steps of 2 micro-batches each;
+7 launches (the issue caps this file at 4 minutes on 2 cores)."""
 from __future__ import annotations
 
 import os
