@@ -5,9 +5,9 @@ The matrix: colocated ZeRO-0, ZeRO-2 (objective sampled_reverse_kl, prompts from
 and ZeRO-3 (student gathered once per rollout batch into a plain replica), stop at step 2 + ``--resume``
 (bit-identical losses and final weights: rollouts are seeded by (run.seed, micro-step, rank)); stream (2
 student ranks + 1 teacher rank) ZeRO-2 with the default float16 packing (first loss within 1e-3 of colocated)
-and ZeRO-3 with the lossless ``teacher.logprob_dtype: float32`` and partitioned generation (every loss within
-1e-6 of colocated ZeRO-3 with the gathered replica). Tiny models, 3 optimizer steps of 2 micro-batches each;
-7 launches (the issue caps this file at 4 minutes on 2 cores)."""
+and ZeRO-0 and ZeRO-3 (partitioned generation) with the lossless ``teacher.logprob_dtype: float32`` (every loss
+within 1e-6 of colocated ZeRO-0 / ZeRO-3 with the gathered replica). Tiny models, 3 optimizer steps of 2
+micro-batches each; 8 launches (the issue caps this file at 4 minutes on 2 cores)."""
 from __future__ import annotations
 
 import os
@@ -110,20 +110,22 @@ def test_on_policy_stream_teacher(lab):
     assert abs(l0[0] - ls[0]) <= 1e-3 * abs(l0[0]), (l0, ls)
 
 
-def test_on_policy_stream_float32_zero3_partitioned_equals_colocated(lab):
-    """Stream ZeRO-3 with ``teacher.logprob_dtype: float32``: the packed targets are the teacher's bit for bit, so
-    the stream run is the colocated ZeRO-3 run — first loss within 1e-6 relative (the issue's check), and so are
-    the later steps' losses and the token counts, which differ as soon as any rollout of any step differs (a
-    different sampled token moves a loss by far more than 1e-6): the rollouts of the two layouts match.
+@pytest.mark.parametrize("stage,gather", [(0, True), (3, False)])
+def test_on_policy_stream_float32_equals_colocated(lab, stage, gather):
+    """Stream with ``teacher.logprob_dtype: float32`` (ZeRO-0, and ZeRO-3): the packed targets are the teacher's bit
+    for bit, so the stream run is the colocated run of the same stage — first loss within 1e-6 relative (the
+    issue's check), and so are the later steps' losses and the token counts, which differ as soon as any rollout
+    of any step differs (a different sampled token moves a loss by far more than 1e-6): the rollouts of the two
+    layouts match.
 
-    The same launch also generates partitioned (``gather_for_generation: false``: per-layer gathers, every rank
+    The ZeRO-3 launch also generates partitioned (``gather_for_generation: false``: per-layer gathers, every rank
     running all ``max_new_tokens`` steps) while the colocated run generates from its gathered replica: equal
     losses also prove the two ZeRO-3 generation paths draw the same samples (one launch, two checks)."""
-    run = _launch(lab, "op_stream32_z3_part", 3, source="stream", on_policy={"gather_for_generation": False},
+    run = _launch(lab, f"op_stream32_z{stage}", stage, source="stream", on_policy={"gather_for_generation": gather},
                   extra={"teacher": {"logprob_dtype": "float32"}})
-    _check(run, 3, "stream")
-    col = _launch(lab, "op_z3", 3)
+    _check(run, stage, "stream")
+    col = _launch(lab, f"op_z{stage}", stage)
     lc, ls = lm._losses(col["dir"]), lm._losses(run["dir"])
-    print("colocated", lc, "stream float32", ls)
+    print(f"ZeRO-{stage}: colocated", lc, "stream float32", ls)
     assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(lc, ls)), (lc, ls)
     assert run["summary"]["tokens"] == col["summary"]["tokens"]
