@@ -257,7 +257,7 @@ def test_fuzz_fused_projection_loss(c):
 def pack_case(draw):
     V = draw(st.sampled_from([1, 2, 7, 300]))
     return dict(N=draw(st.sampled_from([0, 1, 4])), V=V, k=draw(st.integers(1, min(V, 5))),
-                fmt=draw(st.sampled_from(["float16", "bfloat16", "uint8"])), bitpack=draw(st.booleans()),
+                fmt=draw(st.sampled_from(["float16", "bfloat16", "uint8", "float32"])), bitpack=draw(st.booleans()),
                 fault=draw(st.sampled_from(["none", "none", "empty", "pos", "nan", "inf", "neg_inf_slot", "bad_id"])),
                 view=draw(st.sampled_from(["plain", "strided"])), seed=draw(st.integers(0, 2**16)))
 

@@ -137,3 +137,38 @@ def test_hidden_only_gradient_every_backend(backend):
     h64 = hidden.double().requires_grad_(True)
     (dense_logprobs_at(h64, weight, ids, bias=b, temperature=1.7) * 2.0).sum().backward()
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-5)
+
+
+# (logit_scale, softcap): Gemma-2-like soft-cap, scale + cap, a non-power-of-two scale alone
+TRANSFORMS = [(None, 2.5), (0.6, 4.0), (1.7, None)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_logit_transform_matches_dense_transformed_oracle(backend, transform):
+    """logprobs_at(..., logit_scale=s, softcap=c) = log softmax(c·tanh(s·l/c) / T)[ids] in float64, with both
+    gradients (dH, dW, db), a repeated id per row, odd shapes, prime V, strided inputs and row chunks."""
+    _skip_unavailable(backend)
+    s, c = transform
+    hidden, weight, b, ids = _inputs(13, 11, 103, 4, seed=7)
+    hidden = hidden.t().contiguous().t()  # column-major
+    h, w, bb = (x.clone().requires_grad_(True) for x in (hidden, weight, b))
+    out = de.logprobs_at(h, w, ids, bias=bb, temperature=1.4, backend=backend, chunk_rows=5, logit_scale=s,
+                         softcap=c)
+    up = torch.randn(13, 4, generator=torch.Generator().manual_seed(8))
+    (out * up).sum().backward()
+    h64, w64, b64 = (x.double().requires_grad_(True) for x in (hidden, weight, b))
+    ref = dense_logprobs_at(h64, w64, ids, bias=b64, temperature=1.4, logit_scale=s, softcap=c)
+    (ref * up.double()).sum().backward()
+    plain = dense_logprobs_at(hidden.double(), weight.double(), ids, bias=b.double(), temperature=1.4)
+    assert (ref.detach() - plain).abs().max() > 1e-2  # the transform matters at these logits
+    for got, want in ((out, ref.detach()), (h.grad, h64.grad), (w.grad, w64.grad), (bb.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(softcap=0.0), "softcap"), (dict(logit_scale=-1.0), "logit_scale"),
+                                          (dict(softcap=float("inf")), "softcap")])
+def test_bad_transform_one_line_error(kwargs, match):
+    with pytest.raises(ValueError, match=match) as exc:
+        de.logprobs_at(torch.randn(2, 4), torch.randn(7, 4), torch.zeros(2, 1, dtype=torch.long), **kwargs)
+    assert "\n" not in str(exc.value)

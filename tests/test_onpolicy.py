@@ -102,15 +102,18 @@ def test_mix_fraction_is_seeded_and_shared():
     assert all(op.is_on_policy(7, t, 1.0) for t in range(50))
 
 
-def test_sampled_reverse_kl_head_value_and_gradient():
-    """Value = Σ (log p_S(x) − log p_T(x)); gradient = Σ r·∇ log p_S(x) (score function, r detached)."""
+@pytest.mark.parametrize("transform", [(None, None), (None, 2.0), (0.7, 3.0)])  # (logit_scale, softcap)
+def test_sampled_reverse_kl_head_value_and_gradient(transform):
+    """Value = Σ (log p_S(x) − log p_T(x)); gradient = Σ r·∇ log p_S(x) (score function, r detached); log p_S on
+    the student family's transformed logits (soft-cap / scale)."""
     g = torch.Generator().manual_seed(0)
     N, d, V = 9, 8, 37
     lm = torch.nn.Linear(d, V, bias=False)
     with torch.no_grad():
         lm.weight.copy_(torch.randn(V, d, generator=g))
     head = op.OnPolicyHeadLoss(lm, divergence="forward_kl", beta=0.5, temperature=1.0, ce_weight=0.0,
-                               tail="bucket", backend="torch", zero3=False)
+                               tail="bucket", backend="torch", zero3=False, logit_scale=transform[0],
+                               softcap=transform[1])
     head.sampled = True
     h = torch.randn(N, d, generator=g, requires_grad=True)
     x = torch.randint(0, V, (N, 1), generator=g)
@@ -119,7 +122,7 @@ def test_sampled_reverse_kl_head_value_and_gradient():
     loss.backward()
     h64 = h.detach().double().requires_grad_(True)
     w64 = lm.weight.detach().double().requires_grad_(True)
-    lp_s = dense_logprobs_at(h64, w64, x)[:, 0]
+    lp_s = dense_logprobs_at(h64, w64, x, logit_scale=transform[0], softcap=transform[1])[:, 0]
     r = (lp_s - lp_t[:, 0].double()).detach()
     (r * lp_s).sum().backward()
     torch.testing.assert_close(loss.double(), r.sum(), rtol=1e-5, atol=1e-5)
@@ -161,10 +164,151 @@ def test_on_policy_config_defaults():
     assert from_dict(BASE).loss.on_policy is None
 
 
-def test_prompt_column_is_refused_not_ignored(tmp_path):
-    f = tmp_path / "d.jsonl"
-    f.write_text('{"text": "abc", "prompt": "a"}\n')
-    with pytest.raises(ValueError, match="data.prompt_field: .* has a 'prompt' column") as exc:
-        op.check_prompt_column([str(f)], "prompt")
-    assert "\n" not in str(exc.value)
-    op.check_prompt_column([str(f)], "question")  # a name the data does not use: fine
+def _jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_load_prompts_aligned_with_texts_and_empty_prompt_named(tmp_path):
+    from distill_engine.data.dataset import load_prompts, load_texts
+
+    a = _jsonl(tmp_path / "a.jsonl", [{"text": "one", "prompt": "p1"}, {"text": "", "prompt": "dropped"},
+                                      {"text": "two", "prompt": "p2"}])
+    b = _jsonl(tmp_path / "b.jsonl", [{"text": "three", "prompt": "p3"}])
+    assert load_texts([a, b]) == ["one", "two", "three"]
+    assert load_prompts([a, b]) == ["p1", "p2", "p3"]  # the row without text is dropped from both
+    assert load_prompts([a, b], prompt_field="question") is None  # no such column: first tokens as prompts
+    txt = tmp_path / "c.txt"
+    txt.write_text("plain text\n")
+    assert load_prompts([str(txt)]) is None
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"text": "x", "prompt": "ok"}, {"text": "y", "prompt": ""}])
+    for files, row, name in (([a, bad], 1, bad), ([bad], 1, bad)):
+        with pytest.raises(ValueError, match=rf"data.prompt_field: row {row} of '{name}' has an empty") as exc:
+            load_prompts(files)
+        assert "\n" not in str(exc.value)
+    missing = _jsonl(tmp_path / "m.jsonl", [{"text": "x", "prompt": "ok"}, {"text": "y"}])
+    with pytest.raises(ValueError, match="row 1 of .*m.jsonl.* empty, missing or non-string 'prompt'"):
+        load_prompts([missing])
+
+
+def test_prompt_table_packing_map_and_left_truncation():
+    from distill_engine.data.dataset import tokenize
+    from distill_engine.data.tokenizer import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    samples = tokenize(["aaaa", "bb", "cccccc"], tok, seq_len=4, packing=True)  # docs of 5, 3, 7 tokens with eos
+    assert samples.doc_index.tolist() == [0, 0, 2]  # the document of each block's first token
+    with pytest.warns(UserWarning, match="1 of 2 prompts are longer than loss.on_policy.prompt_tokens=3"):
+        table = op.PromptTable(["xy", "unused", "uvwxyz"], samples.doc_index, tok, 3)
+    b = Batch(torch.zeros(3, 4, dtype=torch.long), None, torch.zeros(3, 3, dtype=torch.long),
+              torch.tensor([2, 0, 1]), 0)
+    ids = lambda text: list(tok([text])["input_ids"][0])  # noqa: E731
+    assert [p.tolist() for p in table.of(b)] == [ids("xyz"), ids("xy"), ids("xy")]  # the last 3 tokens kept
+    unpacked = tokenize(["aaaa", "b", "cc"], tok, seq_len=8, packing=False)
+    assert unpacked.doc_index.tolist() == [0, 1, 2]
+
+
+def test_rollout_continues_the_prompt_column(model):
+    """On-policy micro-steps generate from the column's prompts; off-policy ones keep the sample text."""
+    from distill_engine.data.dataset import tokenize
+    from distill_engine.data.loader import collate
+    from distill_engine.data.tokenizer import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    samples = tokenize(["the alpha sees", "the beta", "a gamma sees"], tok, seq_len=16, packing=False)
+    with pytest.warns(UserWarning, match="1 of 3 prompts are longer"):
+        table = op.PromptTable(["Q: one?", "Q: two, longer?", "Q3"], samples.doc_index, tok, 8)
+    cfg = from_dict(dict(BASE, loss={"on_policy": {"fraction": 0.5, "prompt_tokens": 8, "max_new_tokens": 5}}))
+    onp = op.OnPolicy(cfg, model, rank=0, device=torch.device("cpu"), zero3=False, eos_id=None, pad_id=256,
+                      prompts=table)
+    on = next(t for t in range(50) if onp.is_on(t))
+    off = next(t for t in range(50) if not onp.is_on(t))
+    batch = collate(samples, [1, 2, 0], on, 256)
+    r = onp.rollout(batch)
+    for row, doc in enumerate([1, 2, 0]):
+        p = list(tok(["Q: one?", "Q: two, longer?", "Q3"][doc])["input_ids"])[-8:]
+        assert r.input_ids[row, :len(p)].tolist() == p  # the prompt (left-truncated to 8 tokens) ...
+        lab = r.labels[row]
+        assert (lab[:len(p) - 1] == IGNORE_INDEX).all() and (lab[len(p) - 1:len(p) + 4] != IGNORE_INDEX).all()
+    assert r.n_valid == 3 * 5  # ... and loss on the 5 generated tokens only
+    same = collate(samples, [1, 2, 0], off, 256)
+    assert onp.rollout(same) is same
+
+
+GEMMA2 = dict(model_type="gemma2", vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+              final_logit_softcapping=2.0, sliding_window=16, initializer_range=0.3, pad_token_id=256,
+              bos_token_id=0, eos_token_id=256)
+
+
+def _gemma2(seed):
+    from transformers import CONFIG_MAPPING
+
+    from distill_engine.trainer.families import init_config, model_from_config
+
+    if "gemma2" not in CONFIG_MAPPING:
+        pytest.skip("gemma2 is not in the installed transformers")
+    cfg = init_config(dict(GEMMA2), "student")
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return model_from_config(cfg).float().eval()
+
+
+def test_generation_samples_from_the_soft_capped_distribution(monkeypatch):
+    """A Gemma-2-like student: the logits sampled from are the model's own (soft-capped) logits."""
+    m = _gemma2(0)
+    seen = []
+    real = op.sample_next
+    monkeypatch.setattr(op, "sample_next", lambda logits, *a: seen.append(logits.clone()) or real(logits, *a))
+    prompts = [torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10])]
+    op.generate(m, prompts, max_new_tokens=1, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0),
+                eos_id=None, pad_id=256, device="cpu")
+    with torch.no_grad():
+        want = m(input_ids=torch.stack(prompts)).logits[:, -1]  # HF: 2·tanh(l/2)
+    assert want.abs().max() <= 2.0 and (want - m.lm_head(m.model(torch.stack(prompts))[0][:, -1])).abs().max() > 1e-2
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_reverse_kl_teacher_scores_with_its_family_transform():
+    """teacher_batch: log p_T(x) at the sampled tokens from the Gemma-2 teacher's soft-capped logits (= HF's)."""
+    student, teacher = _gemma2(1), _gemma2(2)
+    cfg = from_dict(dict(BASE, loss={"on_policy": {"fraction": 1.0, "objective": "sampled_reverse_kl"},
+                                     "temperature": 1.3}))
+    onp = op.OnPolicy(cfg, student, rank=0, device=torch.device("cpu"), zero3=False, eos_id=None, pad_id=256,
+                      teacher_model=teacher)
+    tmpl = Batch(torch.zeros(2, 4, dtype=torch.long), None, torch.zeros(2, 3, dtype=torch.long),
+                 torch.tensor([0, 1]), 3)
+    b = op.build_batch([torch.tensor([3, 4, 5]), torch.tensor([6])], [torch.tensor([7, 8]), torch.tensor([9, 10, 11])],
+                       tmpl, pad_id=256)
+    tb = onp.teacher_batch(b)
+    with torch.no_grad():
+        logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].double()
+    lp = torch.log_softmax(logits / 1.3, -1).reshape(-1, 257)[b.valid_index]  # [n, V]
+    want = lp.gather(1, b.labels.reshape(-1)[b.valid_index][:, None])
+    assert tb.ids[:, 0].tolist() == [7, 8, 9, 10, 11]
+    torch.testing.assert_close(tb.logprobs.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_reverse_kl_trains_a_gemma2_student_on_column_prompts(tmp_path):
+    """End to end, in process (engine: torch): Gemma-2-like student and teacher (both soft-capped), objective
+    sampled_reverse_kl, prompts from the data's prompt column."""
+    import distill_engine as de
+
+    _gemma2(0)  # skips without gemma2
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": f"the text number {i} goes on", "prompt": f"Q{i}: say"}
+                                         for i in range(8)])
+    summary = de.train({
+        "run": {"output_dir": str(tmp_path / "out"), "progress": "false", "tensorboard": False, "seed": 3},
+        "student": {"init": dict(GEMMA2), "init_seed": 0},
+        "teacher": {"init": dict(GEMMA2, hidden_size=48), "init_seed": 1, "k": 4},
+        "loss": {"on_policy": {"fraction": 1.0, "objective": "sampled_reverse_kl", "prompt_tokens": 8,
+                               "max_new_tokens": 4}},
+        "data": {"train_files": [data], "tokenizer": "byte", "seq_len": 16, "packing": False},
+        "train": {"engine": "torch", "micro_batch_size": 2, "max_steps": 2, "lr": 1e-3, "warmup_steps": 1,
+                  "log_every": 1, "save_every": 0, "save_final": False, "device": "cpu"},
+    })
+    assert summary["on_policy_micro_batches"] == 2 and summary["steps"] == 2
+    assert summary["on_policy_prompts"] == "column"
+    assert all(math.isfinite(x) for x in (summary["first_loss"], summary["final_loss"]))

@@ -12,7 +12,7 @@ from distill_engine import _backend
 from distill_engine.ops import packing as P
 from distill_engine.ops.teacher_targets import TeacherTargets
 
-FORMATS = [(fmt, bp) for fmt in ("float16", "bfloat16", "uint8") for bp in (False, True)]
+FORMATS = [(fmt, bp) for fmt in ("float16", "bfloat16", "uint8", "float32") for bp in (False, True)]
 
 
 def _teacher(N=40, d=24, V=1009, seed=0, scale=3.0):
@@ -40,6 +40,8 @@ def _bound(t: TeacherTargets, fmt: str) -> torch.Tensor:
     slot = t.ids >= 0
     x = torch.where(slot, t.logprobs.clamp(min=P.U8_FLOOR), torch.zeros_like(t.logprobs))
     amax = x.abs().amax(dim=1)
+    if fmt == "float32":  # lossless
+        return torch.zeros_like(amax)
     if fmt == "float16":
         e = amax * 2.0**-11 + 2.0**-24
     elif fmt == "bfloat16":
@@ -128,7 +130,7 @@ def test_loss_change_per_format(method, tail):
                            generator=torch.Generator().manual_seed(3) if method == "sample" else None)
     base = de.fused_distill_loss(h_s, w_s, t.ids, t.logprobs, tail=tail, backend="torch").item()
     assert base > 0
-    limits = {"float16": 2e-3, "bfloat16": 1e-2, "uint8": 1e-2}
+    limits = {"float16": 2e-3, "bfloat16": 1e-2, "uint8": 1e-2, "float32": 0.0}  # float32: the same loss
     for fmt, bp in FORMATS:
         u = de.unpack_targets(de.pack_targets(t, fmt, bitpack_ids=bp))
         loss = de.fused_distill_loss(h_s, w_s, u.ids, u.logprobs, tail=tail, backend="torch").item()
@@ -167,14 +169,37 @@ def test_header_errors_are_explained():
     data = bytearray(_packed_bytes())
     with pytest.raises(ValueError, match="magic"):
         de.unpack_targets(b"NOPE" + bytes(data[4:]))
-    v3 = bytearray(data)
-    v3[4] = 3
+    v4 = bytearray(data)
+    v4[4] = 4
     with pytest.raises(ValueError, match="version"):
-        de.unpack_targets(bytes(v3))
+        de.unpack_targets(bytes(v4))
     with pytest.raises(ValueError, match="bytes"):
         de.unpack_targets("not bytes")
     with pytest.raises(ValueError):
         de.PackedTargets(torch.zeros(10, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("method", ["topk", "sample"])
+def test_float32_is_bit_identical_and_version_3(method):
+    """float32: every log-prob and the rest log-mass come back bit for bit, through the buffer and its bytes; it
+    is written as version 3, the other formats stay version 2 (what earlier builds read)."""
+    t = _targets(method, N=23, V=1013, k=7, seed=5)
+    t = TeacherTargets(t.ids, t.logprobs, t.vocab_size, -torch.rand(23, dtype=torch.float64).float() * 9)
+    p = de.pack_targets(t, "float32")
+    assert p.version == 3 and p.logprob_dtype == "float32" and p.bytes_per_slot > 8
+    for src in (p, p.to_bytes()):
+        u = de.unpack_targets(src)
+        assert torch.equal(u.ids, t.ids.int())
+        assert torch.equal(u.logprobs.view(torch.int32), t.logprobs.float().view(torch.int32))  # same bits
+        assert torch.equal(u.rest_logprob.view(torch.int32), t.rest_logprob.view(torch.int32))
+    assert {de.pack_targets(t, f).version for f in ("float16", "bfloat16", "uint8")} == {2}
+
+
+def test_float32_code_in_an_older_version_is_refused():
+    data = bytearray(de.pack_targets(_targets("topk", N=9, k=4), "float32").to_bytes())
+    data[4] = 2  # format code 3 (float32) does not exist in version 2
+    with pytest.raises(ValueError, match="flags"):
+        de.unpack_targets(bytes(data))
 
 
 def test_in_memory_corruption_is_caught_by_verify():

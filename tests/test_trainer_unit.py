@@ -179,7 +179,8 @@ def _write(tiny, cache_dir, **over):
 
     fields = manifest_fields(cfg, tok, samples, model_fingerprint(paths["teacher"], None))
     man = write_cache(cache_dir, runner=runner, samples=samples, fields=fields, pad_id=tok.pad_token_id, batch_size=4,
-                      shard_samples=8, logprob_dtype="float16", vocab_size=257, bitpack_ids=over.get("bitpack", False),
+                      shard_samples=8, logprob_dtype=over.get("logprob_dtype", "float16"), vocab_size=257,
+                      bitpack_ids=over.get("bitpack", False),
                       rank=0, world=1, zero3=False, device=torch.device("cpu"), teacher_info={}, log=lambda m: None)
     return cfg, tok, samples, head, man, calls
 
@@ -202,6 +203,26 @@ def test_cache_round_trip_matches_teacher(tiny, tmp_path):
         assert (got.logprobs - lps).abs().max() < 2e-3  # fp16 packing
         assert torch.equal(got.rest_logprob, rest)  # the exact teacher rest log-mass, stored in fp32 (format v2)
     assert man["rest_logprob"] is True
+    src.close()
+
+
+def test_cache_float32_round_trip_is_bit_identical(tiny, tmp_path):
+    """teacher.logprob_dtype: float32 — the cache gives back exactly the teacher's targets (exactness checks)."""
+    from distill_engine.data.loader import MicroBatchPlan, collate
+    from distill_engine.teacher.cache import CacheTeacher, expected_manifest
+
+    cache = str(tmp_path / "cache32")
+    cfg, tok, samples, head, man, _ = _write(tiny, cache, logprob_dtype="float32")
+    cfg.teacher.logprob_dtype = "float32"
+    plan = MicroBatchPlan(len(samples), micro_batch_size=3, dp_size=1, dp_rank=0, seed=5)
+    src = CacheTeacher(cache, expect=expected_manifest(cfg, tok, samples), samples=samples, plan=plan, prefetch=2)
+    src.start(0, 3)
+    for t in range(3):
+        b = collate(samples, plan.sample_ids(t), t, tok.pad_token_id)
+        ids, lps, _, rest = head(b.input_ids, b.attention_mask, b.valid_index, None)[:4]
+        got = src.get(b)
+        assert torch.equal(got.ids, ids) and torch.equal(got.rest_logprob, rest)
+        assert torch.equal(got.logprobs.view(torch.int32), lps.float().view(torch.int32))  # bit for bit
     src.close()
 
 

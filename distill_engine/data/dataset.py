@@ -31,6 +31,54 @@ def _format_of(path: str, fmt: str, key: str) -> str:
 def load_texts(files: Sequence[str], *, fmt: str = "auto", text_field: str = "text", sample_by: str = "document",
                cache_dir: Optional[str] = None, key: str = "data.train_files") -> List[str]:
     """Documents of local files, in file order, through ``datasets.load_dataset`` (json / text / parquet)."""
+    ds, kind = _load_dataset(files, fmt, sample_by, cache_dir, key)
+    field = "text" if kind == "text" else text_field
+    if field not in ds.column_names:
+        raise ValueError(f"data.text_field: column {field!r} not found in {files[0]!r} (columns: {ds.column_names})")
+    texts = [t for t in ds[field] if isinstance(t, str) and t]
+    if not texts:
+        raise ValueError(f"{key}: no non-empty text in column {field!r}")
+    return texts
+
+
+def load_prompts(files: Sequence[str], *, fmt: str = "auto", text_field: str = "text", prompt_field: str = "prompt",
+                 cache_dir: Optional[str] = None, key: str = "data.train_files") -> Optional[List[str]]:
+    """The ``prompt_field`` column, one entry per document of :func:`load_texts` (same files, same rows kept), or
+    None when the data has no such column (text files never do). An empty or missing prompt in a row that has
+    text raises a one-line ValueError naming the file and the row."""
+    if {_format_of(f, fmt, key) for f in files} == {"text"}:
+        return None  # text files have no columns
+    ds, kind = _load_dataset(files, fmt, "document", cache_dir, key)
+    if prompt_field not in ds.column_names:
+        return None
+    out = []
+    for row, (t, p) in enumerate(zip(ds[text_field], ds[prompt_field])):
+        if not (isinstance(t, str) and t):
+            continue  # no text: not a document (load_texts drops it too)
+        if not isinstance(p, str) or not p:
+            path, r = _row_origin(files, kind, cache_dir, row)
+            raise ValueError(f"data.prompt_field: row {r} of {path!r} has an empty, missing or non-string "
+                             f"{prompt_field!r} prompt; fill it in with text or drop the row (or set data.prompt_field "
+                             f"to a column the data does not have: prompts are then the first "
+                             f"loss.on_policy.prompt_tokens tokens)")
+        out.append(p)
+    return out
+
+
+def _row_origin(files: Sequence[str], kind: str, cache_dir: Optional[str], row: int):
+    """(file, 0-based row in that file) of row ``row`` of the concatenated data (error messages only)."""
+    import datasets
+
+    for f in files:
+        n = datasets.load_dataset(kind, data_files=[f], split="train", cache_dir=cache_dir).num_rows
+        if row < n:
+            return f, row
+        row -= n
+    return files[-1], row
+
+
+def _load_dataset(files: Sequence[str], fmt: str, sample_by: str, cache_dir: Optional[str], key: str):
+    """(datasets.Dataset of all files, its kind json | text | parquet), with one-line errors for bad files."""
     if not files:
         raise ValueError(f"{key} is empty; list at least one .jsonl, .txt or .parquet file")
     for f in files:
@@ -52,13 +100,7 @@ def load_texts(files: Sequence[str], *, fmt: str = "auto", text_field: str = "te
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ValueError(f"{key}: could not read {list(files)!r} as {kind} ({type(e).__name__}: {first}); check "
                          f"the files' format or set data.format") from None
-    field = "text" if kind == "text" else text_field
-    if field not in ds.column_names:
-        raise ValueError(f"data.text_field: column {field!r} not found in {files[0]!r} (columns: {ds.column_names})")
-    texts = [t for t in ds[field] if isinstance(t, str) and t]
-    if not texts:
-        raise ValueError(f"{key}: no non-empty text in column {field!r}")
-    return texts
+    return ds, kind
 
 
 def _precheck_file(path: str, kind: str, key: str) -> None:
@@ -99,6 +141,7 @@ class TokenSamples:
     offsets: np.ndarray   # [M + 1] int64
     seq_len: int
     packing: bool
+    doc_index: Optional[np.ndarray] = None  # [M] int64: the text (document) holding each sample's first token
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -126,12 +169,14 @@ def tokenize(texts: Sequence[str], tokenizer, *, seq_len: int, packing: bool = T
     if add_eos and eos is None:
         raise ValueError("data.add_eos is true but the tokenizer has no eos token; set data.add_eos: false")
     docs: List[np.ndarray] = []
+    doc_ids: List[int] = []  # the text each kept document came from
     for s in range(0, len(texts), batch):
-        for ids in tokenizer(list(texts[s:s + batch]), add_special_tokens=True)["input_ids"]:
+        for j, ids in enumerate(tokenizer(list(texts[s:s + batch]), add_special_tokens=True)["input_ids"]):
             if add_eos and (not ids or ids[-1] != eos):
                 ids = list(ids) + [eos]
             if len(ids) >= 2 or packing:
                 docs.append(np.asarray(ids, dtype=np.int32))
+                doc_ids.append(s + j)
     if packing:
         flat = np.concatenate(docs) if docs else np.zeros(0, np.int32)
         m = len(flat) // seq_len
@@ -139,14 +184,17 @@ def tokenize(texts: Sequence[str], tokenizer, *, seq_len: int, packing: bool = T
             m = min(m, max_samples)
         flat = flat[: m * seq_len]
         offsets = np.arange(m + 1, dtype=np.int64) * seq_len
+        starts = np.cumsum([0] + [len(d) for d in docs[:-1]]) if docs else np.zeros(0, np.int64)
+        doc_index = np.asarray(doc_ids, dtype=np.int64)[np.searchsorted(starts, offsets[:-1], side="right") - 1] \
+            if m else np.zeros(0, np.int64)
     else:
-        docs = [d[:seq_len] for d in docs if len(d) >= 2]
-        if max_samples is not None:
-            docs = docs[:max_samples]
+        keep = [i for i, d in enumerate(docs) if len(d) >= 2][:max_samples]
+        docs = [docs[i][:seq_len] for i in keep]
+        doc_index = np.asarray([doc_ids[i] for i in keep], dtype=np.int64)
         flat = np.concatenate(docs) if docs else np.zeros(0, np.int32)
         offsets = np.zeros(len(docs) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(d) for d in docs])
     if len(offsets) < 2:
         raise ValueError(f"the data yields no training sample of seq_len={seq_len} tokens "
                          f"({sum(len(d) for d in docs)} tokens in all); add data or lower data.seq_len")
-    return TokenSamples(tokens=flat, offsets=offsets, seq_len=seq_len, packing=packing)
+    return TokenSamples(tokens=flat, offsets=offsets, seq_len=seq_len, packing=packing, doc_index=doc_index)

@@ -26,10 +26,12 @@ def _generator(seed: int, slice_id: int) -> torch.Generator:
 
 def _nll(model, inp, mask, valid, y, backend) -> torch.Tensor:
     from ..ops.logprobs_at import logprobs_at
+    from ..trainer.families import logit_transform
 
     w, b = _models.lm_head(model)
     h = _models.final_hidden(model, inp, mask)[:, :-1][valid]  # [N, d]
-    return -logprobs_at(h, w, y[:, None], bias=b, backend=backend)[:, 0].double()  # [N]
+    s, c = logit_transform(model.config, "model")  # the family's logits (Gemma 2 soft-cap, scaled logits)
+    return -logprobs_at(h, w, y[:, None], bias=b, backend=backend, logit_scale=s, softcap=c)[:, 0].double()  # [N]
 
 
 @torch.no_grad()

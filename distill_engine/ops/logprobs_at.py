@@ -15,6 +15,11 @@ It reuses the two vocabulary-wide passes of ``fused_distill_loss``'s backend con
   the ids (scatter-add: a repeated id gets the sum of its coefficients). The logits of the chunk are
   recomputed (one more GEMM) instead of keeping [N, V] alive between forward and backward.
 
+Logit transforms (``logit_scale`` s, ``softcap`` c; Gemma-2 soft-capping, scaled-logit families): l is replaced
+by z = s·l, then c·tanh(z/c), before the temperature — exactly as ``fused_distill_loss`` does. The backend is
+wrapped in :class:`~distill_engine.ops.logit_transform.TransformChunks` (the transform on the [chunk, V] buffer,
+lse over z; backward multiplies the dense and the sparse coefficients by dz/dl = s·(1 − (z/c)²)).
+
 Memory: one fp32 [chunk, V] buffer at a time (``chunk_rows``), plus lse_T [N] saved for backward.
 Used by the on-policy trainer's ``sampled_reverse_kl`` objective (teacher and student log-probs at the
 student's sampled tokens).
@@ -29,6 +34,7 @@ import torch
 from .. import _backend
 from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_finite_rows, check_hidden_weight, check_tensor
 from .distill_loss import _backend_impl, _default_chunk_rows
+from .logit_transform import TransformChunks, active, check_transform
 
 _CPU_SYMBOL = "distill_logits_lse"
 
@@ -65,29 +71,37 @@ def _validate(hidden, weight, ids, bias, temperature, chunk_rows, validate: bool
             check_finite_rows("bias", bias[:, None], "; the lm_head bias must be finite")
 
 
-def _forward(hidden, weight, bias, ids, T: float, chunk: int, backend: str):
+def _impl(backend: str, transform):
+    """The backend's chunk contract; with an active (logit_scale, softcap), on the transformed logits z."""
     impl = _backend_impl(backend)
+    return TransformChunks(impl, *transform) if active(*transform) else impl
+
+
+def _forward(hidden, weight, bias, ids, T: float, chunk: int, backend: str, transform=(None, None)):
+    impl = _impl(backend, transform)
     N = hidden.shape[0]
     out = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)  # [N, m]
     lse_all = torch.empty(N, dtype=torch.float32, device=hidden.device)  # [N]
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         buf, lse_T, _ = impl.logits_lse(hidden[s:e], weight, bias, T, False, True)  # buf [c, V] fp32
-        z = buf.gather(1, ids[s:e].long())  # [c, m] raw logits at the ids
+        z = buf.gather(1, ids[s:e].long())  # [c, m] (transformed) logits at the ids
         out[s:e] = (z.double() / T - lse_T.double()[:, None]).float()
         lse_all[s:e] = lse_T
         del buf
     return out, lse_all
 
 
-def _backward(hidden, weight, bias, ids, lse_all, grad, T: float, chunk: int, backend: str, need_dW: bool):
-    impl = _backend_impl(backend)
+def _backward(hidden, weight, bias, ids, lse_all, grad, T: float, chunk: int, backend: str, need_dW: bool,
+              transform=(None, None)):
+    impl = _impl(backend, transform)
     N, d = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     dH = torch.empty(N, d, dtype=torch.float32, device=dev)
-    # the torch and C++ backends always accumulate dW; Triton skips the GEMM when dW is not wanted
-    dW = torch.zeros(V, d, dtype=torch.float32, device=dev) if need_dW or backend != "triton" else None
+    # the torch and C++ backends (and the transform wrapper) always accumulate dW; Triton skips it when not wanted
+    keep_dW = need_dW or backend != "triton" or active(*transform)
+    dW = torch.zeros(V, d, dtype=torch.float32, device=dev) if keep_dW else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
     g = grad.float()  # [N, m]
     s_q_all = -g.sum(1) / T  # [N]
@@ -104,9 +118,9 @@ def _backward(hidden, weight, bias, ids, lse_all, grad, T: float, chunk: int, ba
 
 class _LogprobsAtFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, T: float, chunk: int, backend: str):
-        out, lse_all = _forward(hidden, weight, bias, ids, T, chunk, backend)
-        ctx.T, ctx.chunk, ctx.backend = T, chunk, backend
+    def forward(ctx, hidden, weight, bias, ids, T: float, chunk: int, backend: str, transform=(None, None)):
+        out, lse_all = _forward(hidden, weight, bias, ids, T, chunk, backend, transform)
+        ctx.T, ctx.chunk, ctx.backend, ctx.transform = T, chunk, backend, transform
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.save_for_backward(hidden, weight, bias, ids, lse_all)
         ctx.mark_non_differentiable(lse_all)
@@ -116,12 +130,13 @@ class _LogprobsAtFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, bias, ids, lse_all = ctx.saved_tensors
         need_dW = ctx.needs_input_grad[1]
-        dH, dW, db = _backward(hidden, weight, bias, ids, lse_all, grad_out, ctx.T, ctx.chunk, ctx.backend, need_dW)
+        dH, dW, db = _backward(hidden, weight, bias, ids, lse_all, grad_out, ctx.T, ctx.chunk, ctx.backend, need_dW,
+                               ctx.transform)
         hd, wd, bd = ctx.dtypes
         return (dH.to(hd) if ctx.needs_input_grad[0] else None,
                 dW.to(wd) if need_dW else None,
                 db.to(bd) if (db is not None and ctx.needs_input_grad[2]) else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def logprobs_at(
@@ -134,8 +149,11 @@ def logprobs_at(
     backend: str = "auto",
     validate: bool = True,
     chunk_rows: Optional[int] = None,
+    logit_scale: Optional[float] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Log-probabilities log softmax((h Wᵀ + b)/T)[ids] without materialising the [N, V] logits.
+    With ``logit_scale`` s / ``softcap`` c the logits are z = s·l, then c·tanh(z/c), before T (model families).
 
     Args:
         hidden: [N, d] final hidden states (float32 | bfloat16 | float16).
@@ -146,14 +164,17 @@ def logprobs_at(
         backend: "auto" | "triton" | "cpu" | "torch".
         validate: finiteness checks on hidden/weight/bias (one host sync each); ids are always range-checked.
         chunk_rows: rows per chunk (default: one fp32 [chunk, V] buffer of ≤ 32 MB on CPU, 512 MB on GPU).
+        logit_scale: multiply the logits by it (None: 1), as Cohere / Granite (1/s) / ... do.
+        softcap: soft-cap the (scaled) logits to c·tanh(z/c) (Gemma 2/3's final_logit_softcapping); None: off.
 
     Returns:
         [N, m] float32 log-probabilities; differentiable with respect to hidden, weight and bias.
     """
     _validate(hidden, weight, ids, bias, temperature, chunk_rows, validate)
+    check_transform(logit_scale, softcap)
     which = _backend.resolve_backend(backend, hidden.device, "logprobs_at", _CPU_SYMBOL)
     if hidden.shape[0] == 0:
         z = (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
         return z.expand(0, ids.shape[1]).clone() if z.requires_grad else hidden.new_zeros(ids.shape, dtype=torch.float32)
     chunk = chunk_rows or _default_chunk_rows(weight.shape[0], hidden.device)
-    return _LogprobsAtFn.apply(hidden, weight, bias, ids, float(temperature), chunk, which)
+    return _LogprobsAtFn.apply(hidden, weight, bias, ids, float(temperature), chunk, which, (logit_scale, softcap))

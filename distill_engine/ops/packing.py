@@ -1,11 +1,13 @@
 """Compact byte format of teacher targets for caches and streams: ``pack_targets`` / ``unpack_targets``.
 
-Byte layout, version 2 (all integers little-endian; one flat uint8 buffer, on any device)::
+Byte layout, version 3 (all integers little-endian; one flat uint8 buffer, on any device)::
 
     offset  size  field
     0       4     magic b"DETT"
-    4       2     version = 2 (version 1 buffers, identical but without flag bit 3, are still read)
-    6       2     flags: bits 0-1 log-prob format (0 = float16, 1 = bfloat16, 2 = uint8);
+    4       2     version: 3 for float32 log-probs, else 2 (the version-2 layout is version 3 without format
+                  code 3, so float16/bfloat16/uint8 buffers are written as version 2, byte for byte what
+                  earlier builds wrote and read; version 1 buffers, identical but without flag bit 3, are still read)
+    6       2     flags: bits 0-1 log-prob format (0 = float16, 1 = bfloat16, 2 = uint8, 3 = float32 (version 3));
                          bit 2 = ids bit-packed (else int32);
                          bit 3 = rest section present (version 2 only); other bits 0
     8       8     N (rows, uint64)
@@ -19,7 +21,7 @@ Byte layout, version 2 (all integers little-endian; one flat uint8 buffer, on an
 
     uint8 format only:  row offsets  float16 [N]   (o_n, an fp16 value rounded UP from max of the row)
                         row scales   float16 [N]   (s_n, fp16 rounded UP from (o_n − min of the row) / 254)
-    log-probabilities:  float16 | bfloat16 [N·k], or uint8 codes [N·k]: lp = o_n − code·s_n, 255 = empty
+    log-probabilities:  float16 | bfloat16 | float32 [N·k], or uint8 codes [N·k]: lp = o_n − code·s_n, 255 = empty
     ids:                int32 [N·k] (−1 = empty), or a bit stream of N·k codes of id_bits bits each,
                         slot i in stream bits [i·b, (i+1)·b) (bit 0 = least significant bit of byte 0),
                         code V = empty slot, stored as ceil(N·k·b / 32) little-endian uint32 words
@@ -27,11 +29,13 @@ Byte layout, version 2 (all integers little-endian; one flat uint8 buffer, on an
                         outside the row's ids (kept in fp32: it is what tail="bucket" needs exactly)
 
 Bytes per (token, slot) at V = 128,256, k = 64: int32 + fp16 = 6, int32 + uint8 = 5.06,
-bit-packed + fp16 = 4.13, bit-packed + uint8 = 3.19 (plus the 48-byte header per buffer).
+bit-packed + fp16 = 4.13, bit-packed + uint8 = 3.19, int32 + fp32 = 8 (plus the 48-byte header per buffer).
 
-Lossy steps and what unpacking restores: float16 clamps log-probs to >= -65504; uint8 floors them at
-``U8_FLOOR`` = -100 first (exp(-100) ≈ 4e-44: no change to any loss, and the core op floors its logs
-there too) and rounds to the row's 255-level grid (error <= s_n / 2); after decoding, a row whose
+float32 is lossless: unpacking returns the packed log-probs bit for bit (empty slots −inf, as packed), with no
+renormalization — it serves exactness checks (a cache or stream round trip gives bit-identical targets).
+Lossy steps of the other formats and what unpacking restores: float16 clamps log-probs to >= -65504; uint8
+floors them at ``U8_FLOOR`` = -100 first (exp(-100) ≈ 4e-44: no change to any loss, and the core op floors its
+logs there too) and rounds to the row's 255-level grid (error <= s_n / 2); after decoding, a row whose
 probabilities sum to more than 1 (rounding of a near-1 top slot) is renormalized to sum 1 so
 ``tail="bucket"`` stays valid. Ids are always exact.
 
@@ -53,11 +57,13 @@ from .. import _backend
 from .teacher_targets import TeacherTargets
 
 MAGIC = b"DETT"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3  # the newest version written (float32 buffers); the others are written as version 2
+READABLE_VERSIONS = (1, 2, 3)
 HEADER_BYTES = 48
-LOGPROB_DTYPES = ("float16", "bfloat16", "uint8")
-_FMT_CODE = {"float16": 0, "bfloat16": 1, "uint8": 2}
+LOGPROB_DTYPES = ("float16", "bfloat16", "uint8", "float32")
+_FMT_CODE = {"float16": 0, "bfloat16": 1, "uint8": 2, "float32": 3}
+_FMT_VERSION = {"float16": 2, "bfloat16": 2, "uint8": 2, "float32": 3}  # the version each format is written as
+_FP_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _FLAG_BITPACK = 1 << 2
 _FLAG_REST = 1 << 3  # version 2: a float32 [N] rest_logprob section follows the ids
 U8_FLOOR = -100.0
@@ -85,7 +91,7 @@ def _sections(N: int, k: int, V: int, fmt: str, bitpack: bool, rest: bool = Fals
     if fmt == "uint8":
         out += [("offset", 2 * N), ("scale", 2 * N), ("logprobs", n)]
     else:
-        out += [("logprobs", 2 * n)]
+        out += [("logprobs", (4 if fmt == "float32" else 2) * n)]
     if bitpack:
         out += [("ids", 4 * ((n * id_bits_for(V) + 31) // 32))]
     else:
@@ -325,7 +331,7 @@ def _parse_header(head: bytes, total: int) -> dict:
                          f"{', '.join(map(str, READABLE_VERSIONS))})")
     fmt_code = flags & 3
     known = 3 | _FLAG_BITPACK | (_FLAG_REST if version >= 2 else 0)
-    if fmt_code > 2 or flags & ~known:
+    if (fmt_code == 3 and version < 3) or flags & ~known:  # float32 (code 3) exists from version 3 on
         raise ValueError(f"corrupt packed targets: unknown flags {flags:#x}")
     fmt = LOGPROB_DTYPES[fmt_code]
     bitpack = bool(flags & _FLAG_BITPACK)
@@ -354,7 +360,8 @@ def pack_targets(targets: TeacherTargets, logprob_dtype: str = "float16", *, bit
 
     Args:
         targets: TeacherTargets (ids [N, k], logprobs [N, k], rest_logprob [N] | None: stored in fp32 when set).
-        logprob_dtype: "float16" | "bfloat16" | "uint8" (per-row fp16 offset and scale, 255 levels).
+        logprob_dtype: "float16" | "bfloat16" | "uint8" (per-row fp16 offset and scale, 255 levels) | "float32"
+            (lossless: unpacking returns the log-probs bit for bit).
         bitpack_ids: store ids in ceil(log2(V + 1)) bits each instead of int32.
         vocab_size: V; defaults to ``targets.vocab_size`` (required).
     """
@@ -400,8 +407,7 @@ def pack_targets(targets: TeacherTargets, logprob_dtype: str = "float16", *, bit
     else:
         lpx = lp.clamp(min=-65504.0) if fmt == "float16" else lp
         lpx = torch.where(ids >= 0, lpx, torch.full_like(lpx, float("-inf")))
-        half = lpx.to(torch.float16 if fmt == "float16" else torch.bfloat16)
-        parts["logprobs"] = half.reshape(-1).view(torch.uint8)
+        parts["logprobs"] = lpx.to(_FP_DTYPE[fmt]).reshape(-1).view(torch.uint8)
     bits = id_bits_for(V) if bitpack_ids else 32
     if bitpack_ids:
         parts["ids"] = _pack_id_bits(ids.reshape(-1), V, bits).view(torch.uint8)
@@ -418,7 +424,7 @@ def pack_targets(targets: TeacherTargets, logprob_dtype: str = "float16", *, bit
             chunks.append(torch.zeros(_pad8(nbytes) - nbytes, dtype=torch.uint8, device=dev))
     payload = sum(c.numel() for c in chunks)
     flags = _FMT_CODE[fmt] | (_FLAG_BITPACK if bitpack_ids else 0) | (_FLAG_REST if has_rest else 0)
-    head = _HEADER.pack(MAGIC, VERSION, flags, N, k, V, bits, payload, 0)
+    head = _HEADER.pack(MAGIC, _FMT_VERSION[fmt], flags, N, k, V, bits, payload, 0)
     head_t = torch.frombuffer(bytearray(head), dtype=torch.uint8).to(dev)
     buf = torch.cat([head_t, *chunks])
     buf[40:48] = _i64_to_u8(_checksum(buf))  # stays on device: no host sync
@@ -460,10 +466,11 @@ def unpack_targets(packed: Union[PackedTargets, bytes, bytearray, memoryview], d
         if n and bool(((codes == 255) != (ids < 0)).any()):
             raise ValueError("corrupt packed targets: empty-slot marks of ids and log-probs disagree")
     else:
-        lp = sec["logprobs"].view(torch.float16 if fmt == "float16" else torch.bfloat16).reshape(N, k).float()
+        lp = sec["logprobs"].view(_FP_DTYPE[fmt]).reshape(N, k).float()
     lp = torch.where(ids >= 0, lp, torch.full_like(lp, float("-inf")))
-    # rounding may push a row's mass slightly above 1; renormalize such rows (keeps tail="bucket" valid)
-    if n:
+    # rounding may push a row's mass slightly above 1; renormalize such rows (keeps tail="bucket" valid).
+    # float32 stores the packed values exactly: nothing was rounded, so nothing is changed (bit-identical)
+    if n and fmt != "float32":
         lse = torch.logsumexp(lp.double(), dim=1)
         lp = torch.where((lse > 0)[:, None], (lp.double() - lse.clamp(min=0)[:, None]).float(), lp)
     rest = sec["rest"].view(torch.float32).clone() if h["rest"] else None  # version 1 / no section: None

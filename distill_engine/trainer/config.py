@@ -34,7 +34,8 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       cache_dir: null               # cache source: directory written by `distill-engine cache-teacher`
       cache_verify: lazy            # lazy (each shard's sha256 on first use) | full (all at start) | none
       cache_shard_samples: 1024
-      logprob_dtype: float16        # packed targets in caches and streams: float16 | bfloat16 | uint8
+      logprob_dtype: float16        # packed targets in caches and streams: float16 | bfloat16 | uint8 | float32
+                                    # (float32: lossless, bit-identical targets through the cache and the stream)
       bitpack_ids: false            # ids in ceil(log2(V+1)) bits instead of int32 (17 at V = 128k)
       prefetch: 4                   # micro-batches buffered ahead (cache reader, stream receiver/sender)
       ranks: 0                      # stream: the last R processes host the teacher (CLI --teacher-ranks)
@@ -54,7 +55,8 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       relation: null                # relation distillation, e.g. {kind: similarity, pooling: mean, weight: 1.0}
       on_policy: null               # on-policy distillation (GKD), e.g.:
         # fraction: 0.5               # λ: share of micro-batches the student generates (0 off-policy, 1 fully)
-        # prompt_tokens: 16           # the student continues the first prompt_tokens tokens of each sample
+        # prompt_tokens: 16           # the student continues the first prompt_tokens tokens of each sample, or
+        #                             # its data.prompt_field text, left-truncated to its last prompt_tokens tokens
         # max_new_tokens: 32
         # temperature: 1.0            # sampling temperature (> 0)
         # top_p: 1.0                  # nucleus sampling, in (0, 1]
@@ -64,7 +66,9 @@ Every key is checked: an unknown key, a value of the wrong type or outside its a
       train_files: []               # .jsonl / .json / .txt / .parquet
       format: auto                  # auto | json | text | parquet
       text_field: text
-      prompt_field: prompt          # on-policy: a prompt column (not supported yet: data having it is refused)
+      prompt_field: prompt          # on-policy: when the .jsonl/.json/.parquet data has this column, rollouts
+                                    # continue its text (packed samples: the prompt of the document a sample
+                                    # starts in); an empty prompt is an error; off-policy steps use the text
       text_sample_by: document      # text files: document | paragraph | line
       tokenizer: null               # tokenizer dir or "byte"; default: the student's directory
       seq_len: 256
@@ -144,7 +148,7 @@ class TeacherConfig(ModelConfig):
     cache_dir: Optional[str] = None
     cache_verify: Literal["lazy", "full", "none"] = "lazy"
     cache_shard_samples: int = 1024
-    logprob_dtype: Literal["float16", "bfloat16", "uint8"] = "float16"
+    logprob_dtype: Literal["float16", "bfloat16", "uint8", "float32"] = "float16"
     bitpack_ids: bool = False
     prefetch: int = 4
     ranks: int = 0

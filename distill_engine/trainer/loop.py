@@ -236,22 +236,14 @@ class Trainer:
         self.on_policy = None
         head_cls = FusedHeadLoss
         if lo.on_policy is not None and lo.on_policy.fraction > 0:
-            from .onpolicy import OnPolicy, OnPolicyHeadLoss
+            from .onpolicy import OnPolicy, OnPolicyHeadLoss, prompt_table
 
             head_cls = OnPolicyHeadLoss
             self.on_policy = OnPolicy(cfg, student, rank=self.rank, device=device, zero3=self.zero3,
                                       eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                      teacher_model=getattr(self, "teacher_model", None))
-        transform = _transform_kwargs(student.config)
-        if self.on_policy is not None and lo.on_policy.objective == "sampled_reverse_kl":
-            # logprobs_at has no logit transform yet: refuse rather than score with the wrong logits
-            for who, mcfg in (("student", student.config),
-                              ("teacher", getattr(getattr(self, "teacher_model", None), "config", None))):
-                tf = _transform_kwargs(mcfg) if mcfg is not None else {}
-                if any(v is not None for v in tf.values()):
-                    raise ValueError(f"loss.on_policy.objective: sampled_reverse_kl does not apply the {who} "
-                                     f"family's logit transform ({mcfg.model_type}: {tf}) yet; use objective: "
-                                     f"divergence for this pair")
+                                      teacher_model=getattr(self, "teacher_model", None),
+                                      prompts=prompt_table(cfg, tok, self.samples))
+        transform = _transform_kwargs(student.config)  # sampled_reverse_kl's logprobs_at applies it too
         head = head_cls(student.get_output_embeddings(), divergence=lo.divergence, beta=lo.beta,
                         temperature=lo.temperature, ce_weight=self.ce_weight, tail=lo.tail, backend=lo.backend,
                         zero3=self.zero3, **transform)
@@ -483,6 +475,7 @@ class Trainer:
         }
         if self.on_policy is not None:
             summary["on_policy_micro_batches"] = self.on_policy.rollouts
+            summary["on_policy_prompts"] = self.on_policy.prompt_source  # "column" | "first_tokens"
         if is_main and cfg.run.progress != "false":
             sys.stderr.write(format_summary(summary) + "\n")
         return summary

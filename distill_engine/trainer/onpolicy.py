@@ -30,6 +30,7 @@ from typing import List, Optional
 import torch
 
 from ..data.loader import IGNORE_INDEX, Batch
+from ..ops.logit_transform import active as transform_active, transform_
 from ..teacher.base import TeacherBatch
 from ..teacher.colocated import base_model_of, lm_head_of, rows
 from .student import FusedHeadLoss
@@ -89,6 +90,7 @@ def generate(model, prompts: List[torch.Tensor], *, max_new_tokens: int, tempera
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(1) - 1).clamp(min=0)  # [B, P]
     base, head = base_model_of(model), lm_head_of(model)
+    scale, cap = _family_transform(model, "student")
     # transformers renamed the KV-cache argument/output (past_key_values → cache); use what this version takes
     cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     was_training = model.training
@@ -104,7 +106,9 @@ def generate(model, prompts: List[torch.Tensor], *, max_new_tokens: int, tempera
                        return_dict=True, **kw)
             cache = getattr(out, cache_kw)
             h = out.last_hidden_state[:, -1]  # [B, d]
-            logits = head(h.to(head.weight.dtype))  # [B, V]
+            logits = head(h.to(head.weight.dtype)).float()  # [B, V]
+            if transform_active(scale, cap):  # sample from the family's distribution (e.g. Gemma 2's soft-cap)
+                transform_(logits, 1.0 if scale is None else float(scale), cap)
             nxt = sample_next(logits, temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out_tokens[:, t] = nxt
@@ -124,6 +128,13 @@ def generate(model, prompts: List[torch.Tensor], *, max_new_tokens: int, tempera
             row = row[:int((row == eos_id).nonzero()[0, 0]) + 1]
         res.append(row)
     return res
+
+
+def _family_transform(model, key: str):
+    """(logit_scale, softcap) of the model's family (trainer/families.py), applied after its lm_head."""
+    from .families import logit_transform
+
+    return logit_transform(model.config, key)
 
 
 def build_batch(prompts: List[torch.Tensor], gens: List[torch.Tensor], template: Batch, pad_id: int) -> Batch:
@@ -166,31 +177,57 @@ class _Replica:
         return self.model
 
 
-def check_prompt_column(files, prompt_field: str) -> None:
-    """Prompts from a data column are not implemented yet: refuse data that has one rather than ignore it."""
-    import json
+class PromptTable:
+    """Prompts from the data's ``data.prompt_field`` column: one token tensor per sample, the prompt of the
+    document that holds the sample's first token (without packing: the sample's own document).
 
-    for path in files:
-        if not str(path).endswith((".jsonl", ".json")):
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                first = f.readline() if str(path).endswith(".jsonl") else f.read(1 << 20)
-            rec = json.loads(first) if str(path).endswith(".jsonl") else None
-        except (OSError, ValueError):
-            continue  # the data loader reports unreadable files with its own message
-        if isinstance(rec, dict) and prompt_field in rec:
-            raise ValueError(f"data.prompt_field: {path} has a {prompt_field!r} column, but on-policy prompts from a "
-                             f"column are not supported yet (prompts are the first loss.on_policy.prompt_tokens "
-                             f"tokens of each sample); drop or rename the column, or set data.prompt_field to "
-                             f"a name the data does not use")
+    Tokenized like the samples (``add_special_tokens``: a BOS where the tokenizer adds one, no eos). Limit: at
+    most ``loss.on_policy.prompt_tokens`` tokens (so prompt + max_new_tokens stays within the student's
+    max_position_embeddings, which the trainer checks); a longer prompt keeps its LAST tokens — the end is what
+    the continuation follows — after the BOS when it starts with one (left truncation, counted in one warning)."""
+
+    def __init__(self, texts: List[str], doc_index, tokenizer, limit: int):
+        used = sorted({int(i) for i in doc_index})
+        toks = tokenizer([texts[i] for i in used], add_special_tokens=True)["input_ids"]
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.by_doc, cut = {}, 0
+        for i, ids in zip(used, toks):
+            if len(ids) > limit:
+                cut += 1
+                head = [ids[0]] if bos is not None and ids[0] == bos and limit > 1 else []
+                ids = head + list(ids[len(ids) - (limit - len(head)):])
+            if not ids:
+                raise ValueError(f"data.prompt_field: the prompt of document {i} tokenizes to no tokens; fill it "
+                                 f"in or drop the row")
+            self.by_doc[i] = torch.tensor(ids, dtype=torch.long)
+        self.doc_index = doc_index
+        if cut:
+            warnings.warn(f"data.prompt_field: {cut} of {len(used)} prompts are longer than "
+                          f"loss.on_policy.prompt_tokens={limit} tokens; their last {limit} tokens are used "
+                          f"(raise prompt_tokens to keep more)")
+
+    def of(self, batch: Batch) -> List[torch.Tensor]:
+        return [self.by_doc[int(self.doc_index[int(i)])] for i in batch.sample_ids]
+
+
+def prompt_table(cfg, tokenizer, samples) -> Optional[PromptTable]:
+    """The prompt column's table when the training data has ``data.prompt_field`` (json / jsonl / parquet), else
+    None (prompts are then the first ``prompt_tokens`` tokens of each sample)."""
+    from ..data.dataset import load_prompts
+
+    d = cfg.data
+    texts = load_prompts(d.train_files, fmt=d.format, text_field=d.text_field, prompt_field=d.prompt_field,
+                         cache_dir=d.cache_dir)
+    if texts is None:
+        return None
+    return PromptTable(texts, samples.doc_index, tokenizer, cfg.loss.on_policy.prompt_tokens)
 
 
 class OnPolicy:
     """The trainer's on-policy part: mixes rollouts into the micro-batch stream and scores them."""
 
     def __init__(self, cfg, student, *, rank: int, device, zero3: bool, eos_id: Optional[int], pad_id: int,
-                 teacher_model=None):
+                 teacher_model=None, prompts: Optional[PromptTable] = None):
         self.op = cfg.loss.on_policy
         self.seed, self.rank, self.device = cfg.run.seed, rank, device
         self.student, self.zero3 = student, zero3
@@ -198,7 +235,7 @@ class OnPolicy:
         self.temperature = cfg.loss.temperature
         self.backend = cfg.loss.backend
         self.teacher_model = teacher_model
-        check_prompt_column(cfg.data.train_files, cfg.data.prompt_field)
+        self.prompts = prompts  # the data's prompt column, or None: the first prompt_tokens tokens of each sample
         self._replica = None
         self.rollouts = 0  # on-policy micro-batches generated by this invocation (reported in the summary)
         limit = getattr(student.config, "max_position_embeddings", None)
@@ -210,6 +247,11 @@ class OnPolicy:
             warnings.warn("loss.on_policy.gather_for_generation is false under ZeRO-3: the student generates "
                           "partitioned (every decoding step gathers every layer; slow). Set it to true when one "
                           "full copy of the student fits in memory.")
+
+    @property
+    def prompt_source(self) -> str:
+        """Where rollout prompts come from: the data's prompt column, or each sample's first prompt_tokens tokens."""
+        return "column" if self.prompts is not None else "first_tokens"
 
     @property
     def sampled(self) -> bool:
@@ -231,7 +273,7 @@ class OnPolicy:
         """The micro-batch itself (off-policy step) or the student's continuations of its prompts."""
         if not self.is_on(batch.micro_step):
             return batch
-        prompts = prompts_of(batch, self.op.prompt_tokens)
+        prompts = self.prompts.of(batch) if self.prompts is not None else prompts_of(batch, self.op.prompt_tokens)
         gen = rollout_generator(self.seed, batch.micro_step, self.rank)
         model = self._generator_model()
         fixed = self.zero3 and not self.op.gather_for_generation
@@ -253,8 +295,9 @@ class OnPolicy:
         head = lm_head_of(self.teacher_model)
         h = rows(out.last_hidden_state, vi)  # [n, d_t]
         x = b.labels.reshape(-1).index_select(0, vi)[:, None]  # [n, 1] the student's sampled tokens
+        scale, cap = _family_transform(self.teacher_model, "teacher")  # the teacher family's logits
         lp = logprobs_at(h, head.weight, x, bias=getattr(head, "bias", None), temperature=self.temperature,
-                         backend=self.backend)
+                         backend=self.backend, logit_scale=scale, softcap=cap)
         return TeacherBatch(x.to(torch.int32), lp, batch.micro_step, None)
 
 
@@ -283,7 +326,8 @@ class OnPolicyHeadLoss(FusedHeadLoss):
             b = None if b is None else b.to(h.dtype)
         with torch.autocast(dev, enabled=False):
             lp_s = logprobs_at(h, w, ids.long(), bias=b, temperature=self.opts["temperature"],
-                               backend=self.opts["backend"], validate=validate)[:, 0]  # [n]
+                               backend=self.opts["backend"], validate=validate, logit_scale=self.opts["logit_scale"],
+                               softcap=self.opts["softcap"])[:, 0]  # [n] on the student family's logits
         r = (lp_s - lps[:, 0].float()).detach()  # [n]
         loss = (r * lp_s - r * lp_s.detach() + r).sum()
         return loss, r.sum()
