@@ -49,11 +49,27 @@ def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
         raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; cast one of them")
 
 
-def check_hidden_weight(hidden: torch.Tensor, weight: torch.Tensor) -> None:
-    """The lm_head pair every fused op takes: hidden [N, d] and weight [V, d], same float dtype and device."""
+def check_hidden_weight(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+    """The lm_head every fused op takes: hidden [N, d], weight [V, d] (V >= 1) and an optional bias [V], one float
+    dtype, one device."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=(None, hidden.shape[1]), device=hidden.device)
     check_same_dtype("weight", weight, "hidden", hidden)
+    V = weight.shape[0]
+    if V < 1:
+        raise ValueError("weight must have at least one row (shape [V, d] with V >= 1)")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(V,), device=hidden.device)
+        check_same_dtype("bias", bias, "hidden", hidden)
+
+
+def check_finite_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], whose: str) -> None:
+    """Value checks of an lm_head's inputs (one row-sum pass each); ``whose`` ("the student's ", "the teacher's ",
+    "the ") names the model in the fix."""
+    check_finite_rows("hidden", hidden, f"; {whose}hidden states must be finite")
+    check_finite_rows("weight", weight, f"; {whose}lm_head weight must be finite")
+    if bias is not None:
+        check_finite_rows("bias", bias[:, None], f"; {whose}lm_head bias must be finite")
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -65,8 +81,17 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 
 
 def check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0 and value == value
+                                       and value != float("inf")):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_positive_int(name: str, value, *, optional: bool = False) -> None:
+    """A positive int (not a bool); None too when ``optional``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
 
 
 def check_finite_rows(name: str, t: torch.Tensor, fix: str = "") -> None:

@@ -415,7 +415,9 @@ def _raw_logits_into(buf: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -
     return z
 
 
-class TritonBackend:
+class TeacherTargetsTritonImpl:
+    """The teacher_targets chunk contract (ops/teacher_targets.py) on the split-vocabulary Triton kernels."""
+
     needs_buffer = False
 
     @staticmethod

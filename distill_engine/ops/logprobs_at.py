@@ -15,58 +15,67 @@ It reuses the two vocabulary-wide passes of ``fused_distill_loss``'s backend con
   the ids (scatter-add: a repeated id gets the sum of its coefficients). The logits of the chunk are
   recomputed (one more GEMM) instead of keeping [N, V] alive between forward and backward.
 
-Memory: one fp32 [chunk, V] buffer at a time (``chunk_rows``), plus lse_T [N] saved for backward.
+Memory: one fp32 [chunk, V] buffer at a time (``chunk_rows``; default from the "logprobs_at" chunk policy of
+``_backend.chunk_rows``, the loss's budget), plus lse_T [N] saved for backward.
 Used by the on-policy trainer's ``sampled_reverse_kl`` objective (teacher and student log-probs at the
 student's sampled tokens).
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Optional
 
 import torch
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_finite_rows, check_hidden_weight, check_tensor
-from .distill_loss import _backend_impl, _default_chunk_rows
+from .._validate import INDEX_DTYPES, check_choice, check_finite_head, check_hidden_weight, check_positive, \
+    check_positive_int, check_tensor
+from .distill_loss import OP as _LOSS_OP
 
-_CPU_SYMBOL = "distill_logits_lse"
+OP = "logprobs_at"
 
 
-def _validate(hidden, weight, ids, bias, temperature, chunk_rows, validate: bool) -> None:
-    check_hidden_weight(hidden, weight)
-    dev = hidden.device
-    N, d = hidden.shape
+@dataclasses.dataclass(frozen=True)
+class LogprobsAtOptions:
+    """Non-tensor options of the op; validated on construction."""
+
+    temperature: float = 1.0
+    backend: str = "auto"
+    validate: bool = True
+    chunk_rows: Optional[int] = None
+
+    def __post_init__(self):
+        check_positive("temperature", self.temperature)
+        check_choice("backend", self.backend, _backend.BACKENDS)
+        check_positive_int("chunk_rows", self.chunk_rows, optional=True)
+
+
+def _impl(backend: str):
+    """logprobs_at runs on the loss's chunk contract: its registered implementations are the loss's."""
+    return _backend.impl_for(_LOSS_OP, backend)
+
+
+def validate_inputs(hidden, weight, ids, bias, opts: LogprobsAtOptions) -> str:
+    """Every argument check of the op; returns the backend that will run."""
+    check_hidden_weight(hidden, weight, bias)
+    N = hidden.shape[0]
     V = weight.shape[0]
-    if V < 1:
-        raise ValueError("weight must have at least one row (shape [V, d] with V >= 1)")
-    check_tensor("ids", ids, ndim=2, dtypes=INDEX_DTYPES, shape=(N, None), device=dev)
+    check_tensor("ids", ids, ndim=2, dtypes=INDEX_DTYPES, shape=(N, None), device=hidden.device)
     if ids.shape[1] < 1:
         raise ValueError("ids must have at least one column (shape [N, m] with m >= 1)")
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(V,), device=dev)
-        if bias.dtype != hidden.dtype:
-            raise ValueError(f"bias has dtype {bias.dtype} but hidden has {hidden.dtype}; cast one of them")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if chunk_rows is not None and (not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1):
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-    if N == 0:
-        return
-    # ids out of range would index out of bounds in the kernels: always checked (one host sync)
-    bad = (ids < 0) | (ids >= V)
-    if bool(bad.any()):
-        r, c = bad.nonzero()[0].tolist()
-        raise ValueError(f"ids must lie in [0, V={V}); found {int(ids[r, c])} at row {r}, column {c}")
-    if validate:
-        check_finite_rows("hidden", hidden, "; hidden states must be finite")
-        check_finite_rows("weight", weight, "; the lm_head weight must be finite")
-        if bias is not None:
-            check_finite_rows("bias", bias[:, None], "; the lm_head bias must be finite")
+    if N > 0:
+        # ids out of range would index out of bounds in the kernels: always checked (one host sync)
+        bad = (ids < 0) | (ids >= V)
+        if bool(bad.any()):
+            r, c = bad.nonzero()[0].tolist()
+            raise ValueError(f"ids must lie in [0, V={V}); found {int(ids[r, c])} at row {r}, column {c}")
+        if opts.validate:
+            check_finite_head(hidden, weight, bias, "the ")
+    return _backend.resolve_backend(opts.backend, hidden.device, OP, _backend.cpu_symbol_for(_LOSS_OP))
 
 
 def _forward(hidden, weight, bias, ids, T: float, chunk: int, backend: str):
-    impl = _backend_impl(backend)
+    impl = _impl(backend)
     N = hidden.shape[0]
     out = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)  # [N, m]
     lse_all = torch.empty(N, dtype=torch.float32, device=hidden.device)  # [N]
@@ -81,7 +90,7 @@ def _forward(hidden, weight, bias, ids, T: float, chunk: int, backend: str):
 
 
 def _backward(hidden, weight, bias, ids, lse_all, grad, T: float, chunk: int, backend: str, need_dW: bool):
-    impl = _backend_impl(backend)
+    impl = _impl(backend)
     N, d = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -145,15 +154,15 @@ def logprobs_at(
         temperature: logits are divided by it before the softmax.
         backend: "auto" | "triton" | "cpu" | "torch".
         validate: finiteness checks on hidden/weight/bias (one host sync each); ids are always range-checked.
-        chunk_rows: rows per chunk (default: one fp32 [chunk, V] buffer of ≤ 32 MB on CPU, 512 MB on GPU).
+        chunk_rows: rows per chunk (default: one fp32 [chunk, V] buffer of ≤ 32 MiB on CPU, 2 GiB on GPU).
 
     Returns:
         [N, m] float32 log-probabilities; differentiable with respect to hidden, weight and bias.
     """
-    _validate(hidden, weight, ids, bias, temperature, chunk_rows, validate)
-    which = _backend.resolve_backend(backend, hidden.device, "logprobs_at", _CPU_SYMBOL)
+    opts = LogprobsAtOptions(temperature=temperature, backend=backend, validate=validate, chunk_rows=chunk_rows)
+    which = validate_inputs(hidden, weight, ids, bias, opts)
     if hidden.shape[0] == 0:
         z = (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
         return z.expand(0, ids.shape[1]).clone() if z.requires_grad else hidden.new_zeros(ids.shape, dtype=torch.float32)
-    chunk = chunk_rows or _default_chunk_rows(weight.shape[0], hidden.device)
+    chunk = chunk_rows or _backend.chunk_rows(OP, None, 4 * weight.shape[0], hidden.device)  # fp32 [chunk, V]
     return _LogprobsAtFn.apply(hidden, weight, bias, ids, float(temperature), chunk, which)

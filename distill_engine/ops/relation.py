@@ -22,13 +22,13 @@ global-batch loss. Ranks may hold different batch sizes.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .. import _backend
 from .._validate import FLOAT_DTYPES, check_choice, check_positive, check_tensor
 
 KINDS = ("similarity", "similarity_mse", "distance", "angle")
@@ -174,8 +174,8 @@ def _angle_chunk(s, t, j0: int, j1: int):
 def _rows_angle(s, t):
     n = s.shape[0]
     d = max(s.shape[1], t.shape[1])
-    budget = int(os.environ.get("DISTILL_ENGINE_ANGLE_CHUNK_BYTES", 2**25))
-    chunk = max(1, min(n, budget // (4 * n * (d + 2 * n) * 4)))
+    # vertices per chunk: the chunk's fp32 [c, B, d] / [c, B, B] tensors within the "relation_angle" budget
+    chunk = _backend.chunk_rows("relation_angle", n, 4 * n * (d + 2 * n) * 4, s.device)
     out = []
     for j0 in range(0, n, chunk):
         j1 = min(n, j0 + chunk)
