@@ -456,33 +456,34 @@ class TeacherTargetsTritonImpl:
         return out.long(), lse
 
 
-def _topk_cublas(h, weight, bias, k: int, inv_t: float):
-    """DISTILL_ENGINE_TT_LOGITS=cublas: per sub-chunk of ≤ 2^26 logits, cuBLAS GEMM + the candidate kernel."""
+def _topk_by_subchunks(h, weight, k: int, max_elems: int, topk_rows):
+    """Top-k of h's rows by sub-chunks of ≤ ``max_elems`` fp32 logits in one reused buffer [rows, V];
+    ``topk_rows(h_s, buf)`` -> (ids [r, k], logprobs [r, k], lse [r]) of one sub-chunk."""
     c = h.shape[0]
     V = weight.shape[0]
-    rows = max(1, min(c, (1 << 26) // V))
+    rows = max(1, min(c, max_elems // V))
     buf = torch.empty(rows, V, dtype=torch.float32, device=h.device)
     ids = torch.empty(c, k, dtype=torch.int32, device=h.device)
     lps = torch.empty(c, k, dtype=torch.float32, device=h.device)
     lse = torch.empty(c, dtype=torch.float32, device=h.device)
     for s in range(0, c, rows):
         e = min(c, s + rows)
-        z = _raw_logits_into(buf, h[s:e], weight)
-        pm, ps, cv, ci, *_ = _split_pass(h[s:e], weight, bias, k, inv_t, True, buf=z)
-        ids[s:e], lps[s:e], lse[s:e] = merge_candidates(cv, ci, pm, ps, k)
+        ids[s:e], lps[s:e], lse[s:e] = topk_rows(h[s:e], buf)
     return ids, lps, lse
+
+
+def _topk_cublas(h, weight, bias, k: int, inv_t: float):
+    """DISTILL_ENGINE_TT_LOGITS=cublas: per sub-chunk of ≤ 2^26 logits, cuBLAS GEMM + the candidate kernel."""
+
+    def topk_rows(h_s, buf):
+        z = _raw_logits_into(buf, h_s, weight)
+        pm, ps, cv, ci, *_ = _split_pass(h_s, weight, bias, k, inv_t, True, buf=z)
+        return merge_candidates(cv, ci, pm, ps, k)
+
+    return _topk_by_subchunks(h, weight, k, 1 << 26, topk_rows)
 
 
 def _topk_via_buffer(h, weight, bias, k: int, inv_t: float):
     """k > MAX_KERNEL_K: cuBLAS logits into an fp32 buffer of ≤ 2^27 elements per sub-chunk, torch.topk."""
-    c = h.shape[0]
-    V = weight.shape[0]
-    rows = max(1, min(c, (1 << 27) // V))
-    buf = torch.empty(rows, V, dtype=torch.float32, device=h.device)
-    ids = torch.empty(c, k, dtype=torch.int32, device=h.device)
-    lps = torch.empty(c, k, dtype=torch.float32, device=h.device)
-    lse = torch.empty(c, dtype=torch.float32, device=h.device)
-    for s in range(0, c, rows):
-        e = min(c, s + rows)
-        ids[s:e], lps[s:e], lse[s:e] = _torch_impl.topk_chunk(h[s:e], weight, bias, k, inv_t, buf)
-    return ids, lps, lse
+    return _topk_by_subchunks(h, weight, k, 1 << 27,
+                              lambda h_s, buf: _torch_impl.topk_chunk(h_s, weight, bias, k, inv_t, buf))

@@ -47,7 +47,7 @@ from .._validate import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_finite_
                          check_positive, check_positive_int, check_tensor)
 from ..reference import distill_loss as _torch_impl
 from ..reference.distill_loss import LOG_FLOOR
-from ._tail import _logits_and_rest, _mask_buf, _mask_ids, _repeated
+from ._tail import logits_and_rest, mask_buf, mask_ids, repeated
 from .logit_transform import active, check_transform, fold_scale
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -336,7 +336,7 @@ def _chunk_terms(buf, lse_1, rest_lse, z_S, ids_c, lp_c, rest_lp_c, labels_c, va
     # The row's log-sum-exp rebuilt in float64 from its two exact parts: the rest (fp32, but weighted by q_rest
     # in the sum, so its rounding fades as the student grows confident) and the k raw logits at S (exact).
     # A repeated id (validate=False) counts once, as in the masked buffer.
-    lse_S = torch.logsumexp(torch.where(slot & ~_repeated(ids_c), z_S / T, float("-inf")), dim=1)
+    lse_S = torch.logsumexp(torch.where(slot & ~repeated(ids_c), z_S / T, float("-inf")), dim=1)
     lse_Td = torch.logaddexp(rest_d, lse_S)  # [c]
     if lse_1 is not None and T == 1.0:
         lse_1 = lse_Td  # the same quantity at T = 1 (and bit-equal offsets let the CPU kernel share one exp)
@@ -427,7 +427,7 @@ def forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOptions
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         h_c = hidden[s:e]
-        buf, rest_lse, lse_1, z_S = _logits_and_rest(impl, h_c, weight, bias, T, need1, ids[s:e])
+        buf, rest_lse, lse_1, z_S = logits_and_rest(impl, h_c, weight, bias, T, need1, ids[s:e])
         lab_c = labels[s:e] if labels is not None else None
         rest_c = rest_lp[s:e] if rest_lp is not None else None
         loss_c, s_q, lse_T, lse_1, s_1, sp_ids, sp_coef = _chunk_terms(buf, lse_1, rest_lse, z_S, ids[s:e], lp[s:e],
@@ -473,7 +473,7 @@ def _backward_recompute(hidden, weight, bias, st: DistillState, grad_rows: torch
         e = min(N, s + st.chunk)
         h_c = hidden[s:e]
         buf, _, _ = impl.logits_lse(h_c, weight, bias, T, False, True)
-        _mask_buf(buf, *_mask_ids(st.ids[s:e]))  # the same −inf at S as in forward (lse_T holds the dense offset)
+        mask_buf(buf, *mask_ids(st.ids[s:e]))  # the same −inf at S as in forward (lse_T holds the dense offset)
         gr = g[s:e]
         s_1 = st.s_1[s:e] * gr if need1 else None
         dH[s:e] = impl.dense_grad(buf, h_c, weight, bias, T, st.lse_T[s:e], st.lse_1[s:e] if need1 else None,

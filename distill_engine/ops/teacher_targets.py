@@ -36,7 +36,7 @@ from .. import _backend
 from .._validate import (check_choice, check_finite_head, check_hidden_weight, check_positive, check_positive_int,
                          check_tensor)
 from ..reference import teacher_targets as _torch_impl
-from ._tail import _mask_buf, _mask_ids
+from ._tail import mask_buf, mask_ids
 from .distill_loss import OP as _LOSS_OP
 from .logit_transform import active as transform_active, check_transform
 
@@ -241,8 +241,8 @@ def _rest_logprob(z: torch.Tensor, ids: torch.Tensor, temperature: float, buf_ls
     lse_rest = log Σ_{v∉S} exp(z_v/T) (one masked log-sum-exp pass, ``buf_lse``) and lse_S over the k ids in
     float64: a sum of positives, exact at any confidence, where 1 − Σ_S p would cancel.
     """
-    mids, has = _mask_ids(ids)
-    z_S = _mask_buf(z, mids, has).double() / temperature  # [c, k]
+    mids, has = mask_ids(ids)
+    z_S = mask_buf(z, mids, has).double() / temperature  # [c, k]
     rest = buf_lse(z, temperature).double()  # [c]
     lse_S = torch.logsumexp(torch.where(ids >= 0, z_S, float("-inf")), dim=1)
     return (rest - torch.logaddexp(rest, lse_S)).float()
