@@ -80,10 +80,25 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains non-finite values (first at row {row})")
 
 
-def check_positive(name: str, value: float) -> None:
+def check_positive(name: str, value: float, *, optional: bool = False) -> None:
+    """A finite number > 0 (not a bool); None too when ``optional``."""
+    if optional and value is None:
+        return
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0 and value == value
                                        and value != float("inf")):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0{' or None' if optional else ''}, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
+def check_mask(mask: torch.Tensor, shape: Sequence[int], device: torch.device, hint: str = "") -> None:
+    """A bool mask of exactly ``shape`` on ``device``; ``hint`` says where such a mask comes from."""
+    check_tensor("mask", mask, dtypes=(torch.bool,), device=device)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)}{hint}")
 
 
 def check_positive_int(name: str, value, *, optional: bool = False) -> None:

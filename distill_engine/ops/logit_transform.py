@@ -27,18 +27,16 @@ from typing import Optional
 
 import torch
 
+from .._validate import check_positive
+
 # rows × ids × d elements of one gather-dot block in SoftcapChunks (bounds the temporary W[ids] copy)
 _GATHER_ELEMS = 2**24
 
 
 def check_transform(logit_scale, softcap) -> None:
     """One-line ValueErrors for bad transform arguments."""
-    if logit_scale is not None and not (isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool)
-                                        and math.isfinite(logit_scale) and logit_scale > 0):
-        raise ValueError(f"logit_scale must be a finite number > 0 or None, got {logit_scale!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
-                                    and math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be a finite number > 0 or None (no capping), got {softcap!r}")
+    check_positive("logit_scale", logit_scale, optional=True)
+    check_positive("softcap", softcap, optional=True)  # None: no capping
 
 
 def fold_scale(hidden: torch.Tensor, logit_scale, softcap) -> bool:

@@ -38,7 +38,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, check_choice, check_positive_int, check_same_dtype, check_tensor
+from .._validate import FLOAT_DTYPES, check_choice, check_mask, check_positive_int, check_same_dtype, check_tensor
 from ..reference import projection_loss as _torch_impl
 from ..reference.projection_loss import KINDS, REDUCTIONS, ZERO_NORM_SQ
 
@@ -129,10 +129,7 @@ def _validate(student_hidden, proj_weight, teacher_hidden, proj_bias, mask) -> N
         check_tensor("proj_bias", proj_bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(d_t,), device=dev)
         check_same_dtype("proj_bias", proj_bias, "student_hidden", student_hidden)
     if mask is not None:
-        check_tensor("mask", mask, dtypes=(torch.bool,), device=dev)
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {lead} (one bool per row of student_hidden; "
-                             f"e.g. attention_mask.bool())")
+        check_mask(mask, lead, dev, " (one bool per row of student_hidden; e.g. attention_mask.bool())")
 
 
 def _raise_nonfinite_teacher(t: torch.Tensor, idx: Optional[torch.Tensor]) -> None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, check_choice, check_positive, check_tensor
+from .._validate import FLOAT_DTYPES, check_bool, check_choice, check_mask, check_positive, check_tensor
 
 KINDS = ("similarity", "similarity_mse", "distance", "angle")
 REDUCTIONS = ("mean", "sum", "none")
@@ -212,9 +212,8 @@ def relation_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, *, kind:
     if teacher_emb.shape[0] != B:
         raise ValueError(f"teacher_emb has {teacher_emb.shape[0]} rows but student_emb has {B}; pass the same examples")
     if mask is not None:
-        check_tensor("mask", mask, ndim=1, dtypes=(torch.bool,), shape=(B,), device=dev)
-    if not isinstance(gather_across_ranks, bool):
-        raise ValueError(f"gather_across_ranks must be a bool, got {gather_across_ranks!r}")
+        check_mask(mask, (B,), dev)
+    check_bool("gather_across_ranks", gather_across_ranks)
     t_local = teacher_emb.detach().float()
     for name, x in (("teacher_emb", t_local), ("student_emb", student_emb.detach())):
         if not bool(torch.isfinite(x).all()):

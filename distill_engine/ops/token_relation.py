@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, check_choice, check_positive_int, check_tensor
+from .._validate import FLOAT_DTYPES, check_bool, check_choice, check_mask, check_positive_int, check_tensor
 from ..reference import token_relation as _torch_impl
 
 OP = "token_relation_loss"
@@ -44,8 +44,7 @@ class TokenRelationOptions:
     def __post_init__(self):
         check_choice("reduction", self.reduction, REDUCTIONS)
         check_choice("backend", self.backend, _backend.BACKENDS)
-        if not isinstance(self.causal, bool):
-            raise ValueError(f"causal must be a bool, got {self.causal!r}")
+        check_bool("causal", self.causal)
         check_positive_int("relation_heads", self.heads)
 
 
@@ -93,9 +92,7 @@ def _validate(S, T, heads, mask) -> None:
             raise ValueError(f"relation_heads={heads} does not divide {name}'s width {d}; pick a relation_heads "
                              f"that divides both widths (d_s = {d_s}, d_t = {T.shape[2]})")
     if mask is not None:
-        check_tensor("mask", mask, dtypes=(torch.bool,), device=dev)
-        if tuple(mask.shape) != (B, L):
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B, L)} (attention_mask.bool())")
+        check_mask(mask, (B, L), dev, " (attention_mask.bool())")
 
 
 def _check_inputs_finite(S, T) -> None:
