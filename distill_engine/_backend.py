@@ -36,17 +36,17 @@ Chunk policy. Every chunked op walks rows in chunks whose scratch memory stays w
     DISTILL_ENGINE_CHUNK_BYTES          (every op)
     the op's default                    (table below)
 
-    <OP>              scratch per row                 default CPU      default CUDA        rows
-    DISTILL_LOSS      fp32 logits [V]                 32 MiB           2 GiB (≤ 1/24 mem)  power of 2 in [16, 8192]
-    LOGPROBS_AT       fp32 logits [V]                 32 MiB           2 GiB (≤ 1/24 mem)  power of 2 in [16, 8192]
-    TEACHER_TARGETS   fp32 logits [V]                 32 MiB           512 MiB             power of 2 in [8, 8192]
-    TEACHER_REST      fp32 logits [V] (triton rest)   512 MiB          512 MiB             ≥ 1
-    PROJECTION_LOSS   fp32 projection [d_t]           8 MiB            64 MiB              power of 2 ≥ 16
-    TOKEN_RELATION    fp32 score strips [6·H·L]       16 MiB           16 MiB              ≥ 1
-    RELATION_ANGLE    fp32 triplet strips [4·B·(d+2B)]·4   32 MiB      32 MiB              ≥ 1
+    <OP>              scratch per row (bytes)           default CPU   default CUDA          rows
+    DISTILL_LOSS      fp32 logits, 4·V                  32 MiB        2 GiB (≤ 1/24 mem)    power of 2 in [16, 8192]
+    LOGPROBS_AT       fp32 logits, 4·V                  32 MiB        2 GiB (≤ 1/24 mem)    power of 2 in [16, 8192]
+    TEACHER_TARGETS   fp32 logits, 4·V                  32 MiB        512 MiB               power of 2 in [8, 8192]
+    TEACHER_REST      fp32 logits (triton rest), 4·V    512 MiB       512 MiB               ≥ 1
+    PROJECTION_LOSS   fp32 projection, 4·d_t            8 MiB         64 MiB                power of 2, ≥ 16
+    TOKEN_RELATION    six fp32 score strips, 24·H·L     16 MiB        16 MiB                ≥ 1
+    RELATION_ANGLE    fp32 triplet tensors, 16·B·(d+2B) 32 MiB        32 MiB                ≥ 1
 
 Rows are capped at ``n_rows`` when given. A value that is not a positive integer raises a ValueError naming the
-variable; the pre-0.x names (``DISTILL_ENGINE_CHUNK_ELEMS``, ``DISTILL_ENGINE_TT_CHUNK_ELEMS``,
+variable; the old names (``DISTILL_ENGINE_CHUNK_ELEMS``, ``DISTILL_ENGINE_TT_CHUNK_ELEMS``,
 ``DISTILL_ENGINE_PROJ_CHUNK_BYTES``, ``DISTILL_ENGINE_ANGLE_CHUNK_BYTES``,
 ``DISTILL_ENGINE_RELATION_CHUNK_BYTES``) raise one naming their replacement, so an old setting is never ignored.
 An op's explicit ``chunk_rows=`` argument, where it has one, wins over all of this.

@@ -28,7 +28,7 @@ tensors of [chunk, n_splits, k] (no [chunk, V] buffer at all). Never [N, V].
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 

@@ -27,7 +27,6 @@ This backend walks query chunks: one [H, chunk, L] strip per score matrix is ali
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
