@@ -72,6 +72,40 @@ def check_finite_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional
         check_finite_rows("bias", bias[:, None], f"; {whose}lm_head bias must be finite")
 
 
+def check_target_values(ids_name: str, ids: torch.Tensor, lp_name: str, lp: torch.Tensor, V: Optional[int],
+                        unique_fix: str = "") -> None:
+    """Value checks of sparse targets (one host sync each): ids [N, k] in [-1, V) (-1 an empty slot; V None: only
+    >= -1), unique within a row; log-probabilities not NaN and <= 0 (1e-4 of rounding slack) in the filled slots."""
+    bad = (ids < -1) | (ids >= V) if V is not None else ids < -1
+    if bool(bad.any()):
+        r, c = bad.nonzero()[0].tolist()
+        raise ValueError(f"{ids_name} must lie in [-1, V={V}) (-1 marks an empty slot); found {int(ids[r, c])} "
+                         f"at row {r}, slot {c}")
+    if ids.shape[1] > 1:
+        srt = ids.sort(dim=1).values
+        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+        if bool(dup.any()):
+            raise ValueError(f"{ids_name} must be unique within a row; row {int(dup.any(1).nonzero()[0, 0])} repeats "
+                             f"an id{unique_fix}")
+    lpv = lp.float()
+    if bool(torch.isnan(lpv).any()):
+        raise ValueError(f"{lp_name} contains NaN (first at row {int(torch.isnan(lpv).any(1).nonzero()[0, 0])})")
+    pos = (lpv > 1e-4) & (ids >= 0)
+    if bool(pos.any()):
+        raise ValueError(f"{lp_name} must be log-probabilities (<= 0); row {int(pos.any(1).nonzero()[0, 0])} has a "
+                         f"positive value. Pass log_softmax outputs, not logits")
+
+
+def check_rest_values(name: str, rest: torch.Tensor) -> None:
+    """A teacher's rest log-mass [N]: not NaN, <= 0 (1e-4 of rounding slack), -inf allowed."""
+    r = rest.float()
+    if bool(torch.isnan(r).any()):
+        raise ValueError(f"{name} contains NaN (first at row {int(torch.isnan(r).nonzero()[0, 0])})")
+    if bool((r > 1e-4).any()):
+        raise ValueError(f"{name} must be a log-probability (<= 0; -inf for no rest mass); row "
+                         f"{int((r > 1e-4).nonzero()[0, 0])} is positive")
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Non-finite values raise, naming the first offending row."""
     bad = ~torch.isfinite(t)

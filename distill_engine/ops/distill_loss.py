@@ -44,7 +44,7 @@ import torch
 
 from .. import _backend
 from .._validate import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_finite_head, check_hidden_weight,
-                         check_positive, check_positive_int, check_tensor)
+                         check_positive, check_positive_int, check_rest_values, check_target_values, check_tensor)
 from ..reference import distill_loss as _torch_impl
 from ..reference.distill_loss import LOG_FLOOR
 from ._tail import logits_and_rest, mask_buf, mask_ids, repeated
@@ -177,28 +177,11 @@ def _validate_inputs(hidden, weight, ids, lp, labels, bias, opts: DistillOptions
     # value checks: one host sync each, skipped with validate=False
     # non-finite student inputs would come out as a NaN/inf loss: refuse them here, as teacher_targets does
     check_finite_head(hidden, weight, bias, "the student's ")
-    if bool(((ids < -1) | (ids >= V)).any()):
-        bad = ((ids < -1) | (ids >= V)).nonzero()[0].tolist()
-        raise ValueError(f"teacher_ids must lie in [-1, V={V}) (-1 marks an empty slot); found {int(ids[bad[0], bad[1]])} "
-                         f"at row {bad[0]}, slot {bad[1]}")
-    if k > 1:
-        srt = ids.sort(dim=1).values
-        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
-        if bool(dup.any()):
-            row = int(dup.any(1).nonzero()[0, 0])
-            raise ValueError(f"teacher_ids must be unique within a row; row {row} repeats an id "
-                             f"(merge duplicates, e.g. with de.teacher_targets(method='sample'))")
+    check_target_values("teacher_ids", ids, "teacher_logprobs", lp, V,
+                        " (merge duplicates, e.g. with de.teacher_targets(method='sample'))")
     slot = ids >= 0
-    lpv = lp.float()
-    if bool(torch.isnan(lpv).any()):
-        row = int(torch.isnan(lpv).any(1).nonzero()[0, 0])
-        raise ValueError(f"teacher_logprobs contains NaN (first at row {row})")
-    if bool(((lpv > 1e-4) & slot).any()):
-        row = int(((lpv > 1e-4) & slot).any(1).nonzero()[0, 0])
-        raise ValueError(f"teacher_logprobs must be log-probabilities (<= 0); row {row} has a positive value. "
-                         f"Pass log_softmax outputs, not logits")
     if opts.tail == "bucket":
-        mass = torch.where(slot, lpv.double().exp(), torch.zeros((), dtype=torch.float64, device=dev)).sum(1)
+        mass = torch.where(slot, lp.float().double().exp(), torch.zeros((), dtype=torch.float64, device=dev)).sum(1)
         if bool((mass > 1 + 1e-3).any()):
             row = int((mass > 1 + 1e-3).nonzero()[0, 0])
             raise ValueError(f"teacher_logprobs of row {row} sum to probability {float(mass[row]):.4f} > 1 with "
@@ -217,12 +200,7 @@ def _validate_rest(rest, N: int, dev, opts: DistillOptions) -> None:
     check_tensor("teacher_rest_logprob", rest, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(N,), device=dev)
     if not opts.validate or N == 0:
         return
-    r = rest.float()
-    if bool(torch.isnan(r).any()):
-        raise ValueError(f"teacher_rest_logprob contains NaN (first at row {int(torch.isnan(r).nonzero()[0, 0])})")
-    if bool((r > 1e-4).any()):
-        raise ValueError(f"teacher_rest_logprob must be a log-probability (<= 0; -inf for no rest mass); row "
-                         f"{int((r > 1e-4).nonzero()[0, 0])} is positive")
+    check_rest_values("teacher_rest_logprob", rest)
 
 
 # ----------------------------------------------------------------------------------------------

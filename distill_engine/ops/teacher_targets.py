@@ -34,7 +34,7 @@ import torch
 
 from .. import _backend
 from .._validate import (check_choice, check_finite_head, check_hidden_weight, check_positive, check_positive_int,
-                         check_tensor)
+                         check_rest_values, check_target_values, check_tensor)
 from ..reference import teacher_targets as _torch_impl
 from ._tail import mask_buf, mask_ids
 from .distill_loss import OP as _LOSS_OP
@@ -130,27 +130,11 @@ class TeacherTargets:
 
     def validate(self) -> "TeacherTargets":
         """Value checks (ids in [-1, V), unique per row, log-probs <= 0 and not NaN, -inf in empty slots)."""
-        ids, lp = self.ids, self.logprobs.float()
-        V = self.vocab_size
-        if V is not None and bool(((ids < -1) | (ids >= V)).any()):
-            raise ValueError(f"ids must lie in [-1, vocab_size={V})")
-        if bool((ids < -1).any()):
-            raise ValueError("ids must be >= -1 (-1 marks an empty slot)")
-        if self.k > 1:
-            srt = ids.sort(dim=1).values
-            if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
-                raise ValueError("ids must be unique within a row")
-        slot = ids >= 0
-        if bool(torch.isnan(lp).any()):
-            raise ValueError("logprobs contains NaN")
-        if bool(((lp > 1e-4) & slot).any()):
-            raise ValueError("logprobs must be log-probabilities (<= 0)")
-        if bool((~slot & (lp != float("-inf"))).any()):
+        check_target_values("ids", self.ids, "logprobs", self.logprobs, self.vocab_size)
+        if bool((~self.mask & (self.logprobs.float() != float("-inf"))).any()):
             raise ValueError("logprobs must be -inf in empty slots (ids == -1)")
         if self.rest_logprob is not None:
-            r = self.rest_logprob.float()
-            if bool(torch.isnan(r).any()) or bool((r > 1e-4).any()):
-                raise ValueError("rest_logprob must be log-probabilities (<= 0, -inf for no rest mass), without NaN")
+            check_rest_values("rest_logprob", self.rest_logprob)
         return self
 
 
