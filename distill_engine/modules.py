@@ -1,4 +1,5 @@
-"""nn.Module faces of the fused losses."""
+"""nn.Module faces of the ops: options go to the constructor (validated there, as the ops' option dataclasses),
+tensors to ``forward``; each forward calls the op's public function."""
 from __future__ import annotations
 
 from typing import Optional
@@ -27,8 +28,7 @@ class FusedDistillLoss(nn.Module):
                                       softcap=softcap)
         from .ops.logit_transform import check_transform
 
-        check_transform(logit_scale, softcap)
-        self.options.check()  # fail at construction, not at the first batch
+        check_transform(logit_scale, softcap)  # fail at construction, not at the first batch
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, teacher_ids: torch.Tensor,
                 teacher_logprobs: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -58,16 +58,12 @@ class FusedProjectionLoss(nn.Module):
     def __init__(self, student_dim: int, teacher_dim: int, *, bias: bool = True, kind: str = "mse",
                  reduction: str = "mean", backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        from ._validate import check_choice
-        from ._backend import BACKENDS
-        from .reference.projection_loss import KINDS, REDUCTIONS
+        from ._validate import check_positive_int
+        from .ops.projection_loss import ProjectionLossOptions
 
-        for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        check_choice("kind", kind, KINDS)
-        check_choice("reduction", reduction, REDUCTIONS)
-        check_choice("backend", backend, BACKENDS)
+        check_positive_int("student_dim", student_dim)
+        check_positive_int("teacher_dim", teacher_dim)
+        self.options = ProjectionLossOptions(kind=kind, reduction=reduction, backend=backend)
         self.proj = nn.Linear(student_dim, teacher_dim, bias=bias, device=device, dtype=dtype)
         self.kind, self.reduction, self.backend = kind, reduction, backend
 
@@ -95,9 +91,9 @@ class TeacherTargetExtractor(nn.Module):
 
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        # option checks at construction; k <= V is checked against the weight per call
         self.options = TeacherTargetsOptions(k=k, temperature=temperature, method=method, backend=backend,
                                              chunk_rows=chunk_rows, validate=validate)
-        self.options.check(k)  # option checks at construction; k <= V is checked against the weight per call
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None):
@@ -140,8 +136,9 @@ class TokenRelationLoss(nn.Module):
 
     def __init__(self, *, relation_heads: int, causal: bool = True, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        if isinstance(relation_heads, bool) or not isinstance(relation_heads, int) or relation_heads < 1:
-            raise ValueError(f"relation_heads must be a positive int, got {relation_heads!r}")
+        from .ops.token_relation import TokenRelationOptions
+
+        self.options = TokenRelationOptions(heads=relation_heads, causal=causal, reduction=reduction, backend=backend)
         self.relation_heads, self.causal, self.reduction, self.backend = relation_heads, causal, reduction, backend
 
     def forward(self, student_states, teacher_states, mask=None):

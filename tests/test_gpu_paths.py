@@ -11,22 +11,23 @@ from distill_engine.ops import distill_loss as ops
 
 
 def test_gpu_chunk_policy_keeps_dW_passes_few(monkeypatch):
-    monkeypatch.delenv("DISTILL_ENGINE_CHUNK_ELEMS", raising=False)
+    monkeypatch.delenv("DISTILL_ENGINE_DISTILL_LOSS_CHUNK_BYTES", raising=False)
+    monkeypatch.delenv("DISTILL_ENGINE_CHUNK_BYTES", raising=False)
     V = 128256
     big = types.SimpleNamespace(total_memory=141 * 2**30)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: big)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     # 2^29 elements: 4,096 rows, so N = 8,192 makes 2 passes over the fp32 dW accumulator instead of 8
-    assert ops._default_chunk_rows(V, torch.device("cuda")) == 4096
+    assert ops._chunk_rows(V, torch.device("cuda")) == 4096
     # a small card: the chunk's buffers (fp32 + 16-bit g, 6 B/element) stay within 1/16 of its memory
     small = types.SimpleNamespace(total_memory=24 * 2**30)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: small)
-    rows = ops._default_chunk_rows(V, torch.device("cuda"))
+    rows = ops._chunk_rows(V, torch.device("cuda"))
     assert rows * V * 6 <= small.total_memory // 16 and rows >= 1024
     # CPU keeps its 32 MB buffer; the environment overrides both
-    assert ops._default_chunk_rows(V, torch.device("cpu")) == 64
-    monkeypatch.setenv("DISTILL_ENGINE_CHUNK_ELEMS", str(2**27))
-    assert ops._default_chunk_rows(V, torch.device("cuda")) == 1024
+    assert ops._chunk_rows(V, torch.device("cpu")) == 64
+    monkeypatch.setenv("DISTILL_ENGINE_DISTILL_LOSS_CHUNK_BYTES", str(2**29))  # 2^27 fp32 elements
+    assert ops._chunk_rows(V, torch.device("cuda")) == 1024
 
 
 def test_fp32_out_gemm_probe_failure_warns_once_naming_the_path(monkeypatch):

@@ -53,7 +53,7 @@ def test_matches_oracle(kind, reduction, masked):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_bf16_strided_and_chunked_angle(kind, monkeypatch):
-    monkeypatch.setenv("DISTILL_ENGINE_ANGLE_CHUNK_BYTES", "1")  # one vertex per chunk
+    monkeypatch.setenv("DISTILL_ENGINE_RELATION_ANGLE_CHUNK_BYTES", "1")  # one vertex per chunk
     for dtype, strided, tol in ((torch.bfloat16, False, 2e-2), (torch.float32, True, 2e-5)):
         s, t = _inputs(dtype, seed=3, strided=strided)
         out = relation_loss(s, t, kind=kind)

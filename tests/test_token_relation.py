@@ -31,7 +31,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 def small_tiles(monkeypatch):
     """Small tiles so L = 37 spans several query and key tiles (the last ones partial) on every backend."""
     monkeypatch.setenv("DISTILL_ENGINE_RELATION_TILE", "16")
-    monkeypatch.setenv("DISTILL_ENGINE_RELATION_CHUNK_BYTES", str(4 * H * L * 6 * 5))  # 5 query rows a chunk
+    monkeypatch.setenv("DISTILL_ENGINE_TOKEN_RELATION_CHUNK_BYTES", str(4 * H * L * 6 * 5))  # 5 query rows a chunk
 
 
 def _inputs(dtype, seed=0, strided=False):

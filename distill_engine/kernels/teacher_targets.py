@@ -337,7 +337,9 @@ def _logits_mode() -> str:
     return logits_mode("DISTILL_ENGINE_TT_LOGITS")
 
 
-class TritonBackend:
+class TeacherTargetsTritonImpl:
+    """The teacher_targets chunk contract (ops/teacher_targets.py) on the split-vocabulary Triton kernels."""
+
     needs_buffer = False
 
     @staticmethod

@@ -25,36 +25,40 @@ whole gradient α·T·(b_j − q_j·c̄) sparsely; for v ∉ S the dense coeffic
 lse_rest (O(1) at any confidence), or the equivalent α·T·(a_rest − c̄) against lse_T when q_rest > e^-16.
 LOG_FLOOR floors only the teacher's log-probabilities inside reverse KL.
 
-Memory: one fp32 [chunk, V] buffer at a time (``chunk_rows``), never [N, V]. When the loss is a scalar
+Memory: one fp32 [chunk, V] buffer at a time (``chunk_rows``; default from the "distill_loss" chunk policy of
+``_backend.chunk_rows``), never [N, V]. When the loss is a scalar
 (reduction "mean"/"sum") and gradients are needed, the gradients are formed during the forward pass from
 the same buffer (no logits recompute) and ``backward`` only scales them.
+
+Layers: the backends (registered in ``_backend`` under "fused_distill_loss") → the launcher-level functions
+:func:`validate_inputs`, :func:`forward`, :func:`backward` (used by the autograd Function here and by the torch.library op
+in ``ops/library.py``) → ``fused_distill_loss`` → ``modules.FusedDistillLoss``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .. import _backend
-from .._validate import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_finite_rows, check_hidden_weight,
-                         check_tensor)
+from .._validate import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_finite_head, check_hidden_weight,
+                         check_positive, check_positive_int, check_rest_values, check_target_values, check_tensor)
 from ..reference import distill_loss as _torch_impl
 from ..reference.distill_loss import LOG_FLOOR
-from ._tail import _logits_and_rest, _mask_buf, _mask_ids, _repeated
+from ._tail import logits_and_rest, mask_buf, mask_ids, repeated
 from .logit_transform import active, check_transform, fold_scale
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("bucket", "renormalize")
 REDUCTIONS = ("mean", "sum", "none")
-_CPU_SYMBOL = "distill_logits_lse"
+OP = "fused_distill_loss"
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillOptions:
-    """Non-tensor options of the op (one object for the autograd.Function)."""
+    """Non-tensor options of the op (one object for the autograd.Function); validated on construction."""
 
     divergence: str = "forward_kl"
     beta: float = 0.5
@@ -69,13 +73,15 @@ class DistillOptions:
     logit_scale: Optional[float] = None  # issue 12: z = s·l, then c·tanh(z/c) (ops/logit_transform.py)
     softcap: Optional[float] = None
 
+    def __post_init__(self):
+        self.check()
+
     def check(self) -> None:
         check_choice("divergence", self.divergence, DIVERGENCES)
         check_choice("tail", self.tail, TAILS)
         check_choice("reduction", self.reduction, REDUCTIONS)
         check_choice("backend", self.backend, _backend.BACKENDS)
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        check_positive("temperature", self.temperature)
         if not (isinstance(self.ce_weight, (int, float)) and 0.0 <= self.ce_weight <= 1.0):
             raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight!r}")
         if self.divergence == "jsd" and not (isinstance(self.beta, (int, float)) and 0.0 < self.beta < 1.0):
@@ -84,15 +90,14 @@ class DistillOptions:
         if self.divergence == "reverse_kl" and self.tail == "renormalize":
             raise ValueError("divergence='reverse_kl' is undefined with tail='renormalize' (the student has mass "
                              "where the renormalized teacher has none); use tail='bucket'")
-        if self.chunk_rows is not None and (not isinstance(self.chunk_rows, int) or self.chunk_rows < 1):
-            raise ValueError(f"chunk_rows must be a positive int, got {self.chunk_rows!r}")
+        check_positive_int("chunk_rows", self.chunk_rows, optional=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
-class _CpuExt:
-    """Adapter from the C++ functions in csrc/cpu/distill_loss.cpp to the chunk contract."""
+class DistillLossCpuImpl:
+    """The loss's chunk contract on the C++ functions of csrc/cpu/distill_loss.cpp."""
 
     @staticmethod
     def logits_lse(h, weight, bias, temperature, need_lse1, store=True):
@@ -121,51 +126,40 @@ class _CpuExt:
         return buf, rest_T, (rest_1 if need_lse1 else None)
 
 
-def _backend_impl(name: str, opts: Optional[DistillOptions] = None):
-    if opts is not None and active(opts.logit_scale, opts.softcap):  # raw logits, transformed elementwise
+_backend.register_impl(OP, "torch", _torch_impl)
+_backend.register_impl(OP, "cpu", DistillLossCpuImpl, cpu_symbol="distill_logits_lse")
+_backend.register_impl(OP, "triton", "distill_engine.kernels.distill_loss")
+
+
+def _impl(backend: str, opts: DistillOptions):
+    """The registered backend, wrapped by the logit transform when one is active (raw logits, transformed
+    elementwise in the chunk buffer)."""
+    impl = _backend.impl_for(OP, backend)
+    if active(opts.logit_scale, opts.softcap):
         from .logit_transform import TransformChunks
 
-        return TransformChunks(_backend_impl(name), opts.logit_scale, opts.softcap)
-    if name == "torch":
-        return _torch_impl
-    if name == "cpu":
-        return _CpuExt
-    from ..kernels import distill_loss as _triton_impl  # imported lazily: triton is optional
-
-    return _triton_impl
+        return TransformChunks(impl, opts.logit_scale, opts.softcap)
+    return impl
 
 
-def _default_chunk_rows(V: int, device: torch.device) -> int:
-    """Rows per chunk so one fp32 [chunk, V] buffer stays within a budget (env-overridable).
-
-    GPU: 2^29 elements (4,096 rows at V = 128,256; a 2 GB fp32 buffer + 1 GB bf16 g), capped at 1/16 of the
-    device's memory. The chunk size sets the fp32 dW accumulator traffic: every chunk's dW += gᵀh reads and
-    writes the whole [V, d] accumulator (4.2 GB at V = 128,256, d = 4,096) and re-reads W twice, so at N = 8,192
-    1,024-row chunks cost ~34 GB of HBM traffic per step, 4,096-row chunks ~8 GB. CPU: 2^23 elements (32 MB;
-    the CPU GEMMs are already efficient at a few hundred rows, and the buffer is most of the op's extra memory).
-    """
-    if device.type == "cuda":
-        default = 2**29
-        try:
-            total = torch.cuda.get_device_properties(device.index if device.index is not None else
-                                                     torch.cuda.current_device()).total_memory
-            default = min(default, max(2**24, total // 16 // 6))  # 6 B per element: fp32 buffer + 16-bit g
-        except (RuntimeError, AssertionError):  # no device properties (mocked devices): keep the default
-            pass
-    else:
-        default = 2**23
-    budget = int(os.environ.get("DISTILL_ENGINE_CHUNK_ELEMS", default))
-    rows = max(1, budget // max(V, 1))
-    # round down to a power of two (GEMM-friendly) but keep at least 16 rows
-    rows = 1 << (rows.bit_length() - 1)
-    return max(16, min(rows, 8192))
+def _chunk_rows(V: int, device: torch.device) -> int:
+    """Rows per chunk: one fp32 [chunk, V] buffer within the "distill_loss" budget of ``_backend.chunk_rows``."""
+    return _backend.chunk_rows("distill_loss", None, 4 * V, device)
 
 
 # ----------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------
+def validate_inputs(hidden, weight, ids, lp, labels, bias, rest, opts: DistillOptions) -> str:
+    """Every argument check of the op (shapes, dtypes, devices; values unless ``opts.validate`` is False);
+    returns the backend that will run."""
+    _validate_inputs(hidden, weight, ids, lp, labels, bias, opts)
+    _validate_rest(rest, hidden.shape[0], hidden.device, opts)
+    return _backend.resolve_backend(opts.backend, hidden.device, OP)
+
+
 def _validate_inputs(hidden, weight, ids, lp, labels, bias, opts: DistillOptions) -> None:
-    check_hidden_weight(hidden, weight)
+    check_hidden_weight(hidden, weight, bias)
     dev = hidden.device
     N, d = hidden.shape
     V = weight.shape[0]
@@ -174,10 +168,6 @@ def _validate_inputs(hidden, weight, ids, lp, labels, bias, opts: DistillOptions
     if k < 1:
         raise ValueError("teacher_ids must have at least one slot per row (shape [N, k] with k >= 1)")
     check_tensor("teacher_logprobs", lp, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(N, k), device=dev)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(V,), device=dev)
-        if bias.dtype != hidden.dtype:
-            raise ValueError(f"bias has dtype {bias.dtype} but hidden has {hidden.dtype}; cast one of them")
     if labels is not None:
         check_tensor("labels", labels, ndim=1, dtypes=INDEX_DTYPES, shape=(N,), device=dev)
     elif opts.ce_weight > 0:
@@ -186,32 +176,12 @@ def _validate_inputs(hidden, weight, ids, lp, labels, bias, opts: DistillOptions
         return
     # value checks: one host sync each, skipped with validate=False
     # non-finite student inputs would come out as a NaN/inf loss: refuse them here, as teacher_targets does
-    check_finite_rows("hidden", hidden, "; the student's hidden states must be finite (check its weights/inputs)")
-    check_finite_rows("weight", weight, "; the student's lm_head weight must be finite")
-    if bias is not None:
-        check_finite_rows("bias", bias[:, None], "; the student's lm_head bias must be finite")
-    if bool(((ids < -1) | (ids >= V)).any()):
-        bad = ((ids < -1) | (ids >= V)).nonzero()[0].tolist()
-        raise ValueError(f"teacher_ids must lie in [-1, V={V}) (-1 marks an empty slot); found {int(ids[bad[0], bad[1]])} "
-                         f"at row {bad[0]}, slot {bad[1]}")
-    if k > 1:
-        srt = ids.sort(dim=1).values
-        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
-        if bool(dup.any()):
-            row = int(dup.any(1).nonzero()[0, 0])
-            raise ValueError(f"teacher_ids must be unique within a row; row {row} repeats an id "
-                             f"(merge duplicates, e.g. with de.teacher_targets(method='sample'))")
+    check_finite_head(hidden, weight, bias, "the student's ")
+    check_target_values("teacher_ids", ids, "teacher_logprobs", lp, V,
+                        " (merge duplicates, e.g. with de.teacher_targets(method='sample'))")
     slot = ids >= 0
-    lpv = lp.float()
-    if bool(torch.isnan(lpv).any()):
-        row = int(torch.isnan(lpv).any(1).nonzero()[0, 0])
-        raise ValueError(f"teacher_logprobs contains NaN (first at row {row})")
-    if bool(((lpv > 1e-4) & slot).any()):
-        row = int(((lpv > 1e-4) & slot).any(1).nonzero()[0, 0])
-        raise ValueError(f"teacher_logprobs must be log-probabilities (<= 0); row {row} has a positive value. "
-                         f"Pass log_softmax outputs, not logits")
     if opts.tail == "bucket":
-        mass = torch.where(slot, lpv.double().exp(), torch.zeros((), dtype=torch.float64, device=dev)).sum(1)
+        mass = torch.where(slot, lp.float().double().exp(), torch.zeros((), dtype=torch.float64, device=dev)).sum(1)
         if bool((mass > 1 + 1e-3).any()):
             row = int((mass > 1 + 1e-3).nonzero()[0, 0])
             raise ValueError(f"teacher_logprobs of row {row} sum to probability {float(mass[row]):.4f} > 1 with "
@@ -230,12 +200,7 @@ def _validate_rest(rest, N: int, dev, opts: DistillOptions) -> None:
     check_tensor("teacher_rest_logprob", rest, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(N,), device=dev)
     if not opts.validate or N == 0:
         return
-    r = rest.float()
-    if bool(torch.isnan(r).any()):
-        raise ValueError(f"teacher_rest_logprob contains NaN (first at row {int(torch.isnan(r).nonzero()[0, 0])})")
-    if bool((r > 1e-4).any()):
-        raise ValueError(f"teacher_rest_logprob must be a log-probability (<= 0; -inf for no rest mass); row "
-                         f"{int((r > 1e-4).nonzero()[0, 0])} is positive")
+    check_rest_values("teacher_rest_logprob", rest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,7 +314,7 @@ def _chunk_terms(buf, lse_1, rest_lse, z_S, ids_c, lp_c, rest_lp_c, labels_c, va
     # The row's log-sum-exp rebuilt in float64 from its two exact parts: the rest (fp32, but weighted by q_rest
     # in the sum, so its rounding fades as the student grows confident) and the k raw logits at S (exact).
     # A repeated id (validate=False) counts once, as in the masked buffer.
-    lse_S = torch.logsumexp(torch.where(slot & ~_repeated(ids_c), z_S / T, float("-inf")), dim=1)
+    lse_S = torch.logsumexp(torch.where(slot & ~repeated(ids_c), z_S / T, float("-inf")), dim=1)
     lse_Td = torch.logaddexp(rest_d, lse_S)  # [c]
     if lse_1 is not None and T == 1.0:
         lse_1 = lse_Td  # the same quantity at T = 1 (and bit-equal offsets let the CPU kernel share one exp)
@@ -390,18 +355,25 @@ def _chunk_terms(buf, lse_1, rest_lse, z_S, ids_c, lp_c, rest_lp_c, labels_c, va
             (s_1.float() if s_1 is not None else None), sparse_ids, sparse_coef.float())
 
 
-class _State:
-    """What the forward pass hands to backward."""
+class DistillState:
+    """What :func:`forward` hands to :func:`backward`: the gradients formed in forward ("precomputed"), the row
+    statistics of a recompute ("recompute"), or nothing ("none"; "consumed" once backward has run)."""
 
-    __slots__ = ("mode", "dH", "dW", "db", "lse_T", "lse_1", "s_q", "s_1", "sp_ids", "sp_coef", "chunk", "ids")
+    __slots__ = ("mode", "dH", "dW", "db", "lse_T", "lse_1", "s_q", "s_1", "sp_ids", "sp_coef", "chunk", "ids",
+                 "dtypes")
 
 
-def _forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOptions, backend: str, need_grad: bool):
-    impl = _backend_impl(backend, opts)
+def forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOptions, backend: str,
+            need_grad: bool) -> Tuple[torch.Tensor, DistillState]:
+    """The chunk driver's forward pass on validated inputs (:func:`validate_inputs`), N > 0: (loss, state).
+
+    With ``need_grad`` and reduction "mean"/"sum" the gradients are formed here, from the same chunk buffers;
+    with reduction "none" the per-row statistics for a recompute in :func:`backward` are kept."""
+    impl = _impl(backend, opts)
     N, d = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    chunk = opts.chunk_rows or _default_chunk_rows(V, dev)
+    chunk = opts.chunk_rows or _chunk_rows(V, dev)
     T = float(opts.temperature)
     need1 = opts.ce_weight > 0
     valid = _row_weights(labels, N, opts, dev)
@@ -410,9 +382,10 @@ def _forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOption
     scale = 1.0 / max(n_valid, 1) if opts.reduction == "mean" else 1.0
 
     loss_rows = torch.empty(N, dtype=torch.float32, device=dev)
-    st = _State()
+    st = DistillState()
     st.chunk = chunk
     st.mode = "none"
+    st.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
     if grad_in_fwd:
         st.mode = "precomputed"
         st.dH = torch.empty(N, d, dtype=torch.float32, device=dev)
@@ -432,7 +405,7 @@ def _forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOption
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         h_c = hidden[s:e]
-        buf, rest_lse, lse_1, z_S = _logits_and_rest(impl, h_c, weight, bias, T, need1, ids[s:e])
+        buf, rest_lse, lse_1, z_S = logits_and_rest(impl, h_c, weight, bias, T, need1, ids[s:e])
         lab_c = labels[s:e] if labels is not None else None
         rest_c = rest_lp[s:e] if rest_lp is not None else None
         loss_c, s_q, lse_T, lse_1, s_1, sp_ids, sp_coef = _chunk_terms(buf, lse_1, rest_lse, z_S, ids[s:e], lp[s:e],
@@ -462,8 +435,9 @@ def _forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOption
     return out, st
 
 
-def _backward_recompute(hidden, weight, bias, st: _State, grad_rows: torch.Tensor, opts: DistillOptions, backend: str):
-    impl = _backend_impl(backend, opts)
+def _backward_recompute(hidden, weight, bias, st: DistillState, grad_rows: torch.Tensor, opts: DistillOptions,
+                        backend: str):
+    impl = _impl(backend, opts)
     N, d = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -477,7 +451,7 @@ def _backward_recompute(hidden, weight, bias, st: _State, grad_rows: torch.Tenso
         e = min(N, s + st.chunk)
         h_c = hidden[s:e]
         buf, _, _ = impl.logits_lse(h_c, weight, bias, T, False, True)
-        _mask_buf(buf, *_mask_ids(st.ids[s:e]))  # the same −inf at S as in forward (lse_T holds the dense offset)
+        mask_buf(buf, *mask_ids(st.ids[s:e]))  # the same −inf at S as in forward (lse_T holds the dense offset)
         gr = g[s:e]
         s_1 = st.s_1[s:e] * gr if need1 else None
         dH[s:e] = impl.dense_grad(buf, h_c, weight, bias, T, st.lse_T[s:e], st.lse_1[s:e] if need1 else None,
@@ -486,64 +460,56 @@ def _backward_recompute(hidden, weight, bias, st: _State, grad_rows: torch.Tenso
     return dH, dW, db
 
 
+def backward(st: DistillState, grad_out: torch.Tensor, opts: DistillOptions, backend: str,
+             inputs: Optional[tuple] = None):
+    """(dH, dW, db | None) in the inputs' dtypes for the upstream ``grad_out`` (a scalar, or [N] for reduction
+    "none"). ``inputs`` = (hidden, weight, bias) for a "recompute" state. The state is consumed: the gradients
+    formed in forward are scaled in place (no second copy of dW [V, d] at the peak) and handed over once."""
+    if st.mode == "precomputed":
+        dH, dW, db = st.dH, st.dW, st.db
+        if not bool(grad_out == 1):
+            g = grad_out.float()
+            dH.mul_(g)
+            dW.mul_(g)
+            if db is not None:
+                db.mul_(g)
+    elif st.mode == "recompute":
+        hidden, weight, bias = inputs
+        dH, dW, db = _backward_recompute(hidden, weight, bias, st, grad_out, opts, backend)
+    else:
+        raise RuntimeError("fused_distill_loss: backward ran twice through a loss whose gradients were formed in "
+                           "the forward pass (reduction 'mean'/'sum'); use reduction='none' and sum it yourself "
+                           "if you need retain_graph=True")
+    for slot in DistillState.__slots__[1:-1]:  # free the gradients / statistics as soon as they are handed over
+        setattr(st, slot, None)
+    st.mode = "consumed"
+    hd, wd, bd = st.dtypes
+    return dH.to(hd), dW.to(wd), (db.to(bd) if db is not None else None)
+
+
 class _FusedDistillLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, lp, rest_lp, labels, opts: DistillOptions, backend: str):
-        need_grad = any(ctx.needs_input_grad[:3])
-        out, st = _forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts, backend, need_grad)
+        out, st = forward(hidden, weight, bias, ids, lp, rest_lp, labels, opts, backend, any(ctx.needs_input_grad[:3]))
         ctx.opts, ctx.backend, ctx.st = opts, backend, st
-        ctx.has_bias = bias is not None
-        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         if st.mode == "recompute":
             ctx.save_for_backward(hidden, weight, bias)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        st: _State = ctx.st
-        if st is None:
-            raise RuntimeError("fused_distill_loss: backward ran twice through a loss whose gradients were formed in "
-                               "the forward pass (reduction 'mean'/'sum'); use reduction='none' and sum it yourself "
-                               "if you need retain_graph=True")
-        if st.mode == "precomputed":
-            # scale the gradients formed in forward in place: no second copy of dW [V, d] at the peak
-            dH, dW, db = st.dH, st.dW, st.db
-            if not bool(grad_out == 1):
-                g = grad_out.float()
-                dH.mul_(g)
-                dW.mul_(g)
-                if db is not None:
-                    db.mul_(g)
-        else:
-            hidden, weight, bias = ctx.saved_tensors
-            dH, dW, db = _backward_recompute(hidden, weight, bias, st, grad_out, ctx.opts, ctx.backend)
-        ctx.st = None  # free the precomputed gradients as soon as they are handed over
-        hd, wd, bd = ctx.dtypes
-        return (dH.to(hd), dW.to(wd), db.to(bd) if db is not None else None, None, None, None, None, None, None)
+        st: DistillState = ctx.st
+        inputs = ctx.saved_tensors if st.mode == "recompute" else None
+        return backward(st, grad_out, ctx.opts, ctx.backend, inputs) + (None,) * 6
 
 
-def fused_distill_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    teacher_ids: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    *,
-    labels: Optional[torch.Tensor] = None,
-    bias: Optional[torch.Tensor] = None,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    ce_weight: float = 0.0,
-    tail: str = "bucket",
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    backend: str = "auto",
-    validate: bool = True,
-    chunk_rows: Optional[int] = None,
-    teacher_rest_logprob: Optional[torch.Tensor] = None,
-    logit_scale: Optional[float] = None,
-    softcap: Optional[float] = None,
-) -> torch.Tensor:
+def fused_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_ids: torch.Tensor,
+                       teacher_logprobs: torch.Tensor, *, labels: Optional[torch.Tensor] = None,
+                       bias: Optional[torch.Tensor] = None, divergence: str = "forward_kl", beta: float = 0.5,
+                       temperature: float = 1.0, ce_weight: float = 0.0, tail: str = "bucket", ignore_index: int = -100,
+                       reduction: str = "mean", backend: str = "auto", validate: bool = True,
+                       chunk_rows: Optional[int] = None, teacher_rest_logprob: Optional[torch.Tensor] = None,
+                       logit_scale: Optional[float] = None, softcap: Optional[float] = None) -> torch.Tensor:
     """Distillation loss of a student's lm_head against sparse teacher targets, fused with the lm_head.
 
     Args:
@@ -584,10 +550,7 @@ def fused_distill_loss(
     opts = DistillOptions(divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight, tail=tail,
                           ignore_index=ignore_index, reduction=reduction, backend=backend, validate=validate,
                           chunk_rows=chunk_rows, logit_scale=logit_scale, softcap=softcap)
-    opts.check()
-    _validate_inputs(hidden, weight, teacher_ids, teacher_logprobs, labels, bias, opts)
-    _validate_rest(teacher_rest_logprob, hidden.shape[0], hidden.device, opts)
-    which = _backend.resolve_backend(backend, hidden.device, "fused_distill_loss", _CPU_SYMBOL)
+    which = validate_inputs(hidden, weight, teacher_ids, teacher_logprobs, labels, bias, teacher_rest_logprob, opts)
     if hidden.shape[0] == 0:
         z = (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
         return hidden.new_zeros((0,), dtype=torch.float32) if reduction == "none" else z

@@ -5,9 +5,10 @@
     torch.ops.distill_engine.fused_projection_loss     (+ _backward, for reduction="none")
 
 Use them through :func:`fused_distill_loss`, :func:`teacher_targets`, :func:`fused_projection_loss` below (same
-arguments as the eager functions of ``distill_engine.ops.*``); each is a thin layer over the op's existing
-``torch.autograd.Function``: the custom op's CPU/CUDA kernel calls that Function's ``forward``/``backward`` with a
-small stand-in ``ctx`` (autograd is off below the custom op, so ``.apply`` would record nothing).
+arguments as the eager functions of ``distill_engine.ops.*``); each is a thin layer over the op's public
+launcher-level functions (``distill_loss.validate_inputs/forward/backward``, ``projection_loss.prepare/forward/
+backward``), the same ones the op's eager ``torch.autograd.Function`` calls (autograd is off below the custom op,
+so ``.apply`` would record nothing).
 
 Why the forward returns the gradients. For reduction "mean"/"sum" the eager op forms dH, dW (and db) in the forward
 pass, from the same [chunk, V] buffers (one pass over the vocabulary instead of two). The custom op keeps that: it
@@ -23,7 +24,6 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _backend
 from . import distill_loss as _dl
 from . import projection_loss as _pl
 from . import teacher_targets as _tt
@@ -31,23 +31,6 @@ from . import teacher_targets as _tt
 __all__ = ["fused_distill_loss", "teacher_targets", "fused_projection_loss"]
 
 _NS = "distill_engine"
-
-
-class _Ctx:
-    """Stand-in for an autograd ``ctx``: what the ops' ``autograd.Function``s read and write."""
-
-    def __init__(self, needs_input_grad):
-        self.needs_input_grad = tuple(needs_input_grad)
-        self.saved_tensors = ()
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-    def mark_non_differentiable(self, *args):
-        pass
-
-    def set_materialize_grads(self, value):
-        pass
 
 
 def _none0(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -61,10 +44,7 @@ def _distill_prep(hidden, weight, bias, ids, lp, rest, labels, divergence, beta,
     opts = _dl.DistillOptions(divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight,
                               tail=tail, ignore_index=ignore_index, reduction=reduction, backend=backend,
                               validate=validate)
-    opts.check()
-    _dl._validate_inputs(hidden, weight, ids, lp, labels, bias, opts)
-    _dl._validate_rest(rest, hidden.shape[0], hidden.device, opts)
-    return opts, _backend.resolve_backend(backend, hidden.device, "fused_distill_loss", _dl._CPU_SYMBOL)
+    return opts, _dl.validate_inputs(hidden, weight, ids, lp, labels, bias, rest, opts)
 
 
 @torch.library.custom_op(f"{_NS}::fused_distill_loss", mutates_args=())
@@ -83,12 +63,10 @@ def _distill_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_
         return (loss, torch.zeros_like(hidden) if in_fwd else hidden.new_empty(0),
                 torch.zeros_like(weight) if in_fwd else weight.new_empty(0),
                 torch.zeros_like(bias) if in_fwd and bias is not None else hidden.new_empty(0))
-    ctx = _Ctx((in_fwd, in_fwd, in_fwd and bias is not None) + (False,) * 6)
-    loss = _dl._FusedDistillLossFn.forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, rest, labels,
-                                           opts, which)
+    loss, st = _dl.forward(hidden, weight, bias, teacher_ids, teacher_logprobs, rest, labels, opts, which, in_fwd)
     if not in_fwd:
         return loss, hidden.new_empty(0), weight.new_empty(0), hidden.new_empty(0)
-    dH, dW, db = _dl._FusedDistillLossFn.backward(ctx, torch.ones((), device=hidden.device))[:3]
+    dH, dW, db = _dl.backward(st, torch.ones((), device=hidden.device), opts, which)
     return loss, dH, dW, _none0(db, hidden)
 
 
@@ -115,10 +93,8 @@ def _distill_bwd_op(grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
     if hidden.shape[0] == 0:
         return torch.zeros_like(hidden), torch.zeros_like(weight), _none0(
             torch.zeros_like(bias) if bias is not None else None, hidden)
-    ctx = _Ctx((True, True, bias is not None) + (False,) * 6)
-    _dl._FusedDistillLossFn.forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, rest, labels, opts,
-                                    which)
-    dH, dW, db = _dl._FusedDistillLossFn.backward(ctx, grad_rows.contiguous())[:3]
+    _, st = _dl.forward(hidden, weight, bias, teacher_ids, teacher_logprobs, rest, labels, opts, which, True)
+    dH, dW, db = _dl.backward(st, grad_rows.contiguous(), opts, which, (hidden, weight, bias))
     return dH, dW, _none0(db, hidden)
 
 
@@ -205,35 +181,26 @@ def teacher_targets(hidden: Tensor, weight: Tensor, k: int = 64, *, bias: Option
 
 # ---- fused_projection_loss --------------------------------------------------------------------------------
 def _projection_prep(h, weight, t, bias, mask, kind, reduction, backend):
-    _pl.check_choice("kind", kind, _pl.KINDS)
-    _pl.check_choice("reduction", reduction, _pl.REDUCTIONS)
-    _pl.check_choice("backend", backend, _backend.BACKENDS)
-    _pl._validate(h, weight, t, bias, mask)
-    dev = h.device
-    resolved = _backend.resolve_backend(backend, dev, _pl._OP, _pl._CPU_SYMBOL)
-    h2 = h.reshape(-1, h.shape[-1]).contiguous()  # [N, d_s]
-    t2 = t.reshape(-1, weight.shape[0]).contiguous()  # [N, d_t]
-    m = mask.reshape(-1) if mask is not None else None
-    opts = _pl.ProjectionLossOptions(kind=kind, reduction=reduction, backend=resolved,
-                                     chunk_rows=_pl._chunk_rows(h2.shape[0], weight.shape[0], dev))
-    opts.check()
-    return h2, t2, m, opts
+    """(h [N, d_s], t [N, d_t], mask [N] | None, opts, resolved backend, dtypes) for the launcher functions."""
+    opts = _pl.ProjectionLossOptions(kind=kind, reduction=reduction, backend=backend)
+    dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    return _pl.prepare(h, weight, t, bias, mask, opts) + (dtypes,)
 
 
 @torch.library.custom_op(f"{_NS}::fused_projection_loss", mutates_args=())
 def _projection_op(student_hidden: Tensor, proj_weight: Tensor, teacher_hidden: Tensor, proj_bias: Optional[Tensor],
                    mask: Optional[Tensor], kind: str, reduction: str, backend: str, need_grad: bool
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    h, t, m, opts = _projection_prep(student_hidden, proj_weight, teacher_hidden, proj_bias, mask, kind, reduction,
-                                     backend)
+    h, t, m, opts, which, dtypes = _projection_prep(student_hidden, proj_weight, teacher_hidden, proj_bias, mask, kind,
+                                                    reduction, backend)
     in_fwd = need_grad and reduction != "none"
-    ctx = _Ctx((in_fwd, in_fwd, False, in_fwd and proj_bias is not None, False, False))
-    loss = _pl._FusedProjectionLossFn.forward(ctx, h, proj_weight, t, proj_bias, m, opts)
+    need = (in_fwd, in_fwd, in_fwd and proj_bias is not None)
+    loss, grads = _pl.forward(h, proj_weight, t, proj_bias, m, opts, which, need)
     if reduction == "none":
         loss = loss.reshape(student_hidden.shape[:-1])
     if not in_fwd:
         return loss, student_hidden.new_empty(0), proj_weight.new_empty(0), proj_weight.new_empty(0)
-    dh, dW, _, db = _pl._FusedProjectionLossFn.backward(ctx, torch.ones((), device=h.device))[:4]
+    dh, dW, db = _pl.backward(torch.ones((), device=h.device), opts, which, need, dtypes, grads=grads)
     return loss, dh.reshape(student_hidden.shape), dW, _none0(db, proj_weight)
 
 
@@ -253,11 +220,11 @@ def _(student_hidden, proj_weight, teacher_hidden, proj_bias, mask, kind, reduct
 def _projection_bwd_op(grad_rows: Tensor, student_hidden: Tensor, proj_weight: Tensor, teacher_hidden: Tensor,
                        proj_bias: Optional[Tensor], mask: Optional[Tensor], kind: str, backend: str
                        ) -> Tuple[Tensor, Tensor, Tensor]:
-    h, t, m, opts = _projection_prep(student_hidden, proj_weight, teacher_hidden, proj_bias, mask, kind, "none",
-                                     backend)
-    ctx = _Ctx((True, True, False, proj_bias is not None, False, False))
-    _pl._FusedProjectionLossFn.forward(ctx, h, proj_weight, t, proj_bias, m, opts)
-    dh, dW, _, db = _pl._FusedProjectionLossFn.backward(ctx, grad_rows.reshape(-1).contiguous())[:4]
+    h, t, m, opts, which, dtypes = _projection_prep(student_hidden, proj_weight, teacher_hidden, proj_bias, mask, kind,
+                                                    "none", backend)
+    need = (True, True, proj_bias is not None)
+    dh, dW, db = _pl.backward(grad_rows.reshape(-1).contiguous(), opts, which, need, dtypes,
+                              inputs=(h, proj_weight, t, proj_bias, m))
     return dh.reshape(student_hidden.shape), dW, _none0(db, proj_weight)
 
 

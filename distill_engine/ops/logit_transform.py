@@ -27,18 +27,16 @@ from typing import Optional
 
 import torch
 
+from .._validate import check_positive
+
 # rows × ids × d elements of one gather-dot block in SoftcapChunks (bounds the temporary W[ids] copy)
 _GATHER_ELEMS = 2**24
 
 
 def check_transform(logit_scale, softcap) -> None:
     """One-line ValueErrors for bad transform arguments."""
-    if logit_scale is not None and not (isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool)
-                                        and math.isfinite(logit_scale) and logit_scale > 0):
-        raise ValueError(f"logit_scale must be a finite number > 0 or None, got {logit_scale!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
-                                    and math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be a finite number > 0 or None (no capping), got {softcap!r}")
+    check_positive("logit_scale", logit_scale, optional=True)
+    check_positive("softcap", softcap, optional=True)  # None: no capping
 
 
 def fold_scale(hidden: torch.Tensor, logit_scale, softcap) -> bool:
@@ -107,25 +105,16 @@ class TransformChunks:
     def dense_grad(self, buf, h, weight, bias, temperature, lse_T, lse_1, s_q, s_1, dW_acc, db_acc,
                    sparse_ids=None, sparse_coef=None):
         """dL/dl = (dL/dz)·dz/dl; dense dL/dz from the buffer (0 at masked ids), sparse at the ids."""
+        from ..reference.distill_loss import dense_coef_, grad_products
+
         dz = dz_dl(buf, self.s, self.c)  # [c, V], before buf is overwritten
-        g = buf
-        if s_1 is not None:
-            q1 = torch.exp(buf - lse_1[:, None])  # [c, V] CE's softmax at T = 1
-        g.div_(temperature).sub_(lse_T[:, None]).exp_().mul_(s_q[:, None])
-        if s_1 is not None:
-            g.add_(q1.mul_(s_1[:, None]))
-            del q1
+        g = dense_coef_(buf, temperature, lse_T, lse_1, s_q, s_1)  # dL/dz, in place
         g.mul_(dz)
         del dz
         if sparse_ids is not None:
             z_sp = transform_(_raw_at(h, weight, bias, sparse_ids), self.s, self.c)  # [c, m] z at the ids
             g.scatter_add_(1, sparse_ids, sparse_coef * dz_dl(z_sp, self.s, self.c))
-        w32 = weight.float()
-        dH = g @ w32  # [c, d]
-        dW_acc.addmm_(g.t(), h.float())
-        if db_acc is not None:
-            db_acc.add_(g.sum(0))
-        return dH
+        return grad_products(g, h, weight, dW_acc, db_acc)
 
 
 class TransformTargets:

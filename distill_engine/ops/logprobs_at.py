@@ -20,61 +20,66 @@ by z = s·l, then c·tanh(z/c), before the temperature — exactly as ``fused_di
 wrapped in :class:`~distill_engine.ops.logit_transform.TransformChunks` (the transform on the [chunk, V] buffer,
 lse over z; backward multiplies the dense and the sparse coefficients by dz/dl = s·(1 − (z/c)²)).
 
-Memory: one fp32 [chunk, V] buffer at a time (``chunk_rows``), plus lse_T [N] saved for backward.
+Memory: one fp32 [chunk, V] buffer at a time (``chunk_rows``; default from the "logprobs_at" chunk policy of
+``_backend.chunk_rows``, the loss's budget), plus lse_T [N] saved for backward.
 Used by the on-policy trainer's ``sampled_reverse_kl`` objective (teacher and student log-probs at the
 student's sampled tokens).
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Optional
 
 import torch
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_finite_rows, check_hidden_weight, check_tensor
-from .distill_loss import _backend_impl, _default_chunk_rows
+from .._validate import INDEX_DTYPES, check_choice, check_finite_head, check_hidden_weight, check_positive, \
+    check_positive_int, check_tensor
+from .distill_loss import OP as _LOSS_OP
 from .logit_transform import TransformChunks, active, check_transform
 
-_CPU_SYMBOL = "distill_logits_lse"
+OP = "logprobs_at"
 
 
-def _validate(hidden, weight, ids, bias, temperature, chunk_rows, validate: bool) -> None:
-    check_hidden_weight(hidden, weight)
-    dev = hidden.device
-    N, d = hidden.shape
+@dataclasses.dataclass(frozen=True)
+class LogprobsAtOptions:
+    """Non-tensor options of the op; validated on construction."""
+
+    temperature: float = 1.0
+    backend: str = "auto"
+    validate: bool = True
+    chunk_rows: Optional[int] = None
+
+    def __post_init__(self):
+        check_positive("temperature", self.temperature)
+        check_choice("backend", self.backend, _backend.BACKENDS)
+        check_positive_int("chunk_rows", self.chunk_rows, optional=True)
+
+
+def _impl(backend: str, transform=(None, None)):
+    """logprobs_at runs on the loss's chunk contract: its registered implementations are the loss's; with an
+    active (logit_scale, softcap), wrapped to work on the transformed logits z."""
+    impl = _backend.impl_for(_LOSS_OP, backend)
+    return TransformChunks(impl, *transform) if active(*transform) else impl
+
+
+def validate_inputs(hidden, weight, ids, bias, opts: LogprobsAtOptions) -> str:
+    """Every argument check of the op; returns the backend that will run."""
+    check_hidden_weight(hidden, weight, bias)
+    N = hidden.shape[0]
     V = weight.shape[0]
-    if V < 1:
-        raise ValueError("weight must have at least one row (shape [V, d] with V >= 1)")
-    check_tensor("ids", ids, ndim=2, dtypes=INDEX_DTYPES, shape=(N, None), device=dev)
+    check_tensor("ids", ids, ndim=2, dtypes=INDEX_DTYPES, shape=(N, None), device=hidden.device)
     if ids.shape[1] < 1:
         raise ValueError("ids must have at least one column (shape [N, m] with m >= 1)")
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(V,), device=dev)
-        if bias.dtype != hidden.dtype:
-            raise ValueError(f"bias has dtype {bias.dtype} but hidden has {hidden.dtype}; cast one of them")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if chunk_rows is not None and (not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1):
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-    if N == 0:
-        return
-    # ids out of range would index out of bounds in the kernels: always checked (one host sync)
-    bad = (ids < 0) | (ids >= V)
-    if bool(bad.any()):
-        r, c = bad.nonzero()[0].tolist()
-        raise ValueError(f"ids must lie in [0, V={V}); found {int(ids[r, c])} at row {r}, column {c}")
-    if validate:
-        check_finite_rows("hidden", hidden, "; hidden states must be finite")
-        check_finite_rows("weight", weight, "; the lm_head weight must be finite")
-        if bias is not None:
-            check_finite_rows("bias", bias[:, None], "; the lm_head bias must be finite")
-
-
-def _impl(backend: str, transform):
-    """The backend's chunk contract; with an active (logit_scale, softcap), on the transformed logits z."""
-    impl = _backend_impl(backend)
-    return TransformChunks(impl, *transform) if active(*transform) else impl
+    if N > 0:
+        # ids out of range would index out of bounds in the kernels: always checked (one host sync)
+        bad = (ids < 0) | (ids >= V)
+        if bool(bad.any()):
+            r, c = bad.nonzero()[0].tolist()
+            raise ValueError(f"ids must lie in [0, V={V}); found {int(ids[r, c])} at row {r}, column {c}")
+        if opts.validate:
+            check_finite_head(hidden, weight, bias, "the ")
+    return _backend.resolve_backend(opts.backend, hidden.device, OP, _backend.cpu_symbol_for(_LOSS_OP))
 
 
 def _forward(hidden, weight, bias, ids, T: float, chunk: int, backend: str, transform=(None, None)):
@@ -85,7 +90,7 @@ def _forward(hidden, weight, bias, ids, T: float, chunk: int, backend: str, tran
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         buf, lse_T, _ = impl.logits_lse(hidden[s:e], weight, bias, T, False, True)  # buf [c, V] fp32
-        z = buf.gather(1, ids[s:e].long())  # [c, m] (transformed) logits at the ids
+        z = buf.gather(1, ids[s:e].long())  # [c, m] raw logits at the ids
         out[s:e] = (z.double() / T - lse_T.double()[:, None]).float()
         lse_all[s:e] = lse_T
         del buf
@@ -99,9 +104,8 @@ def _backward(hidden, weight, bias, ids, lse_all, grad, T: float, chunk: int, ba
     V = weight.shape[0]
     dev = hidden.device
     dH = torch.empty(N, d, dtype=torch.float32, device=dev)
-    # the torch and C++ backends (and the transform wrapper) always accumulate dW; Triton skips it when not wanted
-    keep_dW = need_dW or backend != "triton" or active(*transform)
-    dW = torch.zeros(V, d, dtype=torch.float32, device=dev) if keep_dW else None
+    # the torch and C++ backends always accumulate dW; Triton skips the GEMM when dW is not wanted
+    dW = torch.zeros(V, d, dtype=torch.float32, device=dev) if need_dW or backend != "triton" else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
     g = grad.float()  # [N, m]
     s_q_all = -g.sum(1) / T  # [N]
@@ -163,18 +167,18 @@ def logprobs_at(
         temperature: logits are divided by it before the softmax.
         backend: "auto" | "triton" | "cpu" | "torch".
         validate: finiteness checks on hidden/weight/bias (one host sync each); ids are always range-checked.
-        chunk_rows: rows per chunk (default: one fp32 [chunk, V] buffer of ≤ 32 MB on CPU, 512 MB on GPU).
+        chunk_rows: rows per chunk (default: one fp32 [chunk, V] buffer of ≤ 32 MiB on CPU, 2 GiB on GPU).
         logit_scale: multiply the logits by it (None: 1), as Cohere / Granite (1/s) / ... do.
         softcap: soft-cap the (scaled) logits to c·tanh(z/c) (Gemma 2/3's final_logit_softcapping); None: off.
 
     Returns:
         [N, m] float32 log-probabilities; differentiable with respect to hidden, weight and bias.
     """
-    _validate(hidden, weight, ids, bias, temperature, chunk_rows, validate)
+    opts = LogprobsAtOptions(temperature=temperature, backend=backend, validate=validate, chunk_rows=chunk_rows)
+    which = validate_inputs(hidden, weight, ids, bias, opts)
     check_transform(logit_scale, softcap)
-    which = _backend.resolve_backend(backend, hidden.device, "logprobs_at", _CPU_SYMBOL)
     if hidden.shape[0] == 0:
         z = (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
         return z.expand(0, ids.shape[1]).clone() if z.requires_grad else hidden.new_zeros(ids.shape, dtype=torch.float32)
-    chunk = chunk_rows or _default_chunk_rows(weight.shape[0], hidden.device)
+    chunk = chunk_rows or _backend.chunk_rows(OP, None, 4 * weight.shape[0], hidden.device)  # fp32 [chunk, V]
     return _LogprobsAtFn.apply(hidden, weight, bias, ids, float(temperature), chunk, which, (logit_scale, softcap))

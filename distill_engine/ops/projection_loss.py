@@ -25,49 +25,57 @@ and the C++ ``_C.projection_chunk``):
     projection_chunk(h_c [c, d_s], weight', bias', t_c [c, d_t], kind, zero_norm_sq,
                      row_scale [c] fp32 | None, dW_acc fp32 | None, db_acc fp32 | None, dh_out [c, d_s] | None)
         -> (loss [c] fp32, nonfinite_teacher [c] bool)
+
+Layers: the backends (registered in ``_backend`` under "fused_projection_loss") → the launcher-level functions
+:func:`prepare`, :func:`forward`, :func:`backward` (used by the autograd Function here and by the torch.library op
+in ``ops/library.py``) → ``fused_projection_loss`` → ``modules.FusedProjectionLoss`` / ``HiddenStateDistiller``.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional, Tuple
 
 import torch
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, check_choice, check_tensor
+from .._validate import FLOAT_DTYPES, check_choice, check_mask, check_positive_int, check_same_dtype, check_tensor
 from ..reference import projection_loss as _torch_impl
 from ..reference.projection_loss import KINDS, REDUCTIONS, ZERO_NORM_SQ
 
-_CPU_SYMBOL = "projection_chunk"
-_OP = "fused_projection_loss"
+OP = "fused_projection_loss"
 
-__all__ = ["fused_projection_loss", "ProjectionLossOptions", "KINDS", "REDUCTIONS", "ZERO_NORM_SQ"]
+__all__ = ["fused_projection_loss", "ProjectionLossOptions", "prepare", "forward", "backward", "KINDS", "REDUCTIONS",
+           "ZERO_NORM_SQ"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ProjectionLossOptions:
-    """Non-tensor options of the op (one object for the autograd.Function)."""
+    """Non-tensor options of the op (one object for the autograd.Function); validated on construction.
+
+    ``backend`` is the user's choice ("auto" | "triton" | "cpu" | "torch"); ``chunk_rows`` None takes the
+    "projection_loss" chunk policy of ``_backend.chunk_rows``."""
 
     kind: str = "mse"
     reduction: str = "mean"
-    backend: str = "torch"  # resolved backend: "triton" | "cpu" | "torch"
-    chunk_rows: int = 1024
+    backend: str = "auto"
+    chunk_rows: Optional[int] = None
     zero_norm_sq: float = ZERO_NORM_SQ
+
+    def __post_init__(self):
+        self.check()
 
     def check(self) -> None:
         check_choice("kind", self.kind, KINDS)
         check_choice("reduction", self.reduction, REDUCTIONS)
-        check_choice("backend", self.backend, ("triton", "cpu", "torch"))
-        if not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be a positive int, got {self.chunk_rows!r}")
+        check_choice("backend", self.backend, _backend.BACKENDS)
+        check_positive_int("chunk_rows", self.chunk_rows, optional=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
-class _CpuExt:
-    """Adapter from ``_C.projection_chunk`` (csrc/cpu/projection_loss.cpp) to the chunk contract."""
+class ProjectionLossCpuImpl:
+    """The chunk contract on ``_C.projection_chunk`` (csrc/cpu/projection_loss.cpp)."""
 
     @staticmethod
     def prepare(weight, bias):
@@ -83,28 +91,14 @@ class _CpuExt:
                                     float(zero_norm_sq), row_scale, dW_acc, db_acc, dh_out)
 
 
-def _backend_impl(name: str):
-    if name == "torch":
-        return _torch_impl
-    if name == "cpu":
-        return _CpuExt
-    from ..kernels import projection_loss as _triton_impl  # imported lazily: triton is optional
-
-    return _triton_impl
+_backend.register_impl(OP, "torch", _torch_impl)
+_backend.register_impl(OP, "cpu", ProjectionLossCpuImpl, cpu_symbol="projection_chunk")
+_backend.register_impl(OP, "triton", "distill_engine.kernels.projection_loss")
 
 
 def _chunk_rows(n_rows: int, d_t: int, device: torch.device) -> int:
-    """Rows per chunk so the fp32 [chunk, d_t] buffer stays within a budget (env-overridable, in bytes).
-
-    CPU: 8 MiB (512 rows at d_t = 4096): the GEMMs on a chunk run at full rate and the per-chunk
-    re-reads of P and of the dW accumulator stay a few percent of the GEMM time.
-    CUDA: 64 MiB (2048 rows at d_t = 8192), enough rows to fill the GPU.
-    """
-    default = 2**26 if device.type == "cuda" else 2**23
-    budget = int(os.environ.get("DISTILL_ENGINE_PROJ_CHUNK_BYTES", default))
-    rows = max(16, budget // (4 * max(d_t, 1)))
-    rows = 1 << (rows.bit_length() - 1)  # a power of two: GEMM-friendly
-    return max(1, min(rows, max(n_rows, 1)))
+    """Rows per chunk: the fp32 [chunk, d_t] buffer within the "projection_loss" budget of ``_backend.chunk_rows``."""
+    return _backend.chunk_rows("projection_loss", n_rows, 4 * d_t, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,8 +117,7 @@ def _validate(student_hidden, proj_weight, teacher_hidden, proj_bias, mask) -> N
     d_t = proj_weight.shape[0]
     if d_s < 1 or d_t < 1:
         raise ValueError(f"d_s and d_t must be >= 1, got proj_weight of shape {tuple(proj_weight.shape)}")
-    if proj_weight.dtype != dt:
-        raise ValueError(f"proj_weight has dtype {proj_weight.dtype} but student_hidden has {dt}; cast one of them")
+    check_same_dtype("proj_weight", proj_weight, "student_hidden", student_hidden)
     check_tensor("teacher_hidden", teacher_hidden, dtypes=FLOAT_DTYPES, device=dev)
     if tuple(teacher_hidden.shape) != lead + (d_t,):
         raise ValueError(f"teacher_hidden has shape {tuple(teacher_hidden.shape)}, expected {lead + (d_t,)} "
@@ -134,13 +127,9 @@ def _validate(student_hidden, proj_weight, teacher_hidden, proj_bias, mask) -> N
                          f"teacher states with .to({dt})")
     if proj_bias is not None:
         check_tensor("proj_bias", proj_bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(d_t,), device=dev)
-        if proj_bias.dtype != dt:
-            raise ValueError(f"proj_bias has dtype {proj_bias.dtype} but student_hidden has {dt}; cast one of them")
+        check_same_dtype("proj_bias", proj_bias, "student_hidden", student_hidden)
     if mask is not None:
-        check_tensor("mask", mask, dtypes=(torch.bool,), device=dev)
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {lead} (one bool per row of student_hidden; "
-                             f"e.g. attention_mask.bool())")
+        check_mask(mask, lead, dev, " (one bool per row of student_hidden; e.g. attention_mask.bool())")
 
 
 def _raise_nonfinite_teacher(t: torch.Tensor, idx: Optional[torch.Tensor]) -> None:
@@ -157,7 +146,8 @@ def _raise_nonfinite_teacher(t: torch.Tensor, idx: Optional[torch.Tensor]) -> No
 # ----------------------------------------------------------------------------------------------
 # the chunk driver
 # ----------------------------------------------------------------------------------------------
-def _drive(h, weight, bias, t, idx, n_kept, opts: ProjectionLossOptions, grad_rows, need: Tuple[bool, bool, bool]):
+def _drive(h, weight, bias, t, idx, n_kept, opts: ProjectionLossOptions, backend: str, grad_rows,
+           need: Tuple[bool, bool, bool]):
     """Run every chunk of the kept rows.
 
     h [N, d_s], t [N, d_t] contiguous; idx [n_kept] int64 kept rows (None: all rows kept).
@@ -165,7 +155,7 @@ def _drive(h, weight, bias, t, idx, n_kept, opts: ProjectionLossOptions, grad_ro
     need = (dh, dW, db). Returns (loss over kept rows [n_kept] fp32, dh [N, d_s] h.dtype | None,
     dW [d_t, d_s] fp32 | None, db [d_t] fp32 | None).
     """
-    impl = _backend_impl(opts.backend)
+    impl = _backend.impl_for(OP, backend)
     N, d_s = h.shape
     d_t = weight.shape[0]
     dev = h.device
@@ -209,7 +199,7 @@ def _drive(h, weight, bias, t, idx, n_kept, opts: ProjectionLossOptions, grad_ro
     if flags[1]:
         k = int((~torch.isfinite(loss_rows)).nonzero()[0, 0])
         row = k if idx is None else int(idx[k])
-        raise ValueError(f"{_OP}: the loss of row {row} is not finite: student_hidden, proj_weight or proj_bias "
+        raise ValueError(f"{OP}: the loss of row {row} is not finite: student_hidden, proj_weight or proj_bias "
                          f"contains non-finite values (or the projection overflows {h.dtype})")
     return loss_rows, dh, dW, db
 
@@ -236,57 +226,85 @@ def _reduce(loss_rows, idx, n_kept, N, reduction, dev):
     return total
 
 
+def prepare(student_hidden, proj_weight, teacher_hidden, proj_bias, mask, opts: ProjectionLossOptions):
+    """Argument checks, the backend that will run and the flattened inputs:
+    (h [N, d_s] contiguous, t [N, d_t] contiguous detached, mask [N] | None, opts with chunk_rows set, backend)."""
+    _validate(student_hidden, proj_weight, teacher_hidden, proj_bias, mask)
+    d_s, d_t = student_hidden.shape[-1], proj_weight.shape[0]
+    dev = student_hidden.device
+    backend = _backend.resolve_backend(opts.backend, dev, OP)
+    h = student_hidden.reshape(-1, d_s).contiguous()
+    t = teacher_hidden.detach().reshape(-1, d_t).contiguous()
+    m = mask.reshape(-1) if mask is not None else None
+    opts = dataclasses.replace(opts, chunk_rows=opts.chunk_rows or _chunk_rows(h.shape[0], d_t, dev))
+    return h, t, m, opts, backend
+
+
+def forward(h, weight, t, bias, mask, opts: ProjectionLossOptions, backend: str, need: Tuple[bool, bool, bool]):
+    """(loss, grads) on prepared inputs. With reduction "mean"/"sum" and a wanted gradient (need = (dh, dW, db))
+    the loss is a scalar and its gradients (dh, dW fp32, db fp32 | None) are formed now, from the same chunk
+    buffers; otherwise grads is None (reduction "none" recomputes in :func:`backward`)."""
+    N = h.shape[0]
+    idx, n_kept = _kept_rows(mask, N)
+    grads = None
+    if opts.reduction in ("mean", "sum") and any(need):
+        scale = 1.0 / n_kept if (opts.reduction == "mean" and n_kept > 0) else 1.0
+        loss_rows, dh, dW, db = _drive(h, weight, bias, t, idx, n_kept, opts, backend, scale, need)
+        grads = (dh, dW, db)
+    else:
+        loss_rows, _, _, _ = _drive(h, weight, bias, t, idx, n_kept, opts, backend, None, need)
+    return _reduce(loss_rows, idx, n_kept, N, opts.reduction, h.device), grads
+
+
+def backward(grad_out, opts: ProjectionLossOptions, backend: str, need: Tuple[bool, bool, bool], dtypes,
+             grads=None, inputs=None):
+    """(dh, dW, db) in the inputs' ``dtypes`` = (h, weight, bias): the ``grads`` of :func:`forward` scaled by the
+    scalar ``grad_out``, or (reduction "none", ``inputs`` = (h, weight, t, bias, mask)) recomputed with the
+    per-row ``grad_out``."""
+    if grads is not None:
+        dh, dW, db = grads
+        if bool(grad_out != 1):  # the loss is the last node in the usual case: skip the rescale
+            g = grad_out.float()
+            dh = dh * g.to(dh.dtype) if dh is not None else None
+            dW = dW * g if dW is not None else None
+            db = db * g if db is not None else None
+    else:
+        h, weight, t, bias, mask = inputs
+        idx, n_kept = _kept_rows(mask, h.shape[0])
+        g = grad_out.reshape(-1).float()
+        grad_rows = (g if idx is None else g.index_select(0, idx)).contiguous()
+        _, dh, dW, db = _drive(h, weight, bias, t, idx, n_kept, opts, backend, grad_rows, need)
+    _, wd, bd = dtypes
+    return dh, (dW.to(wd) if dW is not None else None), (db.to(bd) if db is not None else None)
+
+
 class _FusedProjectionLossFn(torch.autograd.Function):
-    """autograd face of the driver. Inputs are the flattened [N, d_s] / [N, d_t] tensors."""
+    """autograd face of :func:`forward` / :func:`backward`. Inputs are the flattened [N, d_s] / [N, d_t] tensors."""
 
     @staticmethod
-    def forward(ctx, h, weight, t, bias, mask, opts: ProjectionLossOptions):
-        N = h.shape[0]
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3])
-        idx, n_kept = _kept_rows(mask, N)
-        ctx.opts = opts
+    def forward(ctx, h, weight, t, bias, mask, opts: ProjectionLossOptions, backend: str):
+        ctx.need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3])
+        ctx.opts, ctx.backend = opts, backend
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        if opts.reduction in ("mean", "sum"):
-            # The loss is a scalar: form the gradients now, from the same chunk buffers.
-            scale = 1.0 / n_kept if (opts.reduction == "mean" and n_kept > 0) else 1.0
-            loss_rows, dh, dW, db = _drive(h, weight, bias, t, idx, n_kept, opts, scale, need)
-            ctx.grads = (dh, dW, db)
-        else:
-            loss_rows, _, _, _ = _drive(h, weight, bias, t, idx, n_kept, opts, None, need)
-            ctx.grads = None
-            ctx.need = need
-            ctx.kept = (idx, n_kept)
-            ctx.save_for_backward(h, weight, t, bias)
-        return _reduce(loss_rows, idx, n_kept, N, opts.reduction, h.device)
+        loss, ctx.grads = forward(h, weight, t, bias, mask, opts, backend, ctx.need)
+        if ctx.grads is None:
+            ctx.save_for_backward(h, weight, t, bias, mask)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        hd, wd, bd = ctx.dtypes
-        if ctx.opts.reduction in ("mean", "sum"):
-            if ctx.grads is None:
+        grads, inputs = ctx.grads, None
+        if grads is None:
+            if ctx.opts.reduction != "none":
                 raise RuntimeError("fused_projection_loss: a second backward through the same loss (retain_graph=True) "
                                    "is not supported for reduction='mean'/'sum'; the gradients formed in the forward "
                                    "pass were handed over already. Recompute the loss.")
-            dh, dW, db = ctx.grads
-            # Hand the precomputed gradients over once: the autograd node (alive as long as the caller keeps the
-            # loss tensor) must not pin them until the next step.
-            ctx.grads = None
-            if bool(grad_out != 1):  # the loss is the last node in the usual case: skip the rescale
-                g = grad_out.float()
-                dh = dh * g.to(dh.dtype) if dh is not None else None
-                dW = dW * g if dW is not None else None
-                db = db * g if db is not None else None
-        else:
-            h, weight, t, bias = ctx.saved_tensors
-            idx, n_kept = ctx.kept
-            g = grad_out.reshape(-1).float()
-            grad_rows = (g if idx is None else g.index_select(0, idx)).contiguous()
-            _, dh, dW, db = _drive(h, weight, bias, t, idx, n_kept, ctx.opts, grad_rows, ctx.need)
-        return (dh,
-                dW.to(wd) if dW is not None else None,
-                None,
-                db.to(bd) if db is not None else None,
-                None, None)
+            inputs = ctx.saved_tensors
+        # Hand the precomputed gradients over once: the autograd node (alive as long as the caller keeps the
+        # loss tensor) must not pin them until the next step.
+        ctx.grads = None
+        dh, dW, db = backward(grad_out, ctx.opts, ctx.backend, ctx.need, ctx.dtypes, grads, inputs)
+        return dh, dW, None, db, None, None, None
 
 
 def fused_projection_loss(student_hidden: torch.Tensor, proj_weight: torch.Tensor, teacher_hidden: torch.Tensor, *,
@@ -310,28 +328,14 @@ def fused_projection_loss(student_hidden: torch.Tensor, proj_weight: torch.Tenso
     Raises ValueError on shape/dtype/device mismatch, an unknown option, a malformed mask, non-finite
     teacher states in kept rows, and a non-finite loss (non-finite student states or weights).
     """
-    check_choice("kind", kind, KINDS)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("backend", backend, _backend.BACKENDS)
-    _validate(student_hidden, proj_weight, teacher_hidden, proj_bias, mask)
-    lead = tuple(student_hidden.shape[:-1])
-    d_s, d_t = student_hidden.shape[-1], proj_weight.shape[0]
-    dev = student_hidden.device
-    resolved = _backend.resolve_backend(backend, dev, _OP, _CPU_SYMBOL)
-    h = student_hidden.reshape(-1, d_s).contiguous()
-    t = teacher_hidden.detach().reshape(-1, d_t).contiguous()
-    m = mask.reshape(-1) if mask is not None else None
-    N = h.shape[0]
-    opts = ProjectionLossOptions(kind=kind, reduction=reduction, backend=resolved, chunk_rows=_chunk_rows(N, d_t, dev))
-    opts.check()
+    opts = ProjectionLossOptions(kind=kind, reduction=reduction, backend=backend)
+    h, t, m, opts, which = prepare(student_hidden, proj_weight, teacher_hidden, proj_bias, mask, opts)
     needs_grad = torch.is_grad_enabled() and (
         student_hidden.requires_grad or proj_weight.requires_grad or (proj_bias is not None and proj_bias.requires_grad))
     if needs_grad:
-        out = _FusedProjectionLossFn.apply(h, proj_weight, t, proj_bias, m, opts)
+        out = _FusedProjectionLossFn.apply(h, proj_weight, t, proj_bias, m, opts, which)
     else:  # forward only: no autograd node, no gradient buffers
-        idx, n_kept = _kept_rows(m, N)
-        loss_rows, _, _, _ = _drive(h, proj_weight, proj_bias, t, idx, n_kept, opts, None, (False, False, False))
-        out = _reduce(loss_rows, idx, n_kept, N, reduction, dev)
+        out, _ = forward(h, proj_weight, t, proj_bias, m, opts, which, (False, False, False))
     if reduction == "none":
-        out = out.reshape(lead)
+        out = out.reshape(student_hidden.shape[:-1])
     return out

@@ -22,14 +22,14 @@ global-batch loss. Ranks may hold different batch sizes.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .._validate import FLOAT_DTYPES, check_choice, check_positive, check_tensor
+from .. import _backend
+from .._validate import FLOAT_DTYPES, check_bool, check_choice, check_mask, check_positive, check_tensor
 
 KINDS = ("similarity", "similarity_mse", "distance", "angle")
 REDUCTIONS = ("mean", "sum", "none")
@@ -174,8 +174,8 @@ def _angle_chunk(s, t, j0: int, j1: int):
 def _rows_angle(s, t):
     n = s.shape[0]
     d = max(s.shape[1], t.shape[1])
-    budget = int(os.environ.get("DISTILL_ENGINE_ANGLE_CHUNK_BYTES", 2**25))
-    chunk = max(1, min(n, budget // (4 * n * (d + 2 * n) * 4)))
+    # vertices per chunk: the chunk's fp32 [c, B, d] / [c, B, B] tensors within the "relation_angle" budget
+    chunk = _backend.chunk_rows("relation_angle", n, 4 * n * (d + 2 * n) * 4, s.device)
     out = []
     for j0 in range(0, n, chunk):
         j1 = min(n, j0 + chunk)
@@ -212,9 +212,8 @@ def relation_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, *, kind:
     if teacher_emb.shape[0] != B:
         raise ValueError(f"teacher_emb has {teacher_emb.shape[0]} rows but student_emb has {B}; pass the same examples")
     if mask is not None:
-        check_tensor("mask", mask, ndim=1, dtypes=(torch.bool,), shape=(B,), device=dev)
-    if not isinstance(gather_across_ranks, bool):
-        raise ValueError(f"gather_across_ranks must be a bool, got {gather_across_ranks!r}")
+        check_mask(mask, (B,), dev)
+    check_bool("gather_across_ranks", gather_across_ranks)
     t_local = teacher_emb.detach().float()
     for name, x in (("teacher_emb", t_local), ("student_emb", student_emb.detach())):
         if not bool(torch.isfinite(x).all()):

@@ -28,19 +28,20 @@ tensors of [chunk, n_splits, k] (no [chunk, V] buffer at all). Never [N, V].
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, check_choice, check_same_dtype, check_tensor
+from .._validate import (check_choice, check_finite_head, check_hidden_weight, check_positive, check_positive_int,
+                         check_rest_values, check_target_values, check_tensor)
 from ..reference import teacher_targets as _torch_impl
+from ._tail import mask_buf, mask_ids
+from .distill_loss import OP as _LOSS_OP
 from .logit_transform import active as transform_active, check_transform
 
 METHODS = ("topk", "sample")
-_CPU_SYMBOL = "teacher_topk_chunk"
+OP = "teacher_targets"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,27 +130,11 @@ class TeacherTargets:
 
     def validate(self) -> "TeacherTargets":
         """Value checks (ids in [-1, V), unique per row, log-probs <= 0 and not NaN, -inf in empty slots)."""
-        ids, lp = self.ids, self.logprobs.float()
-        V = self.vocab_size
-        if V is not None and bool(((ids < -1) | (ids >= V)).any()):
-            raise ValueError(f"ids must lie in [-1, vocab_size={V})")
-        if bool((ids < -1).any()):
-            raise ValueError("ids must be >= -1 (-1 marks an empty slot)")
-        if self.k > 1:
-            srt = ids.sort(dim=1).values
-            if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
-                raise ValueError("ids must be unique within a row")
-        slot = ids >= 0
-        if bool(torch.isnan(lp).any()):
-            raise ValueError("logprobs contains NaN")
-        if bool(((lp > 1e-4) & slot).any()):
-            raise ValueError("logprobs must be log-probabilities (<= 0)")
-        if bool((~slot & (lp != float("-inf"))).any()):
+        check_target_values("ids", self.ids, "logprobs", self.logprobs, self.vocab_size)
+        if bool((~self.mask & (self.logprobs.float() != float("-inf"))).any()):
             raise ValueError("logprobs must be -inf in empty slots (ids == -1)")
         if self.rest_logprob is not None:
-            r = self.rest_logprob.float()
-            if bool(torch.isnan(r).any()) or bool((r > 1e-4).any()):
-                raise ValueError("rest_logprob must be log-probabilities (<= 0, -inf for no rest mass), without NaN")
+            check_rest_values("rest_logprob", self.rest_logprob)
         return self
 
 
@@ -158,6 +143,8 @@ class TeacherTargets:
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TeacherTargetsOptions:
+    """Non-tensor options of the op; validated on construction (``k <= V`` by :meth:`check` against the weight)."""
+
     k: int = 64
     temperature: float = 1.0
     method: str = "topk"
@@ -165,81 +152,53 @@ class TeacherTargetsOptions:
     chunk_rows: Optional[int] = None
     validate: bool = True
 
-    def check(self, V: int) -> None:
+    def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int):
             raise ValueError(f"k must be an int, got {self.k!r}")
-        if not 1 <= self.k <= V:
-            raise ValueError(f"k must lie in [1, V={V}] (V = weight.shape[0]), got k={self.k}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        check_positive("temperature", self.temperature)
         check_choice("method", self.method, METHODS)
         check_choice("backend", self.backend, _backend.BACKENDS)
-        if self.chunk_rows is not None and (isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int)
-                                            or self.chunk_rows < 1):
-            raise ValueError(f"chunk_rows must be a positive int or None, got {self.chunk_rows!r}")
+        check_positive_int("chunk_rows", self.chunk_rows, optional=True)
+
+    def check(self, V: int) -> None:
+        """The checks that need the vocabulary size V = weight.shape[0]."""
+        if not 1 <= self.k <= V:
+            raise ValueError(f"k must lie in [1, V={V}] (V = weight.shape[0]), got k={self.k}")
 
 
-def _check_finite_rows(name: str, t: torch.Tensor) -> None:
-    """Non-finite values raise ValueError naming the first offending row.
-
-    Fast path: a row holding NaN or ±inf has a non-finite sum, so one fp32 row-sum pass (memory-bound,
-    ~20x cheaper than ``isfinite`` on CPU) clears every other row; only rows whose sum is not finite are
-    checked elementwise (a finite row can only get there by overflowing the sum, which is not an error).
-    """
-    if t.numel() == 0:
-        return
-    t2 = t.reshape(t.shape[0], -1)
-    row_ok = torch.isfinite(t2.sum(dim=1, dtype=torch.float32))  # [rows]
-    if bool(row_ok.all()):  # one host sync
-        return
-    cand = (~row_ok).nonzero().flatten()
-    bad = cand[~torch.isfinite(t2[cand]).all(dim=1)]
-    if bad.numel():
-        raise ValueError(f"{name} contains non-finite values (first at row {int(bad[0])}); the teacher's "
-                         f"{'hidden states' if name == 'hidden' else name} must be finite")
-
-
-def _validate_inputs(hidden, weight, bias, generator, opts: TeacherTargetsOptions) -> None:
-    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
-    if hidden.dim() != 2:
-        raise ValueError("hidden must be [N, d_t]; flatten batch and sequence dims first (hidden.flatten(0, -2))")
-    dev = hidden.device
-    d = hidden.shape[1]
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape=(None, d), device=dev)
-    check_same_dtype("weight", weight, "hidden", hidden)
-    V = weight.shape[0]
-    if V < 1:
-        raise ValueError("weight must have at least one row (V >= 1)")
-    opts.check(V)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(V,), device=dev)
-        if bias.dtype != hidden.dtype:
-            raise ValueError(f"bias has dtype {bias.dtype} but hidden has {hidden.dtype}; cast one of them")
+def validate_inputs(hidden, weight, bias, generator, opts: TeacherTargetsOptions) -> str:
+    """Every argument check of the op (values too unless ``opts.validate`` is False); returns the backend that
+    will run."""
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+        raise ValueError(f"hidden must be [N, d_t], got shape {tuple(hidden.shape)}; flatten it with hidden.flatten(0, 1)")
+    check_hidden_weight(hidden, weight, bias)
+    opts.check(weight.shape[0])
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if opts.method != "sample":
             raise ValueError("generator is only used by method='sample'; drop it for method='topk'")
     if opts.validate:
-        _check_finite_rows("hidden", hidden)
-        _check_finite_rows("weight", weight)
-        if bias is not None:
-            _check_finite_rows("bias", bias[:, None])
+        check_finite_head(hidden, weight, bias, "the teacher's ")
+    return _backend.resolve_backend(opts.backend, hidden.device, OP)
 
 
 # ----------------------------------------------------------------------------------------------
 # backends: topk(h_c, ...) -> (ids [c,k] int32, logprobs [c,k] fp32, lse [c]);
 #           sample(h_c, ..., u_c) -> (draws [c,k] int64 non-decreasing, lse [c])
 # ----------------------------------------------------------------------------------------------
-class _TorchBackend:
+class TeacherTargetsTorchImpl:
+    """The chunk contract on the torch reference (``reference/teacher_targets.py``)."""
+
     needs_buffer = True
 
     topk = staticmethod(_torch_impl.topk_chunk)
     sample = staticmethod(_torch_impl.sample_chunk)
 
 
-class _CpuBackend:
+class TeacherTargetsCpuImpl:
+    """The chunk contract on the C++ functions of csrc/cpu/teacher_targets.cpp."""
+
     needs_buffer = True
 
     @staticmethod
@@ -253,6 +212,11 @@ class _CpuBackend:
         return draws, lse
 
 
+_backend.register_impl(OP, "torch", TeacherTargetsTorchImpl)
+_backend.register_impl(OP, "cpu", TeacherTargetsCpuImpl, cpu_symbol="teacher_topk_chunk")
+_backend.register_impl(OP, "triton", "distill_engine.kernels.teacher_targets:TeacherTargetsTritonImpl")
+
+
 def _rest_logprob(z: torch.Tensor, ids: torch.Tensor, temperature: float, buf_lse) -> torch.Tensor:
     """log of the teacher's exact mass outside each row's ids, [c] fp32, from a chunk's fp32 logits ``z`` [c, V].
 
@@ -261,32 +225,19 @@ def _rest_logprob(z: torch.Tensor, ids: torch.Tensor, temperature: float, buf_ls
     lse_rest = log Σ_{v∉S} exp(z_v/T) (one masked log-sum-exp pass, ``buf_lse``) and lse_S over the k ids in
     float64: a sum of positives, exact at any confidence, where 1 − Σ_S p would cancel.
     """
-    from ._tail import _mask_buf, _mask_ids  # the same masking as the loss's own rest pass
-
-    mids, has = _mask_ids(ids)
-    z_S = _mask_buf(z, mids, has).double() / temperature  # [c, k]
+    mids, has = mask_ids(ids)
+    z_S = mask_buf(z, mids, has).double() / temperature  # [c, k]
     rest = buf_lse(z, temperature).double()  # [c]
     lse_S = torch.logsumexp(torch.where(ids >= 0, z_S, float("-inf")), dim=1)
     return (rest - torch.logaddexp(rest, lse_S)).float()
 
 
-def _buf_lse_fn(name: str):
-    if name == "torch":
-        from ..reference.distill_loss import buf_lse
-        return buf_lse
-    if name == "cpu":
-        return lambda buf, t: _backend.cpu_extension().distill_buf_lse(buf, float(t))
-    from ..kernels.distill_loss import buf_lse
-    return buf_lse
-
-
 def _rest_logprob_recompute(h, weight, bias, ids, temperature: float, backend: str) -> torch.Tensor:
     """Rest log-mass for a backend that keeps no logits buffer (triton): the logits are formed again, by
     sub-chunks of at most 2^27 fp32 elements (one more lm_head GEMM for the teacher, never [N, V])."""
-    from ..kernels import distill_loss as _k
-
+    _k = _backend.impl_for(_LOSS_OP, "triton")
     c, V = h.shape[0], weight.shape[0]
-    rows = max(1, min(c, int(os.environ.get("DISTILL_ENGINE_CHUNK_ELEMS", 2**27)) // max(V, 1)))
+    rows = _backend.chunk_rows("teacher_rest", c, 4 * V, h.device)  # fp32 [rows, V] logits
     out = torch.empty(c, dtype=torch.float32, device=h.device)
     for s in range(0, c, rows):
         e = min(c, s + rows)
@@ -296,25 +247,11 @@ def _rest_logprob_recompute(h, weight, bias, ids, temperature: float, backend: s
     return out
 
 
-def _backend_impl(name: str):
-    if name == "torch":
-        return _TorchBackend
-    if name == "cpu":
-        return _CpuBackend
-    from ..kernels import teacher_targets as _triton_impl  # lazily: triton is optional
-
-    return _triton_impl.TritonBackend
-
-
-def _default_chunk_rows(V: int, device: torch.device, needs_buffer: bool) -> int:
-    """Rows per chunk: one fp32 [chunk, V] buffer within a budget (env DISTILL_ENGINE_TT_CHUNK_ELEMS)."""
+def _chunk_rows(V: int, device: torch.device, needs_buffer: bool) -> int:
+    """Rows per chunk: one fp32 [chunk, V] buffer within the "teacher_targets" budget of ``_backend.chunk_rows``."""
     if not needs_buffer:
         return 8192  # triton: per-chunk tensors are [chunk, n_splits, k], no [chunk, V] buffer
-    default = 2**27 if device.type == "cuda" else 2**23  # elements: 512 MB on GPU, 32 MB on CPU
-    budget = int(os.environ.get("DISTILL_ENGINE_TT_CHUNK_ELEMS", default))
-    rows = max(1, budget // max(V, 1))
-    rows = 1 << (rows.bit_length() - 1)  # a power of two, GEMM-friendly
-    return max(8, min(rows, 8192))
+    return _backend.chunk_rows("teacher_targets", None, 4 * V, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,19 +292,18 @@ def draw_uniforms(N: int, k: int, generator: Optional[torch.Generator], device: 
 # ----------------------------------------------------------------------------------------------
 def _run(hidden, weight, bias, opts: TeacherTargetsOptions, generator, backend: str,
          transform=(None, None)) -> TeacherTargets:
-    impl = _backend_impl(backend)
+    impl = _backend.impl_for(OP, backend)
     if transform_active(*transform):  # transformed logits in the op's buffer; the rest pass reads them there
-        from .distill_loss import _backend_impl as _loss_impl
         from .logit_transform import TransformTargets
 
-        impl = TransformTargets(_loss_impl(backend), *transform, backend == "torch")
+        impl = TransformTargets(_backend.impl_for(_LOSS_OP, backend), *transform, backend == "torch")
     N = hidden.shape[0]
     V = weight.shape[0]
     dev = hidden.device
     k = opts.k
     inv_t = 1.0 / float(opts.temperature)
     needs_buf = getattr(impl, "needs_buffer", False)
-    chunk = opts.chunk_rows or _default_chunk_rows(V, dev, needs_buf)
+    chunk = opts.chunk_rows or _chunk_rows(V, dev, needs_buf)
     chunk = min(chunk, max(N, 1))
     hidden = hidden.contiguous()
     weight = weight.contiguous()
@@ -384,7 +320,7 @@ def _run(hidden, weight, bias, opts: TeacherTargetsOptions, generator, backend: 
         if opts.method == "topk":
             ids[s:e], lps[s:e], lse[s:e] = impl.topk(h_c, weight, bias, k, inv_t, buf)
             if needs_buf:  # buf[:c] still holds this chunk's scaled logits z = l/T
-                rest[s:e] = _rest_logprob(buf[:e - s], ids[s:e], 1.0, _buf_lse_fn(backend))
+                rest[s:e] = _rest_logprob(buf[:e - s], ids[s:e], 1.0, _backend.impl_for(_LOSS_OP, backend).buf_lse)
             else:
                 rest[s:e] = _rest_logprob_recompute(h_c, weight, bias, ids[s:e], float(opts.temperature), backend)
         else:
@@ -441,11 +377,8 @@ def teacher_targets(
     """
     opts = TeacherTargetsOptions(k=k, temperature=temperature, method=method, backend=backend,
                                  chunk_rows=chunk_rows, validate=validate)
-    if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
-        raise ValueError(f"hidden must be [N, d_t], got shape {tuple(hidden.shape)}; flatten it with hidden.flatten(0, 1)")
-    _validate_inputs(hidden, weight, bias, generator, opts)
+    which = validate_inputs(hidden, weight, bias, generator, opts)
     check_transform(logit_scale, softcap)
-    which = _backend.resolve_backend(backend, hidden.device, "teacher_targets", _CPU_SYMBOL)
     with torch.no_grad():
         hidden, weight = hidden.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None

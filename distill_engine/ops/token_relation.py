@@ -10,6 +10,9 @@ style): the forward pass keeps per-row (max, sum, Σ p·(a^T − a^S)) for both 
 only the row log-sum-exps; the backward pass recomputes each tile from them, once over query tiles
 (row-side gradient) and once over key tiles (column-side gradient). Extra memory is O(B·H·L) plus a
 few tiles, never O(L²).
+
+Layers: the backends (registered in ``_backend`` under "token_relation_loss") → :class:`TokenRelationOptions` and
+the autograd Function → ``token_relation_loss`` → ``modules.TokenRelationLoss``.
 """
 from __future__ import annotations
 
@@ -20,22 +23,29 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, check_choice, check_tensor
+from .._validate import FLOAT_DTYPES, check_bool, check_choice, check_mask, check_positive_int, check_tensor
 from ..reference import token_relation as _torch_impl
 
-_OP = "token_relation_loss"
-_CPU_SYMBOL = "token_relation_forward"
+OP = "token_relation_loss"
 REDUCTIONS = ("mean", "sum", "none")
 
-__all__ = ["token_relation_loss", "REDUCTIONS"]
+__all__ = ["token_relation_loss", "TokenRelationOptions", "REDUCTIONS"]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Opts:
+class TokenRelationOptions:
+    """Non-tensor options of the op; validated on construction."""
+
     heads: int
-    causal: bool
-    reduction: str
-    backend: str  # resolved
+    causal: bool = True
+    reduction: str = "mean"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        check_choice("backend", self.backend, _backend.BACKENDS)
+        check_bool("causal", self.causal)
+        check_positive_int("relation_heads", self.heads)
 
 
 def _cpu_tiles():
@@ -44,8 +54,9 @@ def _cpu_tiles():
     return (int(t), int(t)) if t else (128, 256)
 
 
-class _CpuExt:
-    """Adapter from ``_C.token_relation_forward/backward`` (csrc/cpu/token_relation.cpp): fp32, contiguous."""
+class TokenRelationCpuImpl:
+    """The backend contract on ``_C.token_relation_forward/backward`` (csrc/cpu/token_relation.cpp): fp32,
+    contiguous."""
 
     @staticmethod
     def forward(S, T, heads, mask, causal):
@@ -63,14 +74,9 @@ class _CpuExt:
         return (dS if need_s else None), (dT if need_t else None)
 
 
-def _impl(name: str):
-    if name == "torch":
-        return _torch_impl
-    if name == "cpu":
-        return _CpuExt
-    from ..kernels import token_relation as _triton_impl  # lazily: triton is optional
-
-    return _triton_impl
+_backend.register_impl(OP, "torch", _torch_impl)
+_backend.register_impl(OP, "cpu", TokenRelationCpuImpl, cpu_symbol="token_relation_forward")
+_backend.register_impl(OP, "triton", "distill_engine.kernels.token_relation")
 
 
 def _validate(S, T, heads, mask) -> None:
@@ -81,16 +87,12 @@ def _validate(S, T, heads, mask) -> None:
     if tuple(T.shape[:2]) != (B, L):
         raise ValueError(f"teacher_states has shape {tuple(T.shape)} but student_states has {tuple(S.shape)}; "
                          f"both must be [B, L, d] with the same B and L (the widths may differ)")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"relation_heads must be a positive int, got {heads!r}")
     for name, d in (("student_states", d_s), ("teacher_states", T.shape[2])):
         if d % heads != 0 or d == 0:
             raise ValueError(f"relation_heads={heads} does not divide {name}'s width {d}; pick a relation_heads "
                              f"that divides both widths (d_s = {d_s}, d_t = {T.shape[2]})")
     if mask is not None:
-        check_tensor("mask", mask, dtypes=(torch.bool,), device=dev)
-        if tuple(mask.shape) != (B, L):
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B, L)} (attention_mask.bool())")
+        check_mask(mask, (B, L), dev, " (attention_mask.bool())")
 
 
 def _check_inputs_finite(S, T) -> None:
@@ -98,22 +100,22 @@ def _check_inputs_finite(S, T) -> None:
     for name, x in (("teacher_states", T), ("student_states", S)):
         if not bool(torch.isfinite(x).all()):
             pos = (~torch.isfinite(x)).nonzero()[0].tolist()
-            raise ValueError(f"{_OP}: {name} contains non-finite values (first at [b, l, d] = {pos}); "
+            raise ValueError(f"{OP}: {name} contains non-finite values (first at [b, l, d] = {pos}); "
                              f"check the hidden states fed to the relation loss")
 
 
 def _check_finite(kl: torch.Tensor) -> None:
     if not bool(torch.isfinite(kl).all()):
-        raise ValueError(f"{_OP}: the loss is not finite (the relation scores overflow float32); scale the states down")
+        raise ValueError(f"{OP}: the loss is not finite (the relation scores overflow float32); scale the states down")
 
 
 class _TokenRelationFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, S, T, mask, opts: _Opts):
-        impl = _impl(opts.backend)
+    def forward(ctx, S, T, mask, opts: TokenRelationOptions, backend: str):
+        impl = _backend.impl_for(OP, backend)
         kl, lse_s, lse_t = impl.forward(S, T, opts.heads, mask, opts.causal)  # [B, H, L] fp32 each
         _check_finite(kl)
-        ctx.opts = opts
+        ctx.opts, ctx.backend = opts, backend
         ctx.save_for_backward(S, T, mask, lse_s, lse_t, kl)
         return _reduce(kl, mask, opts)
 
@@ -131,12 +133,12 @@ class _TokenRelationFn(torch.autograd.Function):
             g = (grad_out.float() * scale).expand(kl.shape)
         g = (g * mask[:, None, :]).contiguous()  # [B, H, L], zero on padded rows
         c = kl - lse_s + lse_t  # c_i = Σ_j P_ij (a^T_ij − a^S_ij)
-        dS, dT = _impl(opts.backend).backward(S, T, H, mask, opts.causal, lse_s, lse_t, c, g, need_s, need_t)
+        dS, dT = _backend.impl_for(OP, ctx.backend).backward(S, T, H, mask, opts.causal, lse_s, lse_t, c, g, need_s, need_t)
         return (dS.to(S.dtype) if dS is not None else None,
-                dT.to(T.dtype) if dT is not None else None, None, None)
+                dT.to(T.dtype) if dT is not None else None, None, None, None)
 
 
-def _reduce(kl, mask, opts: _Opts):
+def _reduce(kl, mask, opts: TokenRelationOptions):
     if opts.reduction == "none":
         return kl.mean(1)  # [B, L]
     total = kl.sum()
@@ -165,19 +167,15 @@ def token_relation_loss(student_states: torch.Tensor, teacher_states: torch.Tens
     Raises ValueError on bad shapes/dtypes/devices, a relation_heads that does not divide both widths,
     an unknown option, and a non-finite loss.
     """
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("backend", backend, _backend.BACKENDS)
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}")
+    opts = TokenRelationOptions(heads=relation_heads, causal=causal, reduction=reduction, backend=backend)
     _validate(student_states, teacher_states, relation_heads, mask)
     B, L, _ = student_states.shape
     dev = student_states.device
-    resolved = _backend.resolve_backend(backend, dev, _OP, _CPU_SYMBOL)
+    resolved = _backend.resolve_backend(backend, dev, OP)
     _check_inputs_finite(student_states.detach(), teacher_states.detach())
     m = mask if mask is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
-    opts = _Opts(heads=relation_heads, causal=causal, reduction=reduction, backend=resolved)
     if torch.is_grad_enabled() and (student_states.requires_grad or teacher_states.requires_grad):
-        return _TokenRelationFn.apply(student_states, teacher_states, m, opts)
-    kl, _, _ = _impl(resolved).forward(student_states, teacher_states, relation_heads, m, causal)
+        return _TokenRelationFn.apply(student_states, teacher_states, m, opts, resolved)
+    kl, _, _ = _backend.impl_for(OP, resolved).forward(student_states, teacher_states, relation_heads, m, causal)
     _check_finite(kl)
     return _reduce(kl, m, opts)

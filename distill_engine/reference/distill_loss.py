@@ -83,6 +83,15 @@ def dense_grad(buf: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: O
     g = s_q · exp(l/T − lse_T) + s_1 · exp(l − lse_1) (+ sparse_coef scattered at sparse_ids);
     returns dH = g W [c, d] fp32 and accumulates dW_acc += gᵀ h, db_acc += Σ_rows g.
     """
+    g = dense_coef_(buf, temperature, lse_T, lse_1, s_q, s_1)
+    if sparse_ids is not None:
+        g.scatter_add_(1, sparse_ids, sparse_coef)
+    return grad_products(g, h, weight, dW_acc, db_acc)
+
+
+def dense_coef_(buf: torch.Tensor, temperature: float, lse_T: torch.Tensor, lse_1: Optional[torch.Tensor],
+                s_q: torch.Tensor, s_1: Optional[torch.Tensor]) -> torch.Tensor:
+    """g = s_q · exp(l/T − lse_T) + s_1 · exp(l − lse_1), in place in the fp32 logits buffer [c, V] (returned)."""
     g = buf
     if s_1 is not None:
         q1 = torch.exp(buf - lse_1[:, None])  # [c, V]: CE's softmax at T = 1, taken before buf is overwritten
@@ -90,10 +99,14 @@ def dense_grad(buf: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: O
     if s_1 is not None:
         g.add_(q1.mul_(s_1[:, None]))
         del q1
-    if sparse_ids is not None:
-        g.scatter_add_(1, sparse_ids, sparse_coef)
-    w32 = weight.float()
-    dH = g @ w32  # [c, d]
+    return g
+
+
+def grad_products(g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dW_acc: torch.Tensor,
+                  db_acc: Optional[torch.Tensor]) -> torch.Tensor:
+    """The three gradient products of a chunk's dL/dl g [c, V] fp32: returns dH = g W [c, d] fp32 and
+    accumulates dW_acc += gᵀ h, db_acc += Σ_rows g."""
+    dH = g @ weight.float()  # [c, d]
     dW_acc.addmm_(g.t(), h.float())
     if db_acc is not None:
         db_acc.add_(g.sum(0))

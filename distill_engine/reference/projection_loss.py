@@ -35,10 +35,9 @@ def prepare(weight: torch.Tensor, bias: Optional[torch.Tensor]):
     return weight.float(), (None if bias is None else bias.float())
 
 
-def projection_chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
-                     kind: str, zero_norm_sq: float, row_scale: Optional[torch.Tensor],
-                     dW_acc: Optional[torch.Tensor], db_acc: Optional[torch.Tensor],
-                     dh_out: Optional[torch.Tensor]):
+def projection_chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor, kind: str,
+                     zero_norm_sq: float, row_scale: Optional[torch.Tensor], dW_acc: Optional[torch.Tensor],
+                     db_acc: Optional[torch.Tensor], dh_out: Optional[torch.Tensor]):
     """Loss of one row chunk and, when ``row_scale`` is given, its gradient products.
 
     h [c, d_s], weight [d_t, d_s] fp32, bias [d_t] fp32 | None, t [c, d_t].

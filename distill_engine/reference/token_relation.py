@@ -27,18 +27,18 @@ This backend walks query chunks: one [H, chunk, L] strip per score matrix is ali
 from __future__ import annotations
 
 import math
-import os
-from typing import Optional
 
 import torch
+
+from .. import _backend
 
 _NEG = -1e30  # finite "minus infinity": keeps 0·(−inf) NaNs out of masked entries
 
 
-def _chunk(L: int, heads: int) -> int:
-    """Query rows per chunk: the fp32 [H, chunk, L] strips stay within a budget (env-overridable, bytes)."""
-    budget = int(os.environ.get("DISTILL_ENGINE_RELATION_CHUNK_BYTES", 2**24))
-    return max(1, min(L, budget // (4 * heads * max(L, 1) * 6)))
+def _chunk(L: int, heads: int, device: torch.device) -> int:
+    """Query rows per chunk: the six fp32 [H, chunk, L] strips within the "token_relation" budget of
+    ``_backend.chunk_rows``."""
+    return _backend.chunk_rows("token_relation", L, 4 * heads * max(L, 1) * 6, device)
 
 
 def _heads(X: torch.Tensor, heads: int) -> torch.Tensor:
@@ -71,7 +71,7 @@ def forward(S, T, heads: int, mask, causal: bool):
     kl = torch.zeros(B, heads, L, dtype=torch.float32, device=dev)
     lse_s = torch.zeros_like(kl)
     lse_t = torch.zeros_like(kl)
-    ch = _chunk(L, heads)
+    ch = _chunk(L, heads, S.device)
     for b in range(B):
         Sh, Th, m = _heads(S[b], heads), _heads(T[b], heads), mask[b]
         for q0 in range(0, L, ch):
@@ -94,7 +94,7 @@ def backward(S, T, heads: int, mask, causal: bool, lse_s, lse_t, c, g, need_s: b
     dev = S.device
     dS = torch.zeros(B, L, d_s, dtype=torch.float32, device=dev) if need_s else None
     dT = torch.zeros(B, L, d_t, dtype=torch.float32, device=dev) if need_t else None
-    ch = _chunk(L, heads)
+    ch = _chunk(L, heads, S.device)
     for b in range(B):
         Sh, Th, m = _heads(S[b], heads), _heads(T[b], heads), mask[b]
         cS = 1.0 / math.sqrt(Sh.shape[-1])
