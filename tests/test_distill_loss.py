@@ -96,17 +96,23 @@ def test_all_ignored_batch_is_zero_with_zero_grads(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence,tail,reduction", [("jsd", "bucket", "mean"), ("forward_kl", "renormalize", "none")])
 def test_strided_inputs_match_dense_reference(backend, divergence, tail, reduction):
+    _check_strided(backend, "cpu", 11, 24, 89, 6, divergence, tail, reduction)
+
+
+def _check_strided(backend, device, N, d, V, k, divergence, tail, reduction):
     """Every tensor argument as a non-contiguous view (column-major hidden, row-strided weight, every other
     entry of ids / log-probs / labels / bias / teacher rest): same loss and gradients as the oracle."""
-    hidden, weight, b, ids, lp, labels = make_inputs(11, 24, 89, 6, seed=21)
-    rest = torch.full((11,), -3.0) if tail == "bucket" else None
-    h, w, bb = (x.requires_grad_(True) for x in (strided(hidden, "t"), strided(weight, "rows"), strided(b)))
-    kw = dict(labels=strided(labels), divergence=divergence, tail=tail, ce_weight=0.3, reduction=reduction,
-              temperature=1.5, teacher_rest_logprob=strided(rest))
-    out = de.fused_distill_loss(h, w, strided(ids), strided(lp, "rows"), bias=bb, backend=backend, chunk_rows=4, **kw)
+    hidden, weight, b, ids, lp, labels = make_inputs(N, d, V, k, seed=21)
+    rest = torch.full((N,), -3.0) if tail == "bucket" else None
+    view = lambda x, how="cols": strided(None if x is None else x.to(device), how)  # noqa: E731
+    h, w, bb = (x.requires_grad_(True) for x in (view(hidden, "t"), view(weight, "rows"), view(b)))
+    kw = dict(divergence=divergence, tail=tail, ce_weight=0.3, reduction=reduction, temperature=1.5)
+    out = de.fused_distill_loss(h, w, view(ids), view(lp, "rows"), bias=bb, labels=view(labels),
+                                teacher_rest_logprob=view(rest), backend=backend, chunk_rows=4, **kw)
     out.sum().backward()
-    ref = dense_reference_grads(hidden, weight, ids, lp, bias=b, **{**kw, "labels": labels, "teacher_rest_logprob": rest})
-    assert_close((out.detach(), h.grad, w.grad, bb.grad), ref, torch.float32, f"{backend}/strided/{divergence}")
+    ref = dense_reference_grads(hidden, weight, ids, lp, bias=b, labels=labels, teacher_rest_logprob=rest, **kw)
+    got = tuple(x.cpu() for x in (out.detach(), h.grad, w.grad, bb.grad))
+    assert_close(got, ref, torch.float32, f"{device}/{backend}/strided/{divergence}")
 
 
 @pytest.mark.parametrize("backend", backends("fused_distill_loss", ["torch", "cpu"]))
@@ -263,6 +269,12 @@ def test_cuda_triton_matches_dense_reference(divergence, tail, dtype):
     ref = dense_reference_grads(hidden, weight, ids, lp, bias=b, **kw)
     got = (out.detach().cpu(), h.grad.cpu(), w.grad.cpu(), bb.grad.cpu())
     assert_close(got, ref, dtype, f"cuda/{divergence}/{tail}/{dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("divergence,tail,reduction", [("jsd", "bucket", "mean"), ("forward_kl", "renormalize", "none")])
+def test_cuda_triton_strided_inputs(divergence, tail, reduction):
+    _check_strided("triton", "cuda", 300, 136, 5003, 64, divergence, tail, reduction)
 
 
 @pytest.mark.gpu

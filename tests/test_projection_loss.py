@@ -285,6 +285,16 @@ def test_triton_cuda_matches_dense(kind, reduction, dtype, monkeypatch):
     _check("triton", h, W, b, t, kind, reduction, mask, dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_triton_cuda_strided(kind, monkeypatch):
+    monkeypatch.undo()
+    h, W, b, t = _inputs(torch.float32, True, seed=16, lead=(4, 250), ds=257, dt=1031)
+    mask = torch.rand(4, 250, generator=torch.Generator().manual_seed(16)) > 0.2
+    hs, Ws, bs = (strided(x.detach().cuda(), how).requires_grad_() for x, how in ((h, "cols"), (W, "t"), (b, "cols")))
+    _check("triton", hs, Ws, bs, strided(t.cuda(), "rows"), kind, "mean", strided(mask.cuda()), torch.float32)
+
+
 def test_second_backward_raises_clearly():
     h, W, b, t = _inputs(torch.float32, True, seed=14)
     out = fused_projection_loss(h, W, t, proj_bias=b, backend="torch")

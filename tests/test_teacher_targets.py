@@ -105,8 +105,7 @@ def test_strided_inputs(backend, how_h, how_w):
     draws for the same uniforms."""
     h, w, b = _inputs(13, 37, 101, bias=True, scale=2.0, seed=17)
     hs, ws, bs = strided(h, how_h), strided(w, how_w), strided(b)
-    t = de.teacher_targets(hs, ws, 8, bias=bs, temperature=1.3, backend=backend, chunk_rows=5)
-    _check_topk(t, h, w, b, 8, 1.3, atol=2e-5)
+    _check_strided_topk(backend, h, w, b, how_h, how_w, 8, 2e-5)
     got = de.teacher_targets(hs, ws, 6, bias=bs, method="sample", generator=torch.Generator().manual_seed(3),
                              backend=backend)
     _check_sample_vs_inverse_cdf(got, h, w, b, 1.0, seed=3)
@@ -156,6 +155,12 @@ def test_sample_equals_dense_inverse_cdf_for_the_same_uniforms(backend):
                              generator=torch.Generator().manual_seed(7), backend=backend)
     _check_sample_rows(got, k)
     _check_sample_vs_inverse_cdf(got, h, w, b, T, seed=7)
+
+
+def _check_strided_topk(backend, h, w, b, how_h, how_w, k, atol):
+    t = de.teacher_targets(strided(h, how_h), strided(w, how_w), k, bias=strided(b), temperature=1.3,
+                           backend=backend, chunk_rows=5 if h.device.type == "cpu" else None)
+    _check_topk(t, h, w, b, k, 1.3, atol=atol)
 
 
 def _check_sample_vs_inverse_cdf(got: TeacherTargets, h, w, b, T, seed):
@@ -372,6 +377,13 @@ def test_cuda_triton_topk(dtype, k):
     t = de.teacher_targets(h, w, k, bias=b, temperature=1.3, backend="triton")
     assert t.ids.is_cuda
     _check_topk(t, h, w, b, k, 1.3, atol=2e-4 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("how_h,how_w", [("t", "rows"), ("cols", "t")])
+def test_cuda_triton_topk_strided(how_h, how_w):
+    h, w, b = _inputs(517, 256, 5003, dtype=torch.bfloat16, bias=True, scale=2.0, seed=18, device="cuda")
+    _check_strided_topk("triton", h, w, b, how_h, how_w, 64, 1e-3)
 
 
 @pytest.mark.gpu

@@ -143,8 +143,10 @@ def test_bad_shapes_and_nonfinite():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_triton_on_cuda(dtype, causal, monkeypatch):
-    """The compiled Triton kernels (not the interpreter) against the oracle, with the GPU tile sizes."""
+@pytest.mark.parametrize("strided_views", [False, True])
+def test_triton_on_cuda(dtype, causal, strided_views, monkeypatch):
+    """The compiled Triton kernels (not the interpreter) against the oracle, with the GPU tile sizes; also with
+    non-contiguous views of both states and the mask."""
     monkeypatch.delenv("DISTILL_ENGINE_RELATION_TILE", raising=False)
     g = torch.Generator().manual_seed(9)
     Bc, Lc, H2 = 2, 133, 4  # L spans several 64-row tiles, the last partial
@@ -152,10 +154,12 @@ def test_triton_on_cuda(dtype, causal, monkeypatch):
     T = torch.cat([S, torch.randn(Bc, Lc, 4 * 8, generator=g)], -1)  # d_hs = 24, d_ht = 32
     m = torch.ones(Bc, Lc, dtype=torch.bool)
     m[0, 100:] = False
-    S = S.to("cuda", dtype).requires_grad_()
-    T = T.to("cuda", dtype).requires_grad_()
-    out = token_relation_loss(S, T, relation_heads=H2, mask=m.cuda(), causal=causal, backend="triton")
-    ref = dense_token_relation_loss(S, T, relation_heads=H2, mask=m.cuda(), causal=causal)
+    S, T, m = S.to("cuda", dtype), T.to("cuda", dtype), m.cuda()
+    if strided_views:
+        S, T, m = strided(S, "cols"), strided(T, "t"), strided(m)
+    S, T = S.requires_grad_(), T.requires_grad_()
+    out = token_relation_loss(S, T, relation_heads=H2, mask=m, causal=causal, backend="triton")
+    ref = dense_token_relation_loss(S, T, relation_heads=H2, mask=m, causal=causal)
     gS, gT = torch.autograd.grad(out, (S, T))
     rS, rT = torch.autograd.grad(ref, (S, T))
     tol = TOL[dtype]
