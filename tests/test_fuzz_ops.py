@@ -20,7 +20,6 @@ from hypothesis import strategies as st  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import distill_engine as de  # noqa: E402
-from distill_engine import _backend  # noqa: E402
 from distill_engine.ops import packing as P  # noqa: E402
 from distill_engine.ops.teacher_targets import TeacherTargets  # noqa: E402
 from distill_engine.reference.distill_loss import dense_distill_loss  # noqa: E402

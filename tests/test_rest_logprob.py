@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import distill_engine as de
-from distill_engine import _backend
 from distill_engine.ops import packing
 from distill_engine.reference.distill_loss import dense_reference_grads
 from op_testing import backends
