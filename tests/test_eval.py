@@ -235,26 +235,20 @@ def test_mismatched_vocabularies(tiny):
 def test_bad_data_files(tiny, tmp_path):
     tok, p = tiny
     run = lambda data, **kw: evaluate(p["teacher"], p["student"], data, progress=False, **kw)  # noqa: E731
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    with pytest.raises(ValueError, match="empty"):
-        run(str(empty))
-    with pytest.raises(ValueError, match="does not exist"):
-        run(str(tmp_path / "nope.jsonl"))
-    with pytest.raises(ValueError, match="directory"):
-        run(str(tmp_path))
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n{"text": broken\n')
-    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
-        run(str(bad))
-    binary = tmp_path / "bin.txt"
-    binary.write_bytes(b"\xff\xfe\x00\x81garbage")
-    with pytest.raises(ValueError, match="UTF-8"):
-        run(str(binary))
-    blank = tmp_path / "blank.txt"
-    blank.write_text("\n\n  \n")
-    with pytest.raises(ValueError, match="no records"):
-        run(str(blank))
+    files = [  # (file name, its bytes or None for no file, the message's key phrase)
+        ("empty.jsonl", b"", "empty"),
+        ("nope.jsonl", None, "does not exist"),
+        ("", None, "directory"),  # tmp_path itself
+        ("bad.jsonl", b'{"text": "ok"}\n{"text": broken\n', "line 2 is not valid JSON"),
+        ("bin.txt", b"\xff\xfe\x00\x81garbage", "UTF-8"),
+        ("blank.txt", b"\n\n  \n", "no records"),
+    ]
+    for name, content, match in files:
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(ValueError, match=match):
+            run(str(path))
     with pytest.raises(ValueError, match="slice column 'domain' does not exist"):
         run(p["data"], slice_column="domain")
     with pytest.raises(ValueError, match="text column 'body' is missing"):

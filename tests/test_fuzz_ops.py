@@ -20,33 +20,19 @@ from hypothesis import strategies as st  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import distill_engine as de  # noqa: E402
-from distill_engine import _backend  # noqa: E402
 from distill_engine.ops import packing as P  # noqa: E402
 from distill_engine.ops.teacher_targets import TeacherTargets  # noqa: E402
 from distill_engine.reference.distill_loss import dense_distill_loss  # noqa: E402
 from distill_engine.reference.projection_loss import dense_projection_loss  # noqa: E402
 from distill_engine.reference.teacher_targets import dense_teacher_logprobs  # noqa: E402
+from op_testing import available, strided  # noqa: E402
 
 N_EXAMPLES = int(os.environ.get("DE_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=N_EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 
 
-def _backends():
-    out = ["torch"]
-    if _backend.cpu_extension_has("distill_logits_lse"):
-        out.append("cpu")
-    if _backend.triton_available():  # interpreted on CPU (TRITON_INTERPRET=1, set in conftest)
-        try:
-            import distill_engine.kernels.distill_loss  # noqa: F401
-
-            out.append("triton")
-        except ImportError:
-            pass
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = available("fused_distill_loss")  # triton interpreted on CPU (TRITON_INTERPRET=1, set in conftest)
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 FAULTS = ["none", "none", "none", "nan_hidden", "inf_weight", "nan_bias", "pos_lp", "nan_lp", "inf_lp", "dup_ids",
@@ -56,11 +42,9 @@ FAULTS = ["none", "none", "none", "nan_hidden", "inf_weight", "nan_bias", "pos_l
 def _view(x: torch.Tensor, how: str) -> torch.Tensor:
     """The same values as ``x`` in a non-contiguous layout (or as is)."""
     if how == "transposed" and x.dim() == 2:
-        return x.t().contiguous().t()
-    if how == "strided":
-        big = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype) if x.dim() else x.clone()
-        big[..., ::2] = x
-        return big[..., ::2]
+        return strided(x, "t")
+    if how == "strided" and x.dim():
+        return strided(x, "cols")
     return x
 
 

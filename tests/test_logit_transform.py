@@ -1,16 +1,17 @@
 """Logit scaling and soft-capping in fused_distill_loss and teacher_targets (issue 12), every backend against
 the float64 dense oracle: odd shapes, prime V, every divergence and tail, CE term, bias, ignored rows,
-strided hidden, both gradients, fp32 and bf16; Triton under TRITON_INTERPRET=1 (tests/conftest.py)."""
+strided views of every tensor, both gradients, fp32 and bf16; Triton under TRITON_INTERPRET=1 (tests/conftest.py)."""
 import pytest
 import torch
 
-from distill_engine import _backend
 from distill_engine.ops.distill_loss import fused_distill_loss
 from distill_engine.ops.teacher_targets import teacher_targets
 from distill_engine.reference.distill_loss import dense_reference_grads
 from distill_engine.reference.teacher_targets import dense_teacher_logprobs
+from op_testing import assert_close_to_ref, backends, strided
 
-BACKENDS = ["torch", "cpu", "triton"]
+BACKENDS = backends("fused_distill_loss")
+TT_BACKENDS = backends("teacher_targets")
 N, D, V, K = 13, 24, 101, 5  # odd rows, odd d, prime V
 CASES = [  # (divergence, beta, tail, ce_weight, temperature)
     ("forward_kl", 0.5, "bucket", 0.0, 1.0),
@@ -24,23 +25,9 @@ TRANSFORMS = [(None, 3.0), (0.5, 2.0), (2.5, None), (1.3, 30.0)]  # (logit_scale
 COMBOS = [(case, TRANSFORMS[(i + j) % 4]) for i, case in enumerate(CASES) for j in (0, 2)]
 
 
-def _skip(backend):
-    if backend == "cpu" and not _backend.cpu_extension_has("distill_logits_lse"):
-        pytest.skip("C++ extension not built")
-    if backend == "triton":
-        if not (_backend.triton_available() and _backend.triton_interpret()):
-            pytest.skip("needs Triton with TRITON_INTERPRET=1")
-
-
-def _close(got, want, rtol):
-    """Elementwise rtol, with an absolute floor of rtol × the tensor's largest entry (fp32 rounding of sums)."""
-    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * max(float(want.abs().max()), 1e-3))
-
-
-def _inputs(dtype, seed, bias=True, strided=True):
+def _inputs(dtype, seed, bias=True, strided_views=True):
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, D * 2 if strided else D, generator=g) * 2.0
-    h = h[:, ::2] if strided else h  # a strided view
+    h = torch.randn(N, D, generator=g) * 2.0
     w = torch.randn(V, D, generator=g)
     b = torch.randn(V, generator=g) if bias else None
     full = torch.log_softmax(torch.randn(N, V, generator=g) * 3, dim=1)
@@ -53,42 +40,44 @@ def _inputs(dtype, seed, bias=True, strided=True):
     labels = torch.randint(0, V, (N,), generator=g)
     labels[[1, 7]] = -100  # ignored rows
     rest = torch.log1p(-lp.exp().nansum(1).clamp(max=1 - 1e-6)).float()
-    return h.to(dtype), w.to(dtype), (b.to(dtype) if b is not None else None), ids, lp, labels, rest
+    h, w, b = h.to(dtype), w.to(dtype), (b.to(dtype) if b is not None else None)
+    if strided_views:  # the same values as non-contiguous views of every tensor
+        return (strided(h), strided(w, "t"), strided(b), strided(ids), strided(lp, "rows"), strided(labels),
+                strided(rest))
+    return h, w, b, ids, lp, labels, rest
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case,transform", COMBOS)
 def test_loss_and_grads_match_dense_oracle_fp32(backend, case, transform):
-    _skip(backend)
     div, beta, tail, ce, T = case
     s, c = transform
     h, w, b, ids, lp, labels, rest = _inputs(torch.float32, seed=COMBOS.index((case, transform)))
     kw = dict(labels=labels, divergence=div, beta=beta, tail=tail, ce_weight=ce, temperature=T,
               logit_scale=s, softcap=c, teacher_rest_logprob=rest if tail == "bucket" else None)
     for reduction in ("mean", "none"):
-        hh, ww, bb = (x.detach().clone().requires_grad_(True) for x in (h, w, b))
+        hh, ww, bb = (x.detach().requires_grad_(True) for x in (h, w, b))  # strides kept
         loss = fused_distill_loss(hh, ww, ids, lp, bias=bb, reduction=reduction, backend=backend,
                                   chunk_rows=4, **kw)
         loss.sum().backward()
         ref, dh, dw, db = dense_reference_grads(h, w, ids, lp, bias=b, reduction=reduction, **kw)
         for got, want in ((loss, ref), (hh.grad, dh), (ww.grad, dw), (bb.grad, db)):
-            _close(got, want, 1e-5)
+            assert_close_to_ref(got, want, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("transform", [(0.7, 4.0), (0.7, None), (0.25, None)])  # buffer path ×2, folded scale
 def test_bf16_transforms_match_oracle(backend, transform):
-    _skip(backend)
     h, w, b, ids, lp, labels, rest = _inputs(torch.bfloat16, seed=3)
     kw = dict(labels=labels, divergence="forward_kl", ce_weight=0.2, temperature=1.0, logit_scale=transform[0],
               softcap=transform[1], teacher_rest_logprob=rest)
-    hh, ww, bb = (x.detach().clone().requires_grad_(True) for x in (h, w, b))
+    hh, ww, bb = (x.detach().requires_grad_(True) for x in (h, w, b))  # strides kept
     loss = fused_distill_loss(hh, ww, ids, lp, bias=bb, backend=backend, **kw)
     loss.backward()
     # the oracle on the same bf16 values (upcast), so only the op's own precision is measured
     ref, dh, dw, db = dense_reference_grads(h.float(), w.float(), ids, lp, bias=b.float(), **kw)
     for got, want in ((loss, ref), (hh.grad, dh), (ww.grad, dw), (bb.grad, db)):
-        _close(got, want, 1e-2)
+        assert_close_to_ref(got, want, torch.bfloat16)
 
 
 def test_softcap_changes_the_loss_and_transform_args_are_checked():
@@ -107,11 +96,10 @@ def test_softcap_changes_the_loss_and_transform_args_are_checked():
             teacher_targets(h, w, 3, logit_scale=bad)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", TT_BACKENDS)
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_teacher_targets_topk_matches_oracle(backend, transform, dtype):
-    _skip(backend)
     s, c = transform
     h, w, b, *_ = _inputs(dtype, seed=11)
     t = teacher_targets(h, w, K, bias=b, temperature=1.7, logit_scale=s, softcap=c, backend=backend, chunk_rows=4)
@@ -126,9 +114,8 @@ def test_teacher_targets_topk_matches_oracle(backend, transform, dtype):
     torch.testing.assert_close(t.rest_logprob.double(), rest, rtol=tol * 10, atol=tol * 10)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", TT_BACKENDS)
 def test_teacher_targets_sample_uses_capped_distribution(backend):
-    _skip(backend)
     h, w, b, *_ = _inputs(torch.float32, seed=13)
     g1 = torch.Generator().manual_seed(0)
     t = teacher_targets(h, w, 4, bias=b, method="sample", generator=g1, logit_scale=0.8, softcap=2.0,

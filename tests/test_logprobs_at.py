@@ -6,22 +6,10 @@ import torch
 
 import distill_engine as de
 import distill_engine.functional as DF
-from distill_engine import _backend
 from distill_engine.reference.logprobs_at import dense_logprobs_at
+from op_testing import assert_close_to_ref, backends, skip_unavailable, strided
 
-BACKENDS = ["torch", "cpu", "triton"]
-
-
-def _skip_unavailable(backend):
-    if backend == "cpu" and not _backend.cpu_extension_has("distill_logits_lse"):
-        pytest.skip("C++ extension not built (run `make build`)")
-    if backend == "triton":
-        if not _backend.triton_available():
-            pytest.skip("triton not installed")
-        try:
-            import distill_engine.kernels.distill_loss  # noqa: F401
-        except ImportError as exc:
-            pytest.skip(f"triton kernels not importable: {exc}")
+BACKENDS = backends("logprobs_at")
 
 
 def _inputs(N, d, V, m, dtype=torch.float32, seed=0, bias=True, dup=True):
@@ -35,21 +23,23 @@ def _inputs(N, d, V, m, dtype=torch.float32, seed=0, bias=True, dup=True):
     return hidden, weight, b, ids
 
 
+def _torch_in_dtype(hidden, weight, ids, bias, T):
+    """What plain PyTorch computes in the inputs' dtype: the GEMM in that dtype, the softmax in fp32."""
+    logits = hidden @ weight.t() + (bias if bias is not None else 0)
+    return torch.log_softmax(logits.float() / T, dim=1).gather(1, ids.long())
+
+
 def _check(backend, N, d, V, m, *, dtype=torch.float32, T=1.0, bias=True, chunk_rows=None, seed=0,
-           strided=False, ids_dtype=torch.int64, tol=None):
-    _skip_unavailable(backend)
+           strided_inputs=False, ids_dtype=torch.int64, vs_torch=False):
+    skip_unavailable(backend, "logprobs_at")
     hidden, weight, b, ids = _inputs(N, d, V, m, dtype, seed=seed, bias=bias)
-    if strided:  # non-contiguous views of the same values
-        hidden = hidden.t().contiguous().t()  # column-major
-        weight = torch.stack([weight, weight], dim=2)[:, :, 0]  # row stride 2·d
-        assert not hidden.is_contiguous() and not weight.is_contiguous()
     ids = ids.to(ids_dtype)
-    if strided:
-        ids = torch.stack([ids, ids], dim=2)[:, :, 1]
-    h = hidden.clone().requires_grad_(True) if not strided else hidden.detach().requires_grad_(True)
-    w = weight.clone().requires_grad_(True) if not strided else weight.detach().requires_grad_(True)
-    bb = b.clone().requires_grad_(True) if b is not None else None
-    out = de.logprobs_at(h, w, ids, bias=bb, temperature=T, backend=backend, chunk_rows=chunk_rows)
+    # non-contiguous views of the same values: column-major hidden, row stride 2·d weight, stride-2 ids / bias
+    h, w, i, bb = (strided(hidden, "t"), strided(weight, "rows"), strided(ids), strided(b)) if strided_inputs \
+        else (hidden.clone(), weight.clone(), ids, None if b is None else b.clone())
+    h, w = h.requires_grad_(True), w.requires_grad_(True)
+    bb = bb.requires_grad_(True) if bb is not None else None
+    out = de.logprobs_at(h, w, i, bias=bb, temperature=T, backend=backend, chunk_rows=chunk_rows)
     assert out.shape == (N, m) and out.dtype == torch.float32
     g = torch.Generator().manual_seed(seed + 1)
     up = torch.randn(N, m, generator=g)
@@ -60,13 +50,12 @@ def _check(backend, N, d, V, m, *, dtype=torch.float32, T=1.0, bias=True, chunk_
     b64 = b.double().requires_grad_(True) if b is not None else None
     ref = dense_logprobs_at(h64, w64, ids, bias=b64, temperature=T)
     (ref * up.double()).sum().backward()
-    rtol = tol if tol is not None else (1e-5 if dtype == torch.float32 else 2e-2)
-    atol = rtol * 10
-    torch.testing.assert_close(out.double(), ref.detach(), rtol=rtol, atol=atol)
-    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=rtol, atol=atol)
-    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=rtol, atol=atol)
-    if b is not None:
-        torch.testing.assert_close(bb.grad.double(), b64.grad, rtol=rtol, atol=atol)
+    same = _torch_in_dtype(hidden, weight, ids, b, T) if vs_torch else None
+    assert_close_to_ref(out, ref, dtype, torch_same_dtype=same, what=f"{backend} logprobs")
+    for name, got, want in (("d_hidden", h.grad, h64.grad), ("d_weight", w.grad, w64.grad),
+                            ("d_bias", None if b is None else bb.grad, None if b is None else b64.grad)):
+        if want is not None:
+            assert_close_to_ref(got, want, dtype, what=f"{backend} {name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -76,13 +65,14 @@ def test_matches_dense_oracle(backend, N, d, V, m, T):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_bias_int32_ids_strided(backend):
-    _check(backend, 11, 12, 89, 4, bias=False, ids_dtype=torch.int32, strided=True, T=1.3)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int32_ids_strided(backend, bias):
+    _check(backend, 11, 12, 89, 4, bias=bias, ids_dtype=torch.int32, strided_inputs=True, T=1.3, seed=int(bias))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", backends("logprobs_at", ["torch", "cpu"]))
 def test_bf16_inputs(backend):
-    _check(backend, 9, 16, 101, 3, dtype=torch.bfloat16, tol=2e-2)
+    _check(backend, 9, 16, 101, 3, dtype=torch.bfloat16, vs_torch=True)
 
 
 def test_only_hidden_grad_and_functional_export():
@@ -92,7 +82,7 @@ def test_only_hidden_grad_and_functional_export():
     out.sum().backward()
     h64 = hidden.double().requires_grad_(True)
     dense_logprobs_at(h64, weight, ids, bias=b).sum().backward()
-    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-5)
+    assert_close_to_ref(h.grad, h64.grad, what="functional d_hidden")
     # each row's log-probs over all ids sum (in prob space) to 1
     all_ids = torch.arange(53).expand(6, 53)
     full = de.logprobs_at(hidden, weight, all_ids, bias=b)
@@ -130,13 +120,12 @@ def test_empty_rows():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hidden_only_gradient_every_backend(backend):
     """weight/bias frozen (as the teacher's, or a student's lm_head outside the graph): only dH is formed."""
-    _skip_unavailable(backend)
     hidden, weight, b, ids = _inputs(10, 12, 67, 3, seed=4)
     h = hidden.clone().requires_grad_(True)
     (de.logprobs_at(h, weight, ids, bias=b, temperature=1.7, backend=backend, chunk_rows=3) * 2.0).sum().backward()
     h64 = hidden.double().requires_grad_(True)
     (dense_logprobs_at(h64, weight, ids, bias=b, temperature=1.7) * 2.0).sum().backward()
-    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-5)
+    assert_close_to_ref(h.grad, h64.grad, what=f"{backend} d_hidden")
 
 
 # (logit_scale, softcap): Gemma-2-like soft-cap, scale + cap, a non-power-of-two scale alone
@@ -148,7 +137,6 @@ TRANSFORMS = [(None, 2.5), (0.6, 4.0), (1.7, None)]
 def test_logit_transform_matches_dense_transformed_oracle(backend, transform):
     """logprobs_at(..., logit_scale=s, softcap=c) = log softmax(c·tanh(s·l/c) / T)[ids] in float64, with both
     gradients (dH, dW, db), a repeated id per row, odd shapes, prime V, strided inputs and row chunks."""
-    _skip_unavailable(backend)
     s, c = transform
     hidden, weight, b, ids = _inputs(13, 11, 103, 4, seed=7)
     hidden = hidden.t().contiguous().t()  # column-major

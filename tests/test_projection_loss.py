@@ -10,21 +10,12 @@ from distill_engine import _backend
 from distill_engine.ops import projection_loss as PL
 from distill_engine.ops.projection_loss import fused_projection_loss
 from distill_engine.reference.projection_loss import dense_projection_loss
+from op_testing import TOL, backends, rel_err, strided
 
 N, DS, DT = 13, 37, 53  # odd, prime-ish: not multiples of any block size
 
 
-def _backends():
-    out = [pytest.param("torch", id="torch")]
-    out.append(pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
-        not _backend.cpu_extension_has("projection_chunk"), reason="C++ extension not built")))
-    out.append(pytest.param("triton", id="triton", marks=pytest.mark.skipif(
-        not (_backend.triton_available() and _backend.triton_interpret()), reason="needs Triton with TRITON_INTERPRET=1")))
-    return out
-
-
-BACKENDS = _backends()
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+BACKENDS = backends("fused_projection_loss")
 
 
 @pytest.fixture(autouse=True)
@@ -43,11 +34,6 @@ def _inputs(dtype, bias, seed=0, lead=(N,), ds=DS, dt=DT):
     return h, W, b, t
 
 
-def _rel(a, r):
-    a, r = a.detach().double(), r.detach().double()
-    return float((a - r).abs().max() / r.abs().max().clamp_min(1e-6)) if r.numel() else 0.0
-
-
 def _check(backend, h, W, b, t, kind, reduction, mask, dtype, seed=1):
     out = fused_projection_loss(h, W, t, proj_bias=b, kind=kind, mask=mask, reduction=reduction, backend=backend)
     assert out.dtype == torch.float32
@@ -58,11 +44,11 @@ def _check(backend, h, W, b, t, kind, reduction, mask, dtype, seed=1):
     grads = torch.autograd.grad(out, leaves, go)
     ref_grads = torch.autograd.grad(ref, leaves, go.double())
     tol = TOL[dtype]
-    assert _rel(out, ref) <= tol, (float(out.sum()), float(ref.sum()))
+    assert rel_err(out, ref) <= tol, (float(out.sum()), float(ref.sum()))
     for name, gx, gr, leaf in zip(("h", "W", "b"), grads, ref_grads, leaves):
         assert gx.dtype == leaf.dtype and gx.shape == leaf.shape
         assert torch.isfinite(gx).all()
-        assert _rel(gx, gr) <= tol, name
+        assert rel_err(gx, gr) <= tol, name
     return out, grads
 
 
@@ -79,6 +65,18 @@ def test_matches_dense(backend, kind, reduction, dtype, bias, masked):
         mask = torch.rand(N, generator=torch.Generator().manual_seed(seed)) > 0.4
         mask[0], mask[5] = True, False  # kept and dropped rows in the first two chunks
     _check(backend, h, W, b, t, kind, reduction, mask, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,reduction", [("mse", "mean"), ("cosine", "none")])
+def test_strided_inputs(backend, kind, reduction):
+    """Non-contiguous views of every argument: [B, T, d] student states with stride-2 features, a column-major
+    projection, every other entry of the bias, row-strided teacher states and a stride-2 mask."""
+    h, W, b, t = _inputs(torch.float32, True, seed=15, lead=(2, 7))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, 5:] = False
+    hs, Ws, bs = (strided(x, how).requires_grad_() for x, how in ((h, "cols"), (W, "t"), (b, "cols")))
+    _check(backend, hs, Ws, bs, strided(t, "rows"), kind, reduction, strided(mask), torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -285,6 +283,16 @@ def test_triton_cuda_matches_dense(kind, reduction, dtype, monkeypatch):
     t = (0.7 * (h.detach().float() @ W.detach().float().t())).to(dtype) + torch.randn(n, dt, device="cuda").to(dtype)
     mask = torch.rand(n, device="cuda") > 0.2
     _check("triton", h, W, b, t, kind, reduction, mask, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_triton_cuda_strided(kind, monkeypatch):
+    monkeypatch.undo()
+    h, W, b, t = _inputs(torch.float32, True, seed=16, lead=(4, 250), ds=257, dt=1031)
+    mask = torch.rand(4, 250, generator=torch.Generator().manual_seed(16)) > 0.2
+    hs, Ws, bs = (strided(x.detach().cuda(), how).requires_grad_() for x, how in ((h, "cols"), (W, "t"), (b, "cols")))
+    _check("triton", hs, Ws, bs, strided(t.cuda(), "rows"), kind, "mean", strided(mask.cuda()), torch.float32)
 
 
 def test_second_backward_raises_clearly():

@@ -10,25 +10,21 @@ import torch
 
 from distill_engine.ops.relation import KINDS, pool_hidden, relation_loss
 from distill_engine.reference.relation import dense_relation_loss
+from op_testing import assert_close_to_ref, rel_err, strided
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 B, DS, DT = 11, 7, 13
 
 
-def _inputs(dtype=torch.float32, seed=0, strided=False):
+def _inputs(dtype=torch.float32, seed=0, strided_views=False):
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(B, DS, generator=g)
     t = torch.cat([s, s[:, :DT - DS]], 1) * 0.7 + 0.6 * torch.randn(B, DT, generator=g)
-    if strided:
-        s = torch.randn(2 * DS, B, generator=g).t()[:, ::2]
-        assert not s.is_contiguous()
-    return s.to(dtype).requires_grad_(), t.to(dtype)
-
-
-def _rel(a, r):
-    a, r = a.detach().double(), r.detach().double()
-    return float((a - r).abs().max() / r.abs().max().clamp_min(1e-8))
+    s, t = s.to(dtype), t.to(dtype)
+    if strided_views:  # the same values as non-contiguous views: column-major student, stride-2 teacher features
+        s, t = strided(s, "t"), strided(t, "cols")
+    return s.requires_grad_(), t
 
 
 MASK = torch.tensor([True] * 4 + [False] + [True] * 5 + [False])
@@ -46,7 +42,7 @@ def test_matches_oracle(kind, reduction, masked):
     (g,) = torch.autograd.grad(out, (s,), go)
     (rg,) = torch.autograd.grad(ref, (s,), go.double())
     assert float(ref.detach().abs().sum()) > 0
-    assert _rel(out, ref) < 2e-5 and _rel(g, rg) < 2e-5, (_rel(out, ref), _rel(g, rg))
+    assert rel_err(out, ref) < 2e-5 and rel_err(g, rg) < 2e-5, (rel_err(out, ref), rel_err(g, rg))
     if masked:
         assert float(g[~MASK].abs().max()) == 0.0
 
@@ -54,14 +50,16 @@ def test_matches_oracle(kind, reduction, masked):
 @pytest.mark.parametrize("kind", KINDS)
 def test_bf16_strided_and_chunked_angle(kind, monkeypatch):
     monkeypatch.setenv("DISTILL_ENGINE_RELATION_ANGLE_CHUNK_BYTES", "1")  # one vertex per chunk
-    for dtype, strided, tol in ((torch.bfloat16, False, 2e-2), (torch.float32, True, 2e-5)):
-        s, t = _inputs(dtype, seed=3, strided=strided)
-        out = relation_loss(s, t, kind=kind)
-        ref = dense_relation_loss(s, t, kind=kind)
+    for dtype, strided_views in ((torch.bfloat16, False), (torch.float32, True)):
+        s, t = _inputs(dtype, seed=3, strided_views=strided_views)
+        mask = strided(MASK) if strided_views else None
+        out = relation_loss(s, t, kind=kind, mask=mask)
+        ref = dense_relation_loss(s, t, kind=kind, mask=mask)
         (g,) = torch.autograd.grad(out, (s,))
         (rg,) = torch.autograd.grad(ref, (s,))
         assert g.dtype == dtype
-        assert _rel(out, ref) < tol and _rel(g, rg) < tol
+        assert_close_to_ref(out, ref, dtype, what=f"{kind}/{dtype}/strided={strided_views} loss")
+        assert_close_to_ref(g, rg, dtype, what=f"{kind}/{dtype}/strided={strided_views} grad")
 
 
 def test_equal_relations_give_zero_and_tiny_batches():
@@ -75,17 +73,35 @@ def test_equal_relations_give_zero_and_tiny_batches():
         assert float(g.abs().sum()) == 0.0
 
 
-def test_pooling():
+def _dense_pool(h, am, pooling):
+    """float64 per-row loop: the mean over valid positions, the last / first valid one, zeros without any."""
+    out = torch.zeros(h.shape[0], h.shape[2], dtype=torch.float64)
+    for r in range(h.shape[0]):
+        pos = am[r].nonzero().flatten().tolist()
+        if pos:
+            out[r] = {"mean": lambda: h[r, pos].double().mean(0), "last": lambda: h[r, pos[-1]].double(),
+                      "cls": lambda: h[r, pos[0]].double()}[pooling]()
+    return out
+
+
+@pytest.mark.parametrize("strided_views", [False, True])
+def test_pooling(strided_views):
     g = torch.Generator().manual_seed(5)
     h = torch.randn(3, 6, 4, generator=g)
     am = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
-    mean = pool_hidden(h, am, pooling="mean")
-    assert torch.allclose(mean[0], h[0, :3].mean(0)) and torch.allclose(mean[1], h[1, 2:].mean(0))
-    assert float(mean[2].abs().sum()) == 0.0
-    last = pool_hidden(h, am, pooling="last")
-    assert torch.equal(last[0], h[0, 2]) and torch.equal(last[1], h[1, 5]) and float(last[2].abs().sum()) == 0
-    cls = pool_hidden(h, am, pooling="cls")
-    assert torch.equal(cls[0], h[0, 0]) and torch.equal(cls[1], h[1, 2])
+    if strided_views:  # (L, d)-transposed storage and a stride-2 mask
+        h, am = strided(h, "t"), strided(am)
+    h.requires_grad_()
+    up = torch.rand(3, 4, generator=g)
+    for pooling in ("mean", "last", "cls"):
+        out = pool_hidden(h, am, pooling=pooling)
+        (gh,) = torch.autograd.grad(out, (h,), up)
+        h64 = h.detach().double().requires_grad_()
+        ref = _dense_pool(h64, am, pooling)
+        (rg,) = torch.autograd.grad(ref, (h64,), up.double())
+        assert_close_to_ref(out, ref, what=f"{pooling} pool")
+        assert_close_to_ref(gh, rg, what=f"{pooling} pool grad")
+        assert float(out[2].detach().abs().sum()) == 0.0
     assert torch.allclose(pool_hidden(h, pooling="mean"), h.mean(1))
     with pytest.raises(ValueError, match="pooling must be one of"):
         pool_hidden(h, am, pooling="max")
@@ -161,8 +177,8 @@ def test_gather_across_two_ranks(tmp_path):
         lo = 0
         for r, n in enumerate(W.SIZES):
             loss, grad = ranks[r][kind]
-            assert _rel(loss, ref) < 1e-5, (kind, r)
-            assert _rel(grad, 2 * x.grad[lo:lo + n]) < 1e-5, (kind, r)
+            assert rel_err(loss, ref) < 1e-5, (kind, r)
+            assert rel_err(grad, 2 * x.grad[lo:lo + n]) < 1e-5, (kind, r)
             lo += n
         assert float(x.grad.abs().sum()) > 0
 

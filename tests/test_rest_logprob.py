@@ -7,20 +7,11 @@ import pytest
 import torch
 
 import distill_engine as de
-from distill_engine import _backend
 from distill_engine.ops import packing
 from distill_engine.reference.distill_loss import dense_reference_grads
+from op_testing import backends
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
-
-
-def _backends():
-    out = ["torch"]
-    if _backend.cpu_extension_has("distill_buf_lse"):
-        out.append("cpu")
-    if _backend.triton_available():
-        out.append("triton")
-    return out
 
 
 def _exact_inputs(scale, seed=0, n=9, d=16, v=101):
@@ -38,7 +29,7 @@ def _dense_rest(h, w, b, ids, T):
     return torch.logsumexp(z.masked_fill(m, float("-inf")), 1) - torch.logsumexp(z, 1)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backends("tail_exact"))
 def test_teacher_topk_rest_logprob_is_exact(backend):
     for scale in (1.0, 8.0, 64.0):  # rest mass from ~0.5 down to far below 1 − Σp's resolution
         h, w, b = _exact_inputs(scale, seed=int(scale))

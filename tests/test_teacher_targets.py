@@ -21,14 +21,12 @@ import distill_engine as de
 from distill_engine import _backend
 from distill_engine.ops.teacher_targets import TeacherTargets, draw_uniforms, merge_draws
 from distill_engine.reference import teacher_targets as R
+from op_testing import available, backends, skip_unavailable, strided
 
 F64 = torch.float64
 HAS_CPU_EXT = _backend.cpu_extension_has("teacher_topk_chunk")
-BACKENDS = [
-    "torch",
-    pytest.param("cpu", marks=pytest.mark.skipif(not HAS_CPU_EXT, reason="C++ extension not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(not _backend.triton_available(), reason="no triton")),
-]
+BACKENDS = backends("teacher_targets")
+TORCH_CPU = available("teacher_targets", ["torch", "cpu"])
 
 
 def _inputs(N, d, V, dtype=torch.float32, bias=False, scale=1.0, seed=0, device="cpu"):
@@ -81,29 +79,36 @@ def test_topk_half_inputs(backend, dtype):
     _check_topk(t, h, w, b, 8, 0.7, atol=1e-4)
 
 
-@pytest.mark.skipif(not _backend.triton_available(), reason="no triton")
-def test_triton_cublas_logits_mode(monkeypatch):
+@pytest.mark.parametrize("var,value,bad,N,V,seed,T", [
     # DISTILL_ENGINE_TT_LOGITS=cublas: the same candidate kernel reading logits from a GEMM buffer
-    monkeypatch.setenv("DISTILL_ENGINE_TT_LOGITS", "cublas")
-    h, w, b = _inputs(13, 37, 101, bias=True, scale=2.0, seed=15)
-    t = de.teacher_targets(h, w, 8, bias=b, temperature=1.3, backend="triton")
-    _check_topk(t, h, w, b, 8, 1.3, atol=2e-5)
-    monkeypatch.setenv("DISTILL_ENGINE_TT_LOGITS", "bogus")
-    with pytest.raises(ValueError, match="DISTILL_ENGINE_TT_LOGITS"):
+    ("DISTILL_ENGINE_TT_LOGITS", "cublas", "bogus", 13, 101, 15, 1.3),
+    # DISTILL_ENGINE_TT_GROUP_M: 3 row blocks x several splits, groups of 1 / 2 (ragged last group) / all blocks
+    ("DISTILL_ENGINE_TT_GROUP_M", "0", "-1", 45, 131, 16, 1.1),
+    ("DISTILL_ENGINE_TT_GROUP_M", "1", "-1", 45, 131, 16, 1.1),
+    ("DISTILL_ENGINE_TT_GROUP_M", "2", "-1", 45, 131, 16, 1.1),
+])
+def test_triton_env_modes(monkeypatch, var, value, bad, N, V, seed, T):
+    skip_unavailable("triton", "teacher_targets")
+    monkeypatch.setenv(var, value)
+    h, w, b = _inputs(N, 37, V, bias=True, scale=2.0, seed=seed)
+    t = de.teacher_targets(h, w, 8, bias=b, temperature=T, backend="triton")
+    _check_topk(t, h, w, b, 8, T, atol=2e-5)
+    monkeypatch.setenv(var, bad)
+    with pytest.raises(ValueError, match=var):
         de.teacher_targets(h, w, 8, backend="triton")
 
 
-@pytest.mark.skipif(not _backend.triton_available(), reason="no triton")
-@pytest.mark.parametrize("group_m", ["0", "1", "2"])
-def test_triton_topk_grouped_grid_orders(monkeypatch, group_m):
-    # DISTILL_ENGINE_TT_GROUP_M: 3 row blocks x several splits, groups of 1 / 2 (ragged last group) / all row blocks
-    monkeypatch.setenv("DISTILL_ENGINE_TT_GROUP_M", group_m)
-    h, w, b = _inputs(45, 37, 131, bias=True, scale=2.0, seed=16)
-    t = de.teacher_targets(h, w, 8, bias=b, temperature=1.1, backend="triton")
-    _check_topk(t, h, w, b, 8, 1.1, atol=2e-5)
-    monkeypatch.setenv("DISTILL_ENGINE_TT_GROUP_M", "-1")
-    with pytest.raises(ValueError, match="DISTILL_ENGINE_TT_GROUP_M"):
-        de.teacher_targets(h, w, 8, backend="triton")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how_h,how_w", [("t", "rows"), ("cols", "t")])
+def test_strided_inputs(backend, how_h, how_w):
+    """Non-contiguous hidden / weight / bias views give the dense top-k, and the sampler the dense inverse-CDF
+    draws for the same uniforms."""
+    h, w, b = _inputs(13, 37, 101, bias=True, scale=2.0, seed=17)
+    hs, ws, bs = strided(h, how_h), strided(w, how_w), strided(b)
+    _check_strided_topk(backend, h, w, b, how_h, how_w, 8, 2e-5)
+    got = de.teacher_targets(hs, ws, 6, bias=bs, method="sample", generator=torch.Generator().manual_seed(3),
+                             backend=backend)
+    _check_sample_vs_inverse_cdf(got, h, w, b, 1.0, seed=3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -149,8 +154,20 @@ def test_sample_equals_dense_inverse_cdf_for_the_same_uniforms(backend):
     got = de.teacher_targets(h, w, k, bias=b, temperature=T, method="sample",
                              generator=torch.Generator().manual_seed(7), backend=backend)
     _check_sample_rows(got, k)
-    u = draw_uniforms(N, k, torch.Generator().manual_seed(7), torch.device("cpu"))
-    ref_ids, ref_lp = merge_draws(R.dense_sample_reference(h, w, u, b, T), V)
+    _check_sample_vs_inverse_cdf(got, h, w, b, T, seed=7)
+
+
+def _check_strided_topk(backend, h, w, b, how_h, how_w, k, atol):
+    t = de.teacher_targets(strided(h, how_h), strided(w, how_w), k, bias=strided(b), temperature=1.3,
+                           backend=backend, chunk_rows=5 if h.device.type == "cpu" else None)
+    _check_topk(t, h, w, b, k, 1.3, atol=atol)
+
+
+def _check_sample_vs_inverse_cdf(got: TeacherTargets, h, w, b, T, seed):
+    """The draws equal the dense float64 inverse CDF's for the uniforms of generator seed ``seed``."""
+    N, k = got.ids.shape
+    u = draw_uniforms(N, k, torch.Generator().manual_seed(seed), torch.device("cpu"))
+    ref_ids, ref_lp = merge_draws(R.dense_sample_reference(h, w, u, b, T), w.shape[0])
     # a uniform within float rounding (~1e-6) of a CDF boundary may land on the neighbour: allow one row
     same = (got.ids == ref_ids).all(1) & (got.logprobs == ref_lp).all(1)
     assert int((~same).sum()) <= 1, f"rows differing from the float64 inverse CDF: {(~same).nonzero().flatten().tolist()}"
@@ -328,7 +345,7 @@ def test_non_finite_inputs_report_the_first_row(what):
         bad[5, 3] = float("inf")
         bad[7, 1] = float("nan")
         match = f"{what} contains non-finite values \\(first at row 5\\)"
-    for backend in ["torch"] + (["cpu"] if HAS_CPU_EXT else []):
+    for backend in TORCH_CPU:
         with pytest.raises(ValueError, match=match):
             de.teacher_targets(h, w, 3, bias=b, backend=backend)
 
@@ -336,7 +353,7 @@ def test_non_finite_inputs_report_the_first_row(what):
 def test_overflowing_logits_raise_instead_of_nan():
     h, w, _ = _inputs(4, 8, 20)
     h[2] = 3e38  # finite, but the logits overflow fp32
-    for backend in ["torch"] + (["cpu"] if HAS_CPU_EXT else []):
+    for backend in TORCH_CPU:
         with pytest.raises(ValueError, match="row 2"):
             de.teacher_targets(h, w, 3, backend=backend)
 
@@ -360,6 +377,13 @@ def test_cuda_triton_topk(dtype, k):
     t = de.teacher_targets(h, w, k, bias=b, temperature=1.3, backend="triton")
     assert t.ids.is_cuda
     _check_topk(t, h, w, b, k, 1.3, atol=2e-4 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("how_h,how_w", [("t", "rows"), ("cols", "t")])
+def test_cuda_triton_topk_strided(how_h, how_w):
+    h, w, b = _inputs(517, 256, 5003, dtype=torch.bfloat16, bias=True, scale=2.0, seed=18, device="cuda")
+    _check_strided_topk("triton", h, w, b, how_h, how_w, 64, 1e-3)
 
 
 @pytest.mark.gpu

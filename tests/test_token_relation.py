@@ -1,30 +1,16 @@
 """token_relation_loss against the float64 dense oracle on every backend: odd L, several key/query tiles,
 padded rows, causal on/off, every reduction, fp32 and bf16, strided inputs, both gradients, bad input."""
-import itertools
-
 import pytest
 import torch
 
-from distill_engine import _backend
 from distill_engine.ops.token_relation import token_relation_loss
 from distill_engine.reference.token_relation import dense_token_relation_loss, naive_token_relation_loss
+from op_testing import TOL, backends, rel_err, strided
 
 B, L, DS, DT, H = 2, 37, 12, 18, 3  # odd L, different widths (d_hs = 4, d_ht = 6)
 
 
-def _backends():
-    return [
-        pytest.param("torch", id="torch"),
-        pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
-            not _backend.cpu_extension_has("token_relation_forward"), reason="C++ extension not built")),
-        pytest.param("triton", id="triton", marks=pytest.mark.skipif(
-            not (_backend.triton_available() and _backend.triton_interpret()),
-            reason="needs Triton with TRITON_INTERPRET=1")),
-    ]
-
-
-BACKENDS = _backends()
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+BACKENDS = backends("token_relation_loss")
 
 
 @pytest.fixture(autouse=True)
@@ -34,18 +20,15 @@ def small_tiles(monkeypatch):
     monkeypatch.setenv("DISTILL_ENGINE_TOKEN_RELATION_CHUNK_BYTES", str(4 * H * L * 6 * 5))  # 5 query rows a chunk
 
 
-def _inputs(dtype, seed=0, strided=False):
+def _inputs(dtype, seed=0, strided_views=False):
     g = torch.Generator().manual_seed(seed)
     S = torch.randn(B, L, DS, generator=g)
     T = 0.6 * torch.cat([S, S[..., :DT - DS]], -1) + 0.8 * torch.randn(B, L, DT, generator=g)  # correlated
     S, T = 1.5 * S, 1.5 * T
-    if strided:  # non-contiguous views: every other feature column of a wider tensor
-        S = torch.stack([S, torch.randn_like(S)], -1).reshape(B, L, 2 * DS)[..., ::2]
-        T = torch.stack([T, torch.randn_like(T)], -1).reshape(B, L, 2 * DT)[..., ::2]
-        assert not S.is_contiguous()
-    S = S.to(dtype).requires_grad_()
-    T = T.to(dtype).requires_grad_()
-    return S, T
+    S, T = S.to(dtype), T.to(dtype)
+    if strided_views:  # non-contiguous views: every other feature of a wider tensor; (L, d) transposed storage
+        S, T = strided(S, "cols"), strided(T, "t")
+    return S.requires_grad_(), T.requires_grad_()
 
 
 def _mask(kind):
@@ -58,13 +41,8 @@ def _mask(kind):
     return m
 
 
-def _rel(a, r):
-    a, r = a.detach().double(), r.detach().double()
-    return float((a - r).abs().max() / r.abs().max().clamp_min(1e-6))
-
-
-def _check(backend, dtype, causal, mask, reduction, strided=False, seed=0):
-    S, T = _inputs(dtype, seed, strided)
+def _check(backend, dtype, causal, mask, reduction, strided_views=False, seed=0):
+    S, T = _inputs(dtype, seed, strided_views)
     out = token_relation_loss(S, T, relation_heads=H, mask=mask, causal=causal, reduction=reduction,
                               backend=backend)
     ref = dense_token_relation_loss(S, T, relation_heads=H, mask=mask, causal=causal, reduction=reduction)
@@ -73,10 +51,10 @@ def _check(backend, dtype, causal, mask, reduction, strided=False, seed=0):
     gS, gT = torch.autograd.grad(out, (S, T), go)
     rS, rT = torch.autograd.grad(ref, (S, T), go.double())
     tol = TOL[dtype]
-    assert _rel(out, ref) < tol, (_rel(out, ref), out, ref)
+    assert rel_err(out, ref) < tol, (rel_err(out, ref), out, ref)
     assert gS.dtype == S.dtype and gT.dtype == T.dtype
-    assert _rel(gS, rS) < tol, _rel(gS, rS)
-    assert _rel(gT, rT) < tol, _rel(gT, rT)
+    assert rel_err(gS, rS) < tol, rel_err(gS, rS)
+    assert rel_err(gT, rT) < tol, rel_err(gT, rT)
     if mask is not None:  # padded positions get exactly no gradient
         assert float(gS[~mask].abs().max()) == 0.0 and float(gT[~mask].abs().max()) == 0.0
     if reduction != "none":  # the inputs differ: a non-trivial loss is being compared
@@ -95,7 +73,7 @@ def test_fp32_matches_oracle(backend, causal, masked, reduction):
 @pytest.mark.parametrize("causal", [True, False])
 def test_bf16_and_strided(backend, causal):
     _check(backend, torch.bfloat16, causal, _mask("pad"), "mean", seed=3)
-    _check(backend, torch.float32, causal, _mask("pad"), "mean", strided=True, seed=4)
+    _check(backend, torch.float32, causal, strided(_mask("pad")), "mean", strided_views=True, seed=4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -107,10 +85,10 @@ def test_only_student_gradient_and_forward_only(backend):
     (gS,) = torch.autograd.grad(out, (S,))
     ref = dense_token_relation_loss(S, T, relation_heads=H, mask=m)
     (rS,) = torch.autograd.grad(ref, (S,))
-    assert _rel(gS, rS) < 2e-5
+    assert rel_err(gS, rS) < 2e-5
     with torch.no_grad():
         out2 = token_relation_loss(S, T, relation_heads=H, mask=m, backend=backend)
-    assert _rel(out2, ref) < 2e-5
+    assert rel_err(out2, ref) < 2e-5
 
 
 def test_identical_inputs_give_zero_and_naive_agrees():
@@ -121,7 +99,7 @@ def test_identical_inputs_give_zero_and_naive_agrees():
     m = _mask("pad")
     a = naive_token_relation_loss(S, T, relation_heads=H, mask=m)
     r = dense_token_relation_loss(S, T, relation_heads=H, mask=m)
-    assert _rel(a, r) < 2e-5
+    assert rel_err(a, r) < 2e-5
 
 
 def test_all_rows_padded_is_zero():
@@ -165,8 +143,10 @@ def test_bad_shapes_and_nonfinite():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_triton_on_cuda(dtype, causal, monkeypatch):
-    """The compiled Triton kernels (not the interpreter) against the oracle, with the GPU tile sizes."""
+@pytest.mark.parametrize("strided_views", [False, True])
+def test_triton_on_cuda(dtype, causal, strided_views, monkeypatch):
+    """The compiled Triton kernels (not the interpreter) against the oracle, with the GPU tile sizes; also with
+    non-contiguous views of both states and the mask."""
     monkeypatch.delenv("DISTILL_ENGINE_RELATION_TILE", raising=False)
     g = torch.Generator().manual_seed(9)
     Bc, Lc, H2 = 2, 133, 4  # L spans several 64-row tiles, the last partial
@@ -174,11 +154,13 @@ def test_triton_on_cuda(dtype, causal, monkeypatch):
     T = torch.cat([S, torch.randn(Bc, Lc, 4 * 8, generator=g)], -1)  # d_hs = 24, d_ht = 32
     m = torch.ones(Bc, Lc, dtype=torch.bool)
     m[0, 100:] = False
-    S = S.to("cuda", dtype).requires_grad_()
-    T = T.to("cuda", dtype).requires_grad_()
-    out = token_relation_loss(S, T, relation_heads=H2, mask=m.cuda(), causal=causal, backend="triton")
-    ref = dense_token_relation_loss(S, T, relation_heads=H2, mask=m.cuda(), causal=causal)
+    S, T, m = S.to("cuda", dtype), T.to("cuda", dtype), m.cuda()
+    if strided_views:
+        S, T, m = strided(S, "cols"), strided(T, "t"), strided(m)
+    S, T = S.requires_grad_(), T.requires_grad_()
+    out = token_relation_loss(S, T, relation_heads=H2, mask=m, causal=causal, backend="triton")
+    ref = dense_token_relation_loss(S, T, relation_heads=H2, mask=m, causal=causal)
     gS, gT = torch.autograd.grad(out, (S, T))
     rS, rT = torch.autograd.grad(ref, (S, T))
     tol = TOL[dtype]
-    assert _rel(out, ref) < tol and _rel(gS, rS) < tol and _rel(gT, rT) < tol
+    assert rel_err(out, ref) < tol and rel_err(gS, rS) < tol and rel_err(gT, rT) < tol
