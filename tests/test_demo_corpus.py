@@ -170,7 +170,9 @@ def test_demo_smoke_preset_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc in (0, 1)  # 1: the smoke run is too short to show both effects, which the demo then says
     assert "[8/10] eval" in printed and "| `code` | distilled on |" in printed and "(b) coverage warning" in printed
-    assert "[9/10] eval: the on-policy student" in printed and "| on-policy (GKD) |" in printed
+    assert "[7/10] on-policy vs off-policy, seeds 0, 1" in printed
+    assert "[9/10] eval: the on-policy and off-policy continuations" in printed
+    assert "| 1 | on-policy (GKD) |" in printed and "On the on-policy metric" in printed
     assert "[10/10] retrieval" in printed and "| relation_student |" in printed and "Retrieval recall@1: teacher" in printed
     report = json.loads((out / "report" / "report.json").read_text())
     assert [s["name"] for s in report["slices"]] == ["code", "docs_comments", "email", "json", "xml"]
@@ -178,7 +180,16 @@ def test_demo_smoke_preset_end_to_end(tmp_path, capsys):
     assert set(report["retrieval"]["models"]) == {"teacher", "student", "baseline", "relation_student"}
     rel_metrics = [json.loads(x) for x in open(out / "runs" / "student_relation" / "metrics.jsonl") if x.strip()]
     assert any("relation_loss" in r for r in rel_metrics)
-    for name in ("report.md", "kl_by_slice.png", "agreement_by_slice.png", "training_curves.png", "retrieval.png"):
+    op = json.loads((out / "report" / "on_policy.json").read_text())
+    assert [pr["seed"] for pr in op["pairs"]] == [0, 1] and op["settings"]["on_policy_seeds"] == [0, 1]
+    for pr in op["pairs"]:
+        # both continuations start from the seed's distilled student and train a similar student-token budget
+        assert pr["start"].endswith("final") and all(pr["trained_tokens"][k] > 0 for k in ("off", "on"))
+        assert pr["trained_tokens"]["on"] <= 1.1 * pr["trained_tokens"]["off"]
+        assert all(pr["metrics"][k]["on_policy_tokens"] > 0 for k in ("off", "on"))
+    on_rows = [json.loads(x) for x in open(out / "runs" / "seed1_onpolicy" / "metrics.jsonl") if x.strip()]
+    assert on_rows, "the on-policy continuation logged no step"
+    for name in ("on_policy.md", "report.md", "kl_by_slice.png", "agreement_by_slice.png", "training_curves.png", "retrieval.png"):
         assert (out / "report" / name).is_file(), name
     # the teacher is cached under a key of everything that shapes it: a second preparation is a cache hit
     p = PRESETS["smoke"]
