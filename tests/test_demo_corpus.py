@@ -197,3 +197,33 @@ def test_demo_smoke_preset_end_to_end(tmp_path, capsys):
     tok, tok_dir, tok_cached = _prepare_tokenizer(p, corpus, str(out))
     path, cached = _prepare_teacher(p, corpus, tok, tok_dir, str(out), retrain=False)
     assert tok_cached and cached and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def test_on_policy_comparison_budget_and_verdicts():
+    """The demo's on-policy continuation trains as many student tokens as the off-policy one, and the summary
+    counts per seed which student did better on each measure (here: random metrics, the verdict recomputed)."""
+    import dataclasses
+    import random
+
+    from distill_engine.eval.demo import PRESETS
+    from distill_engine.eval.demo_onpolicy import comparison_lines, on_policy_steps
+
+    for lam in (1.0, 0.5, 0.25):
+        p = dataclasses.replace(PRESETS["default"], on_policy_fraction=lam)
+        per_step = lam * p.on_policy_new + (1 - lam) * (p.seq_len - 1)
+        off_tokens = p.continue_steps * (p.seq_len - 1)
+        assert abs(on_policy_steps(p) * per_step - off_tokens) <= per_step / 2
+    rng = random.Random(7)
+
+    def metrics():
+        return {"teacher_nll": rng.uniform(5, 6), "student_nll": rng.uniform(4, 5), "teacher_nll_distill": 5.0,
+                "kl_distill": rng.uniform(0.2, 0.4), "on_policy_tokens": 100}
+
+    pairs = [{"seed": s, "metrics": {"off": metrics(), "on": metrics()}, "trained_tokens": {"off": 10, "on": 9}}
+             for s in range(3)]
+    text = "\n".join(comparison_lines(pairs, ["code"]))
+    won = [pr["seed"] for pr in pairs if pr["metrics"]["on"]["teacher_nll"] < pr["metrics"]["off"]["teacher_nll"]]
+    assert f"did better on {len(won)} of 3 seeds" in text
+    if 0 < len(won) < 3:
+        assert f"(seed {', '.join(map(str, won))})" in text
+    assert text.count("| on-policy (GKD) |") == 3 and text.count("| off-policy |") == 3

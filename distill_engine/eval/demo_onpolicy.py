@@ -84,16 +84,21 @@ def evaluate_pairs(job, pairs: List[dict]) -> List[dict]:
 def comparison_lines(pairs: List[dict], distill: List[str]) -> List[str]:
     """The per-seed table and, in words, which student did better on each measure and over all seeds."""
     d = ", ".join(f"`{s}`" for s in distill)
+    # own NLL of own samples estimates the student's sampling entropy H(S); teacher-NLL − own NLL estimates the
+    # reverse KL(S ‖ T) on its own samples: teacher-NLL = H(S) + KL(S ‖ T) splits the metric into the two
     out = [f"| seed | student | teacher-NLL of own samples (all slices) | … ({d}) | own NLL of own samples | "
-           f"held-out KL ({d}) | trained student tokens |", "|---|---|---|---|---|---|---|"]
+           f"teacher − own NLL | held-out KL ({d}) | trained student tokens |", "|---|---|---|---|---|---|---|---|"]
     for pr in pairs:
         for k, name in (("off", "off-policy"), ("on", "on-policy (GKD)")):
             m = pr["metrics"][k]
             tok = pr["trained_tokens"][k]
             out.append(f"| {pr['seed']} | {name} | {m['teacher_nll']:.3f} | {m['teacher_nll_distill']:.3f} | "
-                       f"{m['student_nll']:.3f} | {m['kl_distill']:.3f} | {'' if tok is None else f'{tok:,.0f}'} |")
+                       f"{m['student_nll']:.3f} | {m['teacher_nll'] - m['student_nll']:.3f} | {m['kl_distill']:.3f} | "
+                       f"{'' if tok is None else f'{tok:,.0f}'} |")
     won_nll = [pr["seed"] for pr in pairs if pr["metrics"]["on"]["teacher_nll"] < pr["metrics"]["off"]["teacher_nll"]]
     won_kl = [pr["seed"] for pr in pairs if pr["metrics"]["on"]["kl_distill"] < pr["metrics"]["off"]["kl_distill"]]
+    gap = lambda m: m["teacher_nll"] - m["student_nll"]  # noqa: E731
+    won_rkl = [pr["seed"] for pr in pairs if gap(pr["metrics"]["on"]) < gap(pr["metrics"]["off"])]
     mean = lambda k, key: sum(pr["metrics"][k][key] for pr in pairs) / len(pairs)  # noqa: E731
     n = len(pairs)
     out.append(
@@ -101,7 +106,9 @@ def comparison_lines(pairs: List[dict], distill: List[str]) -> List[str]:
         f"student did better on {len(won_nll)} of {n} seeds{_which(won_nll, pairs)} (mean "
         f"{mean('on', 'teacher_nll'):.3f} vs {mean('off', 'teacher_nll'):.3f} nats/token off-policy); on held-out "
         f"KL ({d}) it did better on {len(won_kl)} of {n}{_which(won_kl, pairs)} (mean {mean('on', 'kl_distill'):.3f} "
-        f"vs {mean('off', 'kl_distill'):.3f}).")
+        f"vs {mean('off', 'kl_distill'):.3f}). Its sampled reverse KL to the teacher (teacher − own NLL of its own "
+        f"samples) was lower on {len(won_rkl)} of {n}{_which(won_rkl, pairs)}; its own NLL of its samples (its "
+        f"sampling entropy) was {mean('on', 'student_nll'):.3f} vs {mean('off', 'student_nll'):.3f} off-policy.")
     return out
 
 
