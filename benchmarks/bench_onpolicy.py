@@ -62,57 +62,12 @@ def _engine(args, paths) -> dict:
 
 
 def _trl(args, paths) -> dict:
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    from trl_peer import engine_rows, gkd_run
 
-    from distill_engine.data import load_texts, load_tokenizer, tokenize
-
-    tok = load_tokenizer(paths["student"], key="student")
-    samples = tokenize(load_texts([paths["data"]]), tok, seq_len=PRESET["seq"], packing=True, add_eos=True,
-                       max_samples=512)
-    rows = [{"ids": samples.sample(i)[:args.prompt + args.new].tolist()} for i in range(len(samples))]
-
-    def collate(batch):
-        # the original prompt ‖ continuation with labels on the continuation (TRL normalizes by the batch's label
-        # count, taken before the on-policy swap); λ = 1 replaces every batch by the student's generations
-        ids = torch.tensor([b["ids"] for b in batch], dtype=torch.long)
-        mask = torch.ones_like(ids)
-        labels = ids.clone()
-        labels[:, :args.prompt] = -100
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompts": ids[:, :args.prompt],
-                "prompt_attention_mask": mask[:, :args.prompt]}
-
-    counted = {"tokens": 0}
-
-    class Counting(GKDTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            counted["tokens"] += int((inputs["labels"][:, 1:] != -100).sum())
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    marks = {}
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, a, state, control, **kw):
-            if state.global_step == 1:
-                marks["base"] = _reset()
-                marks["t0"] = time.perf_counter()
-                marks["tok0"] = counted["tokens"]
-            marks["t1"] = time.perf_counter()
-
-    student = AutoModelForCausalLM.from_pretrained(paths["student"], dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float32)
-    cfg = GKDConfig(output_dir=os.path.join(args.workdir, "trl_out"), per_device_train_batch_size=args.mb,
-                    max_steps=args.steps + 1, learning_rate=1e-4, lr_scheduler_type="constant", lmbda=1.0, beta=0.5,
-                    temperature=1.0, max_new_tokens=args.new, report_to="none", use_cpu=True, save_strategy="no",
-                    logging_steps=1000, disable_dropout=True, max_grad_norm=0.0, seed=3, dataloader_num_workers=0)
-    trainer = Counting(model=student, teacher_model=teacher, args=cfg, data_collator=collate,
-                       train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Clock()])
-    trainer.generation_config.top_k = 0
-    trainer.generation_config.top_p = 1.0
-    trainer.train()
-    return _result(marks["t1"] - marks["t0"], counted["tokens"] - marks["tok0"], args.steps, marks["base"])
+    rows = engine_rows(paths, PRESET["seq"], 512, args.prompt + args.new)
+    r = gkd_run(paths, rows, workdir=args.workdir, mb=args.mb, steps=args.steps, lmbda=1.0, beta=0.5,
+                prompt=args.prompt, new=args.new)
+    return _result(r["seconds"], r["tokens"], args.steps, r["base"])
 
 
 def _reset() -> int:

@@ -9,7 +9,10 @@ single-process engine where DeepSpeed is not installed):
 * ``fused``: the trainer's own step — student stopped at its final hidden states, teacher top-k targets from
   ``de.teacher_targets``, ``de.fused_distill_loss`` (forward KL, tail="bucket");
 * ``fused-cache``: the same step with targets read from a teacher cache (``cache-teacher`` run first), i.e. the
-  teacher forward is gone.
+  teacher forward is gone;
+* ``trl``: the peer, TRL's ``GKDTrainer`` at λ = 0 (off-policy: the same packed samples, full logits of both
+  models, β = 0 = forward KL; benchmarks/trl_peer.py), always one process. Issue 13's off-policy row is
+  ``--nproc 1 --engine torch --variants fused,trl`` (both plain-PyTorch AdamW in one process).
 
 Per variant and micro-batch size, one launch (``torchrun``, ``--nproc`` ranks on CPU; one process on CUDA)
 measures tokens/s over ``--steps`` timed optimizer steps after one warm-up step, and the peak memory per rank:
@@ -162,6 +165,9 @@ def worker(args) -> None:
     topo = topology.setup(timeout_s=1800, heartbeat_timeout_s=600)
     results = []
     for mb in [int(x) for x in args.worker_mbs.split(",")]:
+        if args.worker == "trl":  # the peer: TRL's trainer in this (single) process, no engine Trainer
+            results.append(trl_row(args, p, paths, mb))
+            continue
         raw = run_config(paths, p, args, os.path.join(args.workdir, f"out_{args.worker}_{mb}"), mb,
                          "cache" if args.worker.startswith("fused-cache") else "colocated")
         if args.worker.startswith("fused-cache-z"):  # the same run at another ZeRO stage
@@ -228,6 +234,18 @@ def worker(args) -> None:
             torch.cuda.empty_cache()
     if topo.rank == 0:
         print("@@RESULT@@" + json.dumps(results), flush=True)
+
+
+def trl_row(args, p: dict, paths: dict, mb: int) -> dict:
+    """TRL's GKDTrainer off-policy (λ = 0, β = 0: forward KL over full logits) on the engine's own packed samples,
+    one process; the row in the engine workers' format (benchmarks/trl_peer.py)."""
+    from trl_peer import engine_rows, gkd_run
+
+    rows = engine_rows(paths, p["seq"], args.max_samples, p["seq"])
+    r = gkd_run(paths, rows, workdir=args.workdir, mb=mb, steps=args.steps, lmbda=0.0, beta=0.0)
+    return {"mb": mb, "tokens_per_s": r["tokens"] / r["seconds"], "step_s": r["seconds"] / args.steps,
+            "tokens": r["tokens"], "peak_bytes": float(r["peak"]), "peak_extra_bytes": float(r["peak"] - r["base"]),
+            "model_state_bytes": 0.0}
 
 
 def _model_state_bytes(engine) -> int:
@@ -396,7 +414,8 @@ def main() -> None:
                     r["notes"] = f"cache built in {time.time() - t0:.0f} s ({res})"
                 rows.extend(rows_c)
             continue
-        res = launch(args, v, mbs, nproc)
+        # TRL's trainer runs one process (no torchrun launch of its own here): compare with --nproc 1
+        res = launch(args, v, mbs, 1 if v == "trl" else nproc)
         for r in res:
             r["variant"] = v
         rows.extend(res)
@@ -433,6 +452,12 @@ def main() -> None:
     if cache_row and col_row:
         lines.append(f"- cache vs colocated tokens/s at micro-batch {p['mb']}: "
                      f"{cache_row['tokens_per_s'] / col_row['tokens_per_s']:.2f}x ({cache_row.get('notes', '')})")
+    for r in rows:  # issue 13's off-policy target: tokens/s >= 1.2x TRL's at <= 50% of its peak memory
+        t = next((x for x in rows if x["variant"] == "trl" and x["mb"] == r["mb"] and "tokens_per_s" in x), None)
+        if t and r["variant"] == "fused" and "tokens_per_s" in r:
+            lines.append(f"- fused vs TRL GKDTrainer (λ = 0) at micro-batch {r['mb']}: tokens/s "
+                         f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x, peak memory "
+                         f"{100 * r['peak_bytes'] / t['peak_bytes']:.0f}% (target: >= 1.2x at <= 50%)")
     md = "\n".join(lines)
     print(md)
     if args.md:

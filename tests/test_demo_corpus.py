@@ -170,7 +170,9 @@ def test_demo_smoke_preset_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc in (0, 1)  # 1: the smoke run is too short to show both effects, which the demo then says
     assert "[8/10] eval" in printed and "| `code` | distilled on |" in printed and "(b) coverage warning" in printed
-    assert "[9/10] eval: the on-policy student" in printed and "| on-policy (GKD) |" in printed
+    assert "[7/10] on-policy vs off-policy, seeds 0, 1" in printed
+    assert "[9/10] eval: the on-policy and off-policy continuations" in printed
+    assert "| 1 | on-policy (GKD) |" in printed and "On the on-policy metric" in printed
     assert "[10/10] retrieval" in printed and "| relation_student |" in printed and "Retrieval recall@1: teacher" in printed
     report = json.loads((out / "report" / "report.json").read_text())
     assert [s["name"] for s in report["slices"]] == ["code", "docs_comments", "email", "json", "xml"]
@@ -178,7 +180,16 @@ def test_demo_smoke_preset_end_to_end(tmp_path, capsys):
     assert set(report["retrieval"]["models"]) == {"teacher", "student", "baseline", "relation_student"}
     rel_metrics = [json.loads(x) for x in open(out / "runs" / "student_relation" / "metrics.jsonl") if x.strip()]
     assert any("relation_loss" in r for r in rel_metrics)
-    for name in ("report.md", "kl_by_slice.png", "agreement_by_slice.png", "training_curves.png", "retrieval.png"):
+    op = json.loads((out / "report" / "on_policy.json").read_text())
+    assert [pr["seed"] for pr in op["pairs"]] == [0, 1] and op["settings"]["on_policy_seeds"] == [0, 1]
+    for pr in op["pairs"]:
+        # both continuations start from the seed's distilled student and train a similar student-token budget
+        assert pr["start"].endswith("final") and all(pr["trained_tokens"][k] > 0 for k in ("off", "on"))
+        assert pr["trained_tokens"]["on"] <= 1.1 * pr["trained_tokens"]["off"]
+        assert all(pr["metrics"][k]["on_policy_tokens"] > 0 for k in ("off", "on"))
+    on_rows = [json.loads(x) for x in open(out / "runs" / "seed1_onpolicy" / "metrics.jsonl") if x.strip()]
+    assert on_rows, "the on-policy continuation logged no step"
+    for name in ("on_policy.md", "report.md", "kl_by_slice.png", "agreement_by_slice.png", "training_curves.png", "retrieval.png"):
         assert (out / "report" / name).is_file(), name
     # the teacher is cached under a key of everything that shapes it: a second preparation is a cache hit
     p = PRESETS["smoke"]
@@ -186,3 +197,33 @@ def test_demo_smoke_preset_end_to_end(tmp_path, capsys):
     tok, tok_dir, tok_cached = _prepare_tokenizer(p, corpus, str(out))
     path, cached = _prepare_teacher(p, corpus, tok, tok_dir, str(out), retrain=False)
     assert tok_cached and cached and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def test_on_policy_comparison_budget_and_verdicts():
+    """The demo's on-policy continuation trains as many student tokens as the off-policy one, and the summary
+    counts per seed which student did better on each measure (here: random metrics, the verdict recomputed)."""
+    import dataclasses
+    import random
+
+    from distill_engine.eval.demo import PRESETS
+    from distill_engine.eval.demo_onpolicy import comparison_lines, on_policy_steps
+
+    for lam in (1.0, 0.5, 0.25):
+        p = dataclasses.replace(PRESETS["default"], on_policy_fraction=lam)
+        per_step = lam * p.on_policy_new + (1 - lam) * (p.seq_len - 1)
+        off_tokens = p.continue_steps * (p.seq_len - 1)
+        assert abs(on_policy_steps(p) * per_step - off_tokens) <= per_step / 2
+    rng = random.Random(7)
+
+    def metrics():
+        return {"teacher_nll": rng.uniform(5, 6), "student_nll": rng.uniform(4, 5), "teacher_nll_distill": 5.0,
+                "kl_distill": rng.uniform(0.2, 0.4), "on_policy_tokens": 100}
+
+    pairs = [{"seed": s, "metrics": {"off": metrics(), "on": metrics()}, "trained_tokens": {"off": 10, "on": 9}}
+             for s in range(3)]
+    text = "\n".join(comparison_lines(pairs, ["code"]))
+    won = [pr["seed"] for pr in pairs if pr["metrics"]["on"]["teacher_nll"] < pr["metrics"]["off"]["teacher_nll"]]
+    assert f"did better on {len(won)} of 3 seeds" in text
+    if 0 < len(won) < 3:
+        assert f"(seed {', '.join(map(str, won))})" in text
+    assert text.count("| on-policy (GKD) |") == 3 and text.count("| off-policy |") == 3

@@ -19,6 +19,13 @@ Python installation ships, in minutes on two CPU cores, with nothing downloaded.
    code pairs of held-out functions (:mod:`distill_engine.data.retrieval_pairs`: only files no slice trains
    on) on which teacher, the three students' recall@1/@10 and MRR are compared (reported, not an exit
    condition: a tiny LM's embeddings are weak retrievers).
+7. On-policy vs off-policy (issue 13), per seed of ``on_policy_seeds``: the seed's off-policy distilled student
+   (stage 4's for seed 0; the same recipe from another initialization and data order for the others) is continued
+   twice from the same weights at the same budget of trained student tokens — off-policy on the fixed text, and
+   on-policy (GKD: on its own continuations of the text's first tokens, scored by the teacher) — and both are
+   evaluated on the on-policy metric (the teacher's NLL of each student's own continuations of held-out prompts)
+   and held-out KL. GKD continues a student already trained on the task, as the paper and the on-policy recipes do:
+   a student distilled from scratch spends its on-policy steps on near-random continuations (measured: it loses).
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 DEMO_FORMAT = 1  # bump to invalidate every cached teacher when the demo's recipe changes
 
@@ -77,11 +84,17 @@ class DemoPreset:
     relation_weight: float = 1.0
     relation_temperature: float = 0.1
     retrieval_pairs: int = 200
-    # on-policy student (issue 13): λ, prompt and continuation lengths, prompts per slice for the eval metric
-    on_policy_fraction: float = 0.5
+    # on-policy vs off-policy (issue 13): seeds of the pairs; both continue the seed's distilled student for
+    # continue_steps off-policy steps' worth of trained tokens (the on-policy one: as many steps as that takes)
+    on_policy_seeds: Tuple[int, ...] = (0, 1, 2)
+    continue_steps: int = 50
+    continue_lr: float = 1e-3
+    on_policy_fraction: float = 1.0  # λ
+    on_policy_objective: str = "divergence"  # GKD with loss.divergence (forward KL): only λ differs
     on_policy_prompt: int = 32
     on_policy_new: int = 64
-    on_policy_eval_samples: int = 8
+    on_policy_eval_samples: int = 32  # held-out prompts per slice for the on-policy metric
+    on_policy_eval_tokens: int = 4096  # held-out tokens per slice read for the comparison (the prompts' windows)
 
 
 PRESETS = {
@@ -91,8 +104,9 @@ PRESETS = {
                         teacher_steps=4, teacher_batch=4, student_steps=4, student_batch=4, top_k=8,
                         max_chars=(("code", 60_000), ("docs_comments", 30_000), ("email", 20_000), ("json", 20_000),
                                    ("xml", 20_000)),
-                        eval_tokens_per_slice=96, zero_stage=0, retrieval_pairs=24, on_policy_prompt=8,
-                        on_policy_new=8, on_policy_eval_samples=2),
+                        eval_tokens_per_slice=96, zero_stage=0, retrieval_pairs=24, on_policy_seeds=(0, 1),
+                        continue_steps=2, on_policy_prompt=8, on_policy_new=8, on_policy_eval_samples=2,
+                        on_policy_eval_tokens=96),
 }
 
 
@@ -169,11 +183,12 @@ def _train(config: dict):
     return de.train(config)
 
 
-def _base_config(preset: DemoPreset, run_dir: str, tok_dir: str, files: List[str], init: dict, init_seed: int,
-                 steps: int, batch: int, lr: float) -> dict:
+def _base_config(preset: DemoPreset, run_dir: str, tok_dir: str, files: List[str], student: dict, steps: int,
+                 batch: int, lr: float, seed: int = None) -> dict:
     return {
-        "run": {"output_dir": run_dir, "seed": preset.seed, "progress": "true", "tensorboard": False},
-        "student": {"init": init, "init_seed": init_seed},
+        "run": {"output_dir": run_dir, "seed": preset.seed if seed is None else seed, "progress": "true",
+                "tensorboard": False},
+        "student": student,
         "data": {"train_files": files, "tokenizer": tok_dir, "seq_len": preset.seq_len, "packing": True},
         "train": {"engine": "deepspeed", "zero_stage": preset.zero_stage, "precision": "fp32",
                   "micro_batch_size": batch, "grad_accum": 1, "max_steps": steps, "lr": lr,
@@ -201,8 +216,9 @@ def _prepare_teacher(preset: DemoPreset, corpus: dict, tok, tok_dir: str, out_di
         return cache, True
     run_dir = os.path.join(out_dir, "runs", f"teacher-{key}")
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = _base_config(preset, run_dir, tok_dir, [corpus["files"]["all_train"]], init, preset.seed + 100,
-                       preset.teacher_steps, preset.teacher_batch, preset.teacher_lr)
+    cfg = _base_config(preset, run_dir, tok_dir, [corpus["files"]["all_train"]],
+                       {"init": init, "init_seed": preset.seed + 100}, preset.teacher_steps, preset.teacher_batch,
+                       preset.teacher_lr)
     cfg["teacher"] = "none"
     _train(cfg)
     final = _final_dir(run_dir)
@@ -231,42 +247,47 @@ def _retrieval_sentence(r: dict) -> str:
             f"{m['baseline']['mean_abs_sim_diff_vs_teacher']:.3f}).")
 
 
-def on_policy_comparison(report: dict, report_op: dict, distill: List[str]) -> List[str]:
-    """Which of the off-policy and the on-policy student did better, in words: on the on-policy metric (the
-    teacher's NLL of each student's own continuations, all slices) and on held-out KL (distillation slices)."""
-    off, on = report["overall"]["student"].get("on_policy"), report_op["overall"]["student"].get("on_policy")
+@dataclass
+class _Job:
+    """What every student run of the demo shares: the preset, the tokenizer, the teacher, the distillation data."""
+    p: DemoPreset
+    tok_dir: str
+    teacher_dir: str
+    files: List[str]  # the distillation slices' training text
+    heldout: str
+    runs: str
+    s_init: dict
 
-    def kl(rep):
-        rows = [r for r in rep["slices"] if r["name"] in distill and r.get("student")]
-        n = sum(r["tokens"] for r in rows)
-        return sum(r["student"]["kl"] * r["tokens"] for r in rows) / n if n else float("nan")
+    def student(self, name: str, *, seed: Optional[int] = None, student: Optional[dict] = None,
+                steps: Optional[int] = None, lr: Optional[float] = None, warmup: Optional[int] = None,
+                loss: Optional[dict] = None, teacher: bool = True) -> Tuple[str, dict]:
+        """Train one student in a fresh ``runs/<name>``; returns (its final model directory, the run's summary).
+        Default: the demo's student recipe from the seed's initialization (``init_seed`` = seed + 200, so the
+        distilled, relation and baseline students of one seed start from the same weights)."""
+        p = self.p
+        seed = p.seed if seed is None else seed
+        run_dir = os.path.join(self.runs, name)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cfg = _base_config(p, run_dir, self.tok_dir, self.files, student or {"init": self.s_init, "init_seed": seed + 200},
+                           steps or p.student_steps, p.student_batch, lr or p.student_lr, seed)
+        if warmup is not None:
+            cfg["train"]["warmup_steps"] = warmup
+        cfg["teacher"] = ({"source": "colocated", "path": self.teacher_dir, "k": p.top_k, "method": "topk",
+                           "dtype": "float32"} if teacher else "none")
+        if teacher:
+            cfg["loss"] = loss or {"divergence": "forward_kl", "tail": "bucket", "temperature": 1.0, "ce_weight": 0.0}
+        summary = _train(cfg)
+        return _final_dir(run_dir), summary if isinstance(summary, dict) else {}
 
-    out = ["", "| student | teacher-NLL of own samples (all slices) | held-out KL (distillation slices) |",
-           "|---|---|---|"]
-    k_off, k_on = kl(report), kl(report_op)
-    out.append(f"| off-policy distilled | {off['teacher_nll']:.3f} | {k_off:.3f} |" if off else "| off-policy | – | – |")
-    out.append(f"| on-policy (GKD) | {on['teacher_nll']:.3f} | {k_on:.3f} |" if on else "| on-policy | – | – |")
-    if off and on:
-        better = "on-policy" if on["teacher_nll"] < off["teacher_nll"] else "off-policy"
-        out.append(f"On the on-policy metric the {better} student did better (the teacher's NLL of its own samples: "
-                   f"{on['teacher_nll']:.3f} on-policy vs {off['teacher_nll']:.3f} off-policy nats/token); on "
-                   f"held-out KL the {'on-policy' if k_on < k_off else 'off-policy'} student did better "
-                   f"({k_on:.3f} vs {k_off:.3f}).")
-    return out
 
-
-def run_demo(out_dir: str = "demo_out", retrain_teacher: bool = False, preset="default") -> bool:
-    """Run the demo; returns True when both effects show. Prints the table; writes ``<out>/report``."""
+def _resolve_preset(preset) -> DemoPreset:
     if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    p = PRESETS[preset] if isinstance(preset, str) else preset
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    stages = _Stages(10)
-    print(f"distill-engine demo: Python {sys.version.split()[0]} standard library → teacher "
-          f"(d={p.teacher.hidden}, {p.teacher.layers} layers) → student (d={p.student.hidden}, {p.student.layers} "
-          f"layers) distilled on {', '.join(p.distill_slices)}; output in {out_dir}", flush=True)
+    return PRESETS[preset] if isinstance(preset, str) else preset
 
+
+def _prepare(p: DemoPreset, out_dir: str, retrain_teacher: bool, stages: _Stages) -> Tuple[_Job, dict]:
+    """Stages 1-3: corpus, tokenizer, teacher (each cached under a key of what shapes it)."""
     stages.start("corpus: the standard library's source, split into slices")
     corpus, _ = _prepare_corpus(p, out_dir)
     for name, s in corpus["stats"].items():
@@ -282,99 +303,100 @@ def run_demo(out_dir: str = "demo_out", retrain_teacher: bool = False, preset="d
     stages.start(f"teacher: trained on every slice, {p.teacher_steps} steps × {p.teacher_batch} × {p.seq_len} tokens")
     teacher_dir, cached = _prepare_teacher(p, corpus, tok, tok_dir, out_dir, retrain_teacher)
     stages.done(f"cached at {teacher_dir} (delete it or pass --retrain-teacher to retrain)" if cached else teacher_dir)
+    return _Job(p, tok_dir, teacher_dir, [corpus["files"]["distill_train"]], corpus["files"]["heldout"],
+                os.path.join(out_dir, "runs"), p.student.llama_init(len(tok), p.seq_len, tok)), corpus
 
-    s_init = p.student.llama_init(len(tok), p.seq_len, tok)
-    student_seed = p.seed + 200  # the same initial weights for the distilled and the baseline student
-    runs = os.path.join(out_dir, "runs")
 
+def _train_students(job: _Job, stages: _Stages) -> Dict[str, str]:
+    """Stages 4-7: the distilled, relation-distilled and baseline students, and the on-policy/off-policy pairs."""
+    p = job.p
+    out = {}
     stages.start(f"student: distilled from the teacher on {', '.join(p.distill_slices)} only "
                  f"(co-located teacher, top-{p.top_k} targets, fused loss, DeepSpeed ZeRO-{p.zero_stage} on CPU)")
-    s_dir = os.path.join(runs, "student_distilled")
-    shutil.rmtree(s_dir, ignore_errors=True)
-    cfg = _base_config(p, s_dir, tok_dir, [corpus["files"]["distill_train"]], s_init, student_seed,
-                       p.student_steps, p.student_batch, p.student_lr)
-    cfg["teacher"] = {"source": "colocated", "path": teacher_dir, "k": p.top_k, "method": "topk", "dtype": "float32"}
-    cfg["loss"] = {"divergence": "forward_kl", "tail": "bucket", "temperature": 1.0, "ce_weight": 0.0}
-    _train(cfg)
-    student_dir = _final_dir(s_dir)
+    out["student"], _ = job.student("student_distilled")
     stages.done()
 
     stages.start(f"relation student: the same distillation plus loss.relation ({p.relation_kind} relations of "
                  f"mean-pooled final states, τ={p.relation_temperature}), same steps and tokens")
-    r_dir = os.path.join(runs, "student_relation")
-    shutil.rmtree(r_dir, ignore_errors=True)
-    cfg = _base_config(p, r_dir, tok_dir, [corpus["files"]["distill_train"]], s_init, student_seed,
-                       p.student_steps, p.student_batch, p.student_lr)
-    cfg["teacher"] = {"source": "colocated", "path": teacher_dir, "k": p.top_k, "method": "topk", "dtype": "float32"}
-    cfg["loss"] = {"divergence": "forward_kl", "tail": "bucket", "temperature": 1.0, "ce_weight": 0.0,
-                   "relation": {"kind": p.relation_kind, "pooling": "mean", "weight": p.relation_weight,
-                                "temperature": p.relation_temperature}}
-    _train(cfg)
-    relation_dir = _final_dir(r_dir)
+    out["relation"], _ = job.student("student_relation", loss={
+        "divergence": "forward_kl", "tail": "bucket", "temperature": 1.0, "ce_weight": 0.0,
+        "relation": {"kind": p.relation_kind, "pooling": "mean", "weight": p.relation_weight,
+                     "temperature": p.relation_temperature}})
     stages.done()
 
-    stages.start(f"baseline: the same student trained on hard labels only (teacher: none), same steps and tokens")
-    b_dir = os.path.join(runs, "student_baseline")
-    shutil.rmtree(b_dir, ignore_errors=True)
-    cfg = _base_config(p, b_dir, tok_dir, [corpus["files"]["distill_train"]], s_init, student_seed,
-                       p.student_steps, p.student_batch, p.student_lr)
-    cfg["teacher"] = "none"
-    _train(cfg)
-    baseline_dir = _final_dir(b_dir)
+    stages.start("baseline: the same student trained on hard labels only (teacher: none), same steps and tokens")
+    out["baseline"], _ = job.student("student_baseline", teacher=False)
     stages.done()
 
-    # The on-policy student: same initialization, the same budget of trained student tokens. An on-policy
-    # micro-batch trains on on_policy_new generated tokens instead of seq_len − 1, so it gets proportionally more steps.
-    per_step = p.on_policy_fraction * p.on_policy_new + (1 - p.on_policy_fraction) * (p.seq_len - 1)
-    op_steps = max(1, round(p.student_steps * (p.seq_len - 1) / per_step))
-    stages.start(f"on-policy student: GKD, λ = {p.on_policy_fraction} of the micro-batches generated by the student "
-                 f"({p.on_policy_prompt}-token prompts, {p.on_policy_new} new tokens), {op_steps} steps for the same "
-                 f"student-token budget")
-    o_dir = os.path.join(runs, "student_onpolicy")
-    shutil.rmtree(o_dir, ignore_errors=True)
-    cfg = _base_config(p, o_dir, tok_dir, [corpus["files"]["distill_train"]], s_init, student_seed,
-                       op_steps, p.student_batch, p.student_lr)
-    cfg["teacher"] = {"source": "colocated", "path": teacher_dir, "k": p.top_k, "method": "topk", "dtype": "float32"}
-    cfg["loss"] = {"divergence": "forward_kl", "tail": "bucket", "temperature": 1.0, "ce_weight": 0.0,
-                   "on_policy": {"fraction": p.on_policy_fraction, "prompt_tokens": p.on_policy_prompt,
-                                 "max_new_tokens": p.on_policy_new, "temperature": 1.0, "top_p": 1.0}}
-    _train(cfg)
-    onpolicy_dir = _final_dir(o_dir)
+    from .demo_onpolicy import on_policy_steps, train_pairs
+
+    stages.start(f"on-policy vs off-policy, seeds {', '.join(map(str, p.on_policy_seeds))}: each seed's distilled "
+                 f"student continued {p.continue_steps} steps off-policy, and {on_policy_steps(p)} steps on-policy "
+                 f"(GKD, λ = {p.on_policy_fraction}, {p.on_policy_objective}, {p.on_policy_prompt}-token prompts, "
+                 f"{p.on_policy_new} new tokens) for the same student-token budget")
+    out["pairs"] = train_pairs(job, out["student"])
     stages.done()
+    return out
+
+
+def _eval_kwargs(p: DemoPreset) -> dict:
+    return dict(distill_slices=list(p.distill_slices), coverage_factor=p.coverage_factor, max_length=p.seq_len,
+                batch_size=8, max_tokens_per_slice=p.eval_tokens_per_slice, objective_k=p.top_k, device="cpu")
+
+
+def run_demo(out_dir: str = "demo_out", retrain_teacher: bool = False, preset="default") -> bool:
+    """Run the demo; returns True when both effects show. Prints the table; writes ``<out>/report``."""
+    p = _resolve_preset(preset)
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    stages = _Stages(10)
+    print(f"distill-engine demo: Python {sys.version.split()[0]} standard library → teacher "
+          f"(d={p.teacher.hidden}, {p.teacher.layers} layers) → student (d={p.student.hidden}, {p.student.layers} "
+          f"layers) distilled on {', '.join(p.distill_slices)}; output in {out_dir}", flush=True)
+    job, corpus = _prepare(p, out_dir, retrain_teacher, stages)
+    models = _train_students(job, stages)
 
     stages.start("eval: held-out text of every slice")
     from .evaluate import evaluate
-    from .report import summary_text
 
     report_dir = os.path.join(out_dir, "report")
-    metrics = {"student (distilled)": os.path.join(s_dir, "metrics.jsonl"),
-               "baseline (hard labels)": os.path.join(b_dir, "metrics.jsonl")}
-    report = evaluate(teacher_dir, student_dir, corpus["files"]["heldout"], baseline=baseline_dir, tokenizer=tok_dir,
-                      out_dir=report_dir, metrics=metrics, distill_slices=list(p.distill_slices),
-                      coverage_factor=p.coverage_factor, max_length=p.seq_len, batch_size=8,
-                      max_tokens_per_slice=p.eval_tokens_per_slice, objective_k=p.top_k, device="cpu",
-                      on_policy_samples=p.on_policy_eval_samples, on_policy_prompt_tokens=p.on_policy_prompt,
-                      on_policy_max_new_tokens=p.on_policy_new)
+    metrics = {"student (distilled)": os.path.join(job.runs, "student_distilled", "metrics.jsonl"),
+               "baseline (hard labels)": os.path.join(job.runs, "student_baseline", "metrics.jsonl")}
+    report = evaluate(job.teacher_dir, models["student"], job.heldout, baseline=models["baseline"],
+                      tokenizer=job.tok_dir, out_dir=report_dir, metrics=metrics, **_eval_kwargs(p))
     stages.done()
 
-    stages.start("eval: the on-policy student (its own report, same held-out text and prompts)")
-    report_op = evaluate(teacher_dir, onpolicy_dir, corpus["files"]["heldout"], tokenizer=tok_dir,
-                         out_dir=os.path.join(out_dir, "report_onpolicy"),
-                         metrics={"student (on-policy)": os.path.join(o_dir, "metrics.jsonl")},
-                         distill_slices=list(p.distill_slices), coverage_factor=p.coverage_factor,
-                         max_length=p.seq_len, batch_size=8, max_tokens_per_slice=p.eval_tokens_per_slice,
-                         objective_k=p.top_k, device="cpu", on_policy_samples=p.on_policy_eval_samples,
-                         on_policy_prompt_tokens=p.on_policy_prompt, on_policy_max_new_tokens=p.on_policy_new)
+    from .demo_onpolicy import comparison_lines, evaluate_pairs, write_comparison
+
+    stages.start(f"eval: the on-policy and off-policy continuations ({p.on_policy_eval_samples} held-out prompts "
+                 f"per slice, the same prompts and sampling seeds for both)")
+    pairs = evaluate_pairs(job, models["pairs"])
+    op_lines = comparison_lines(pairs, list(p.distill_slices))
+    write_comparison(pairs, op_lines, report_dir, {k: getattr(p, k) for k in (
+        "on_policy_seeds", "continue_steps", "continue_lr", "on_policy_fraction", "on_policy_objective",
+        "on_policy_prompt", "on_policy_new", "on_policy_eval_samples", "on_policy_eval_tokens", "seq_len")})
     stages.done()
 
     stages.start("retrieval: docstring → code pairs of held-out functions, mean-pooled embeddings")
-    from .retrieval import attach_retrieval, evaluate_retrieval, retrieval_markdown
+    from .retrieval import attach_retrieval, evaluate_retrieval
 
-    retr = evaluate_retrieval(teacher_dir, student_dir, corpus["files"]["retrieval"], baseline=baseline_dir,
-                              others={"relation_student": relation_dir}, tokenizer=tok_dir, pooling="mean",
-                              max_length=p.seq_len, batch_size=16, device="cpu")
+    retr = evaluate_retrieval(job.teacher_dir, models["student"], corpus["files"]["retrieval"],
+                              baseline=models["baseline"], others={"relation_student": models["relation"]},
+                              tokenizer=job.tok_dir, pooling="mean", max_length=p.seq_len, batch_size=16, device="cpu")
     report = attach_retrieval(retr, report_dir, report)
     stages.done(f"{retr['n_pairs']} pairs")
+    ok = _print_summary(p, report, retr, op_lines)
+    total = time.time() - stages.t0
+    print("\ntimings: " + ", ".join(f"{t.split(':')[0]} {dt:.0f}s" for t, dt in stages.times)
+          + f"; total {total:.0f}s (CPU {time.process_time() - stages.c0:.0f}s)")
+    print(f"report: {os.path.join(report_dir, 'report.md')} (plots and on_policy.md beside it)")
+    return ok
+
+
+def _print_summary(p: DemoPreset, report: dict, retr: dict, op_lines: List[str]) -> bool:
+    """The tables and the verdicts; True when both effects (a) and (b) show."""
+    from .report import summary_text
+    from .retrieval import retrieval_markdown
 
     print("\n" + summary_text(report) + "\n")
     print(retrieval_markdown(retr))
@@ -383,16 +405,13 @@ def run_demo(out_dir: str = "demo_out", retrain_teacher: bool = False, preset="d
     closer = bool(f.get("student_closer_than_baseline_on_distill_slices"))
     left_out = [r["name"] for r in report["slices"] if r["role"] == "held_out"]
     warned = [s for s in f["coverage_warnings"] if s in left_out]
-    ok_a = "✓" if closer else "✗"
-    ok_b = "✓" if warned else "✗"
     k = f.get("distill_slices_kl", {})
-    print(f"{ok_a} (a) on the distillation slices the distilled student is closer to the teacher than the baseline "
-          f"(KL {k.get('student', float('nan')):.3f} vs {k.get('baseline', float('nan')):.3f} nats/token)")
-    print(f"{ok_b} (b) coverage warning on slices left out of distillation: {', '.join(warned) or 'none'}")
-    for line in on_policy_comparison(report, report_op, list(p.distill_slices)):
+    print(f"{'✓' if closer else '✗'} (a) on the distillation slices the distilled student is closer to the teacher "
+          f"than the baseline (KL {k.get('student', float('nan')):.3f} vs {k.get('baseline', float('nan')):.3f} "
+          f"nats/token)")
+    print(f"{'✓' if warned else '✗'} (b) coverage warning on slices left out of distillation: "
+          f"{', '.join(warned) or 'none'}")
+    print("\nOn-policy vs off-policy continuation of the distilled student (same start, same student-token budget):")
+    for line in op_lines:
         print(line)
-    total = time.time() - stages.t0
-    print("\ntimings: " + ", ".join(f"{t.split(':')[0]} {dt:.0f}s" for t, dt in stages.times)
-          + f"; total {total:.0f}s (CPU {time.process_time() - stages.c0:.0f}s)")
-    print(f"report: {os.path.join(report_dir, 'report.md')} (plots beside it)")
     return bool(closer and warned)
