@@ -90,7 +90,10 @@ class DemoPreset:
     continue_steps: int = 50
     continue_lr: float = 1e-3
     on_policy_fraction: float = 1.0  # λ
-    on_policy_objective: str = "divergence"  # GKD with loss.divergence (forward KL): only λ differs
+    on_policy_objective: str = "divergence"  # GKD: on_policy_divergence on the generated tokens
+    # reverse KL on the student's own samples (mode-seeking), the GKD paper's on-policy choice; forward KL there
+    # raised the student's sampling entropy (and so the teacher's NLL of its samples) on every seed
+    on_policy_divergence: str = "reverse_kl"
     on_policy_prompt: int = 32
     on_policy_new: int = 64
     on_policy_eval_samples: int = 32  # held-out prompts per slice for the on-policy metric
@@ -332,8 +335,8 @@ def _train_students(job: _Job, stages: _Stages) -> Dict[str, str]:
 
     stages.start(f"on-policy vs off-policy, seeds {', '.join(map(str, p.on_policy_seeds))}: each seed's distilled "
                  f"student continued {p.continue_steps} steps off-policy, and {on_policy_steps(p)} steps on-policy "
-                 f"(GKD, λ = {p.on_policy_fraction}, {p.on_policy_objective}, {p.on_policy_prompt}-token prompts, "
-                 f"{p.on_policy_new} new tokens) for the same student-token budget")
+                 f"(GKD, λ = {p.on_policy_fraction}, {p.on_policy_objective}: {p.on_policy_divergence}, "
+                 f"{p.on_policy_prompt}-token prompts, {p.on_policy_new} new tokens) for the same student-token budget")
     out["pairs"] = train_pairs(job, out["student"])
     stages.done()
     return out
@@ -374,7 +377,8 @@ def run_demo(out_dir: str = "demo_out", retrain_teacher: bool = False, preset="d
     op_lines = comparison_lines(pairs, list(p.distill_slices))
     write_comparison(pairs, op_lines, report_dir, {k: getattr(p, k) for k in (
         "on_policy_seeds", "continue_steps", "continue_lr", "on_policy_fraction", "on_policy_objective",
-        "on_policy_prompt", "on_policy_new", "on_policy_eval_samples", "on_policy_eval_tokens", "seq_len")})
+        "on_policy_divergence", "on_policy_prompt", "on_policy_new", "on_policy_eval_samples", "on_policy_eval_tokens",
+        "seq_len")})
     stages.done()
 
     stages.start("retrieval: docstring → code pairs of held-out functions, mean-pooled embeddings")

@@ -7,7 +7,8 @@ learning rate, warm-up and budget of trained student tokens —
   sample);
 * on-policy (GKD): λ = ``on_policy_fraction`` of the micro-batches replaced by the student's own continuations of
   the text's first ``on_policy_prompt`` tokens (``on_policy_new`` sampled tokens, temperature 1, top-p 1), the loss
-  on the generated tokens only (``on_policy_objective``). A micro-batch then trains on fewer tokens, so this run
+  on the generated tokens only (``on_policy_objective``; with ``divergence``, ``on_policy_divergence``: reverse KL
+  by default, the GKD paper's on-policy choice). A micro-batch then trains on fewer tokens, so this run
   gets proportionally more steps; the trainer's token counts of both runs are reported.
 
 Both are then evaluated in one ``evaluate`` call (the same held-out windows, and the same per-slice sampling
@@ -43,8 +44,8 @@ def train_pairs(job, first_student: str) -> List[dict]:
         start = first_student if seed == p.seed else job.student(f"student_distilled_seed{seed}", seed=seed)[0]
         common = dict(seed=seed, student={"path": start}, lr=p.continue_lr, warmup=warmup)
         off_dir, off_sum = job.student(f"seed{seed}_offpolicy", steps=p.continue_steps, loss=loss, **common)
-        on_dir, on_sum = job.student(f"seed{seed}_onpolicy", steps=on_policy_steps(p), loss=dict(loss, on_policy=on),
-                                     **common)
+        on_loss = dict(loss, divergence=p.on_policy_divergence, on_policy=on)
+        on_dir, on_sum = job.student(f"seed{seed}_onpolicy", steps=on_policy_steps(p), loss=on_loss, **common)
         pairs.append({"seed": seed, "start": start, "off": off_dir, "on": on_dir,
                       "trained_tokens": {"off": off_sum.get("tokens"), "on": on_sum.get("tokens")},
                       "steps": {"off": p.continue_steps, "on": on_policy_steps(p)}})
