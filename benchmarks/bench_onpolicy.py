@@ -11,7 +11,9 @@ Both train the same tiny student against the same frozen teacher (V = 32,000 by 
 
 Each variant runs in its own process: one warm-up step, then ``--steps`` timed steps; tokens/s counts the
 generated (trained) tokens; peak memory is the resident-set high-water mark (VmHWM, reset after warm-up) and
-its growth beyond the resident set before the timed steps. TRL is a benchmark peer only
+its growth beyond the resident set before the timed steps. After the measurement each trained student is scored
+on the on-policy metric (teacher's NLL of its own continuations, ``--eval-prompts`` prompts, same sampling
+seeds for both variants). TRL is a benchmark peer only
 (requirements-bench.txt).
 
     python benchmarks/bench_onpolicy.py --out BENCH_onpolicy.json
@@ -58,7 +60,29 @@ def _engine(args, paths) -> dict:
     base = _reset()
     t0 = time.perf_counter()
     tokens = sum(tr.step(s) for s in range(1, args.steps + 1))
-    return _result(time.perf_counter() - t0, tokens, args.steps, base)
+    res = _result(time.perf_counter() - t0, tokens, args.steps, base)
+    return dict(res, **on_policy_metric(args, paths, tr.student, tr.teacher_model))  # the trained HF model
+
+
+def on_policy_metric(args, paths, student, teacher) -> dict:
+    """The on-policy metric after training (after the memory and time measurement): the teacher's and the
+    student's per-token NLL of the student's own continuations of ``--eval-prompts`` prompts (the first
+    ``--prompt`` tokens of the data's last packed samples), sampled at temperature 1 from the same seeded
+    generator for both variants (``distill_engine.eval.onpolicy``)."""
+    from types import SimpleNamespace
+
+    from trl_peer import engine_rows
+
+    from distill_engine.data import load_tokenizer
+    from distill_engine.eval.onpolicy import on_policy_metrics
+
+    rows = engine_rows(paths, PRESET["seq"], None, PRESET["seq"])[-args.eval_prompts:]
+    windows = [SimpleNamespace(ids=r, slice_id=0) for r in rows]
+    tok = load_tokenizer(paths["student"], key="student")
+    student.eval()
+    m = on_policy_metrics(windows, 1, teacher.eval(), {"s": student}, tok, samples=len(windows),
+                          prompt_tokens=args.prompt, max_new_tokens=args.new, batch_size=8, device="cpu")["s"][0]
+    return {"teacher_nll": m["teacher_nll"], "student_nll": m["student_nll"], "eval_tokens": m["tokens"]}
 
 
 def _trl(args, paths) -> dict:
@@ -67,7 +91,8 @@ def _trl(args, paths) -> dict:
     rows = engine_rows(paths, PRESET["seq"], 512, args.prompt + args.new)
     r = gkd_run(paths, rows, workdir=args.workdir, mb=args.mb, steps=args.steps, lmbda=1.0, beta=0.5,
                 prompt=args.prompt, new=args.new)
-    return _result(r["seconds"], r["tokens"], args.steps, r["base"])
+    res = _result(r["seconds"], r["tokens"], args.steps, r["base"])
+    return dict(res, **on_policy_metric(args, paths, r["student"], r["teacher"]))
 
 
 def _reset() -> int:
@@ -105,6 +130,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--variants", default="engine,trl")
+    ap.add_argument("--eval-prompts", type=int, default=32, help="prompts of the on-policy metric after training")
     ap.add_argument("--out", help="write the results as JSON here")
     add_jsonl_arg(ap)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -118,7 +144,7 @@ def main() -> None:
     results = {}
     for v in args.variants.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", v] + [
-            f"--{k}={getattr(args, k)}" for k in ("workdir", "mb", "prompt", "new", "k", "steps")]
+            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("workdir", "mb", "prompt", "new", "k", "steps", "eval_prompts")]
         env = dict(os.environ, **_MMAP_ENV, PYTHONWARNINGS="ignore")
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -126,10 +152,11 @@ def main() -> None:
             raise SystemExit(f"{v} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         results[v] = json.loads(line[-1][7:])
         emit(dict(results[v], case=v, mb=args.mb, prompt=args.prompt, new=args.new, k=args.k), args.jsonl)
-    print(f"| variant | steps/s | tokens/s | peak RSS | peak growth |\n|---|---|---|---|---|")
+    print("| variant | steps/s | tokens/s | peak RSS | peak growth | teacher-NLL of own samples | own NLL |\n"
+          "|---|---|---|---|---|---|---|")
     for v, r in results.items():
         print(f"| {v} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:.1f} | {fmt_bytes(r['peak_rss'])} | "
-              f"{fmt_bytes(r['peak_growth'])} |")
+              f"{fmt_bytes(r['peak_growth'])} | {r['teacher_nll']:.3f} | {r['student_nll']:.3f} |")
     if "engine" in results and "trl" in results:
         e, t = results["engine"], results["trl"]
         print(f"\nengine/TRL tokens/s: {e['tokens_per_s'] / t['tokens_per_s']:.2f}×, peak RSS "

@@ -36,7 +36,8 @@ def gkd_run(paths: dict, rows: List[List[int]], *, workdir: str, mb: int, steps:
 
     ``prompt`` = 0 trains on every position of ``rows`` (off-policy); > 0 masks the first ``prompt`` tokens out of
     the labels and hands them to the trainer as the prompts that λ > 0 continues by ``new`` sampled tokens
-    (temperature 1, top-p 1, top-k off). Returns seconds, steps, tokens, base (RSS after the warm-up) and peak."""
+    (temperature 1, top-p 1, top-k off). Returns seconds, steps, tokens, base (RSS after the warm-up), peak, and
+    the trained student and the teacher (for a metric after the measurement)."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import torch
     from datasets import Dataset
@@ -85,4 +86,4 @@ def gkd_run(paths: dict, rows: List[List[int]], *, workdir: str, mb: int, steps:
     trainer.generation_config.top_p = 1.0
     trainer.train()
     return {"seconds": marks["t1"] - marks["t0"], "steps": steps, "tokens": counted["tokens"] - marks["tok0"],
-            "base": marks["base"], "peak": _rss_bytes("VmHWM")}
+            "base": marks["base"], "peak": _rss_bytes("VmHWM"), "student": trainer.model, "teacher": teacher}
