@@ -142,10 +142,6 @@ BASE = {"student": {"path": "s"}, "teacher": {"path": "t"}, "data": {"train_file
     ({"loss": {"on_policy": {"fractoin": 0.5}}}, "did you mean 'loss.on_policy.fraction'"),
     ({"loss": {"on_policy": {}}, "teacher": {"source": "cache", "cache_dir": "c"}}, "teacher.source: cache"),
     ({"loss": {"on_policy": {}}, "teacher": "none"}, "teacher.source is none"),
-    ({"loss": {"on_policy": {"objective": "sampled_reverse_kl"}}, "teacher": {"path": "t", "zero3": True}},
-     "teacher.zero3"),
-    ({"loss": {"on_policy": {"objective": "sampled_reverse_kl"}}, "teacher": {"path": "t", "source": "stream",
-                                                                               "ranks": 1}}, "teacher.source: colocated"),
 ])
 def test_on_policy_config_errors(extra, msg):
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
@@ -153,6 +149,14 @@ def test_on_policy_config_errors(extra, msg):
     with pytest.raises(ValueError, match=msg) as exc:
         from_dict(raw)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("teacher", [{"path": "t", "zero3": True}, {"path": "t", "source": "stream", "ranks": 1}])
+def test_sampled_reverse_kl_accepts_stream_and_zero3_teachers(teacher):
+    """Both score the sampled tokens inside the teacher's TeacherHead (a stream teacher rank sends them back; a
+    ZeRO-3 teacher engine gathers its lm_head for the forward), so neither is refused."""
+    cfg = from_dict(dict(BASE, loss={"on_policy": {"objective": "sampled_reverse_kl"}}, teacher=teacher))
+    assert cfg.loss.on_policy.objective == "sampled_reverse_kl"
 
 
 def test_on_policy_config_defaults():
@@ -272,17 +276,18 @@ def test_generation_samples_from_the_soft_capped_distribution(monkeypatch):
 
 
 def test_sampled_reverse_kl_teacher_scores_with_its_family_transform():
-    """teacher_batch: log p_T(x) at the sampled tokens from the Gemma-2 teacher's soft-capped logits (= HF's)."""
-    student, teacher = _gemma2(1), _gemma2(2)
-    cfg = from_dict(dict(BASE, loss={"on_policy": {"fraction": 1.0, "objective": "sampled_reverse_kl"},
-                                     "temperature": 1.3}))
-    onp = op.OnPolicy(cfg, student, rank=0, device=torch.device("cpu"), zero3=False, eos_id=None, pad_id=256,
-                      teacher_model=teacher)
+    """ColocatedTeacher.score (the teacher's TeacherHead, as the trainer and a stream teacher rank build it): log
+    p_T(x) at the sampled tokens from the Gemma-2 teacher's soft-capped logits (= HF's)."""
+    from distill_engine.teacher.colocated import ColocatedTeacher, TeacherHead
+
+    teacher = _gemma2(2)
+    head = TeacherHead(teacher, k=4, temperature=1.3, method="topk")
+    src = ColocatedTeacher(head, device=torch.device("cpu"), seed=0, dp_rank=0, method="topk")
     tmpl = Batch(torch.zeros(2, 4, dtype=torch.long), None, torch.zeros(2, 3, dtype=torch.long),
                  torch.tensor([0, 1]), 3)
     b = op.build_batch([torch.tensor([3, 4, 5]), torch.tensor([6])], [torch.tensor([7, 8]), torch.tensor([9, 10, 11])],
                        tmpl, pad_id=256)
-    tb = onp.teacher_batch(b)
+    tb = src.score(b)
     with torch.no_grad():
         logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].double()
     lp = torch.log_softmax(logits / 1.3, -1).reshape(-1, 257)[b.valid_index]  # [n, V]

@@ -64,12 +64,16 @@ class TeacherHead(nn.Module):
     def train(self, mode: bool = True):  # the teacher never leaves eval mode (dropout off)
         return super().train(False)
 
-    def forward(self, input_ids, attention_mask, valid_index, generator=None):
+    def forward(self, input_ids, attention_mask, valid_index, generator=None, sampled_ids=None):
+        """Top-k/sampled targets of the loss rows; with ``sampled_ids`` [n, 1] (on-policy ``sampled_reverse_kl``)
+        instead the teacher's log-prob at each of those ids, as (ids, logprobs [n, 1], None, None, None). Both run
+        inside this module's forward, so a ZeRO-3 teacher engine gathers the lm_head (an external parameter)
+        for either."""
         from ..ops.teacher_targets import teacher_targets
 
         from ..trainer.relation import teacher_capture, teacher_relation
 
-        with teacher_capture(self.model, self.relation) as store:
+        with teacher_capture(self.model, None if sampled_ids is not None else self.relation) as store:
             out = base_model_of(self.model)(input_ids=input_ids, attention_mask=attention_mask,
                                             output_hidden_states=self.feature_layers is not None, use_cache=False,
                                             return_dict=True)
@@ -78,6 +82,12 @@ class TeacherHead(nn.Module):
         w, b = head.weight, getattr(head, "bias", None)
         if self.vocab_limit is not None and self.vocab_limit < w.shape[0]:
             w, b = w[:self.vocab_limit], (b[:self.vocab_limit] if b is not None else None)  # [n_tok, d_t]
+        if sampled_ids is not None:
+            from ..ops.logprobs_at import logprobs_at
+
+            lp = logprobs_at(h, w, sampled_ids.long(), bias=b, temperature=self.temperature, backend=self.backend,
+                             logit_scale=self.logit_scale, softcap=self.softcap)  # [n, 1] float32
+            return sampled_ids.to(torch.int32), lp, None, None, None
         t = teacher_targets(h, w, self.k, bias=b, temperature=self.temperature,
                             method=self.method, generator=generator, backend=self.backend,
                             logit_scale=self.logit_scale, softcap=self.softcap)
@@ -123,3 +133,12 @@ class ColocatedTeacher(TeacherSource):
 
     def get(self, batch: Batch) -> TeacherBatch:
         return self.compute(batch)
+
+    @torch.no_grad()
+    def score(self, batch: Batch, dp_rank: Optional[int] = None) -> TeacherBatch:
+        """On-policy ``sampled_reverse_kl``: the teacher's log-prob at each generated token (the batch's labels
+        at its loss rows), as a one-slot TeacherBatch: ids [n, 1] = those tokens, logprobs [n, 1]."""
+        b = batch.to(self.device)
+        x = b.labels.reshape(-1).index_select(0, b.valid_index)[:, None]  # [n, 1]
+        ids, lps = self.runner(b.input_ids, b.attention_mask, b.valid_index, None, x)[:2]
+        return TeacherBatch(ids, lps, batch.micro_step, None)

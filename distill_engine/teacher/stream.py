@@ -135,11 +135,13 @@ def _recv_rollout(link: "_Link", src: int, expect_step: int, template: Batch) ->
 
 def serve(topo, teacher, stream: MicroBatchStream, first: int, last: int, *, prefetch: int,
           logprob_dtype: str, vocab_size: int, bitpack_ids: bool = False, timeout_s: float = 600.0,
-          on_policy=None) -> int:
+          on_policy=None, sampled: bool = False) -> int:
     """Teacher-rank main loop: targets for micro-steps [first, last) of every served student. Returns the count.
 
     ``on_policy(t) -> bool``: micro-steps whose batches the students generate; those are received from the
-    student (``StreamTeacher.submit``) instead of being read from the data plan."""
+    student (``StreamTeacher.submit``) instead of being read from the data plan. ``sampled``
+    (``sampled_reverse_kl``): for those, the teacher's log-prob at each generated token (``teacher.score``: ids
+    and log-probs [n, 1]) is sent instead of top-k targets."""
     link = _Link(topo, timeout_s)
     students = topo.students_of(topo.rank)
     q: "queue.Queue" = queue.Queue(maxsize=max(1, prefetch))
@@ -164,9 +166,10 @@ def serve(topo, teacher, stream: MicroBatchStream, first: int, last: int, *, pre
         for t in range(first, last):
             for s in students:
                 batch = stream.batch(t, dp_rank=s)
-                if on_policy is not None and on_policy(t):
+                rolled = on_policy is not None and on_policy(t)
+                if rolled:
                     batch = _recv_rollout(link, s, t, batch)
-                tb = teacher.compute(batch, dp_rank=s)
+                tb = teacher.score(batch, dp_rank=s) if rolled and sampled else teacher.compute(batch, dp_rank=s)
                 hdr, payload = _message(tb, logprob_dtype, vocab_size, bitpack_ids)
                 if not put_bounded(q, (s, hdr, payload), lambda: bool(failure)):
                     raise failure[0]
@@ -258,6 +261,10 @@ class StreamTeacher(TeacherSource):
 
     def get(self, batch: Batch) -> TeacherBatch:
         return self._fetch.get(batch.micro_step)
+
+    def score(self, batch: Batch) -> TeacherBatch:
+        """``sampled_reverse_kl``: the teacher rank scored this rollout (``serve(..., sampled=True)``)."""
+        return self.get(batch)
 
     def close(self) -> None:
         self._fetch.stop()

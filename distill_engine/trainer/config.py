@@ -454,17 +454,11 @@ def _validate_on_policy(cfg: Config) -> None:
     if t.source == "cache":
         raise ValueError("loss.on_policy needs the teacher to score the student's own samples, but "
                          "teacher.source: cache holds targets for fixed text; use teacher.source: colocated")
-    if t.source == "stream" and op.objective == "sampled_reverse_kl":
-        raise ValueError("loss.on_policy.objective: sampled_reverse_kl needs the teacher in the student's process; "
-                         "use teacher.source: colocated (or objective: divergence with the stream teacher)")
     if t.source == "none":
         raise ValueError("loss.on_policy needs a teacher to score the student's samples; teacher.source is none")
     if cfg.loss.features is not None and op.objective == "sampled_reverse_kl":
         raise ValueError("loss.on_policy.objective: sampled_reverse_kl does not combine with loss.features; use "
                          "objective: divergence or remove loss.features")
-    if op.objective == "sampled_reverse_kl" and t.zero3:
-        raise ValueError("loss.on_policy.objective: sampled_reverse_kl does not support teacher.zero3 yet; use "
-                         "objective: divergence or teacher.zero3: false")
 
 
 def parse_override(text: str):

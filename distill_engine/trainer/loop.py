@@ -241,7 +241,6 @@ class Trainer:
             head_cls = OnPolicyHeadLoss
             self.on_policy = OnPolicy(cfg, student, rank=self.rank, device=device, zero3=self.zero3,
                                       eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                      teacher_model=getattr(self, "teacher_model", None),
                                       prompts=prompt_table(cfg, tok, self.samples))
         transform = _transform_kwargs(student.config)  # sampled_reverse_kl's logprobs_at applies it too
         head = head_cls(student.get_output_embeddings(), divergence=lo.divergence, beta=lo.beta,
@@ -360,7 +359,7 @@ class Trainer:
             sampled = self.on_policy is not None and self.on_policy.sampled and self.on_policy.is_on(b.micro_step)
             if self.on_policy is not None:
                 engine.module.head.sampled = sampled
-            tb = self.on_policy.teacher_batch(b) if sampled else self.source.get(b)
+            tb = self.source.score(b) if sampled else self.source.get(b)  # score: log p_T at the sampled ids
             self.wait_s += time.time() - tw
             check_alignment(tb, b, cfg.teacher.source)
             self.bad_targets = self.bad_targets or guards.targets_bad(tb.logprobs)
@@ -500,7 +499,8 @@ class Trainer:
         n = serve(self.topo, colocated, self.stream, self.start_step * GA, self.end_step * GA,
                   prefetch=cfg.teacher.prefetch, logprob_dtype=cfg.teacher.logprob_dtype,
                   vocab_size=int(tmodel.config.vocab_size), bitpack_ids=cfg.teacher.bitpack_ids,
-                  timeout_s=cfg.train.dist_timeout_s, on_policy=on_policy)
+                  timeout_s=cfg.train.dist_timeout_s, on_policy=on_policy,
+                  sampled=cfg.loss.on_policy is not None and cfg.loss.on_policy.objective == "sampled_reverse_kl")
         return {"role": "teacher", "teacher_rank": self.topo.rank, "micro_batches_sent": n,
                 "elapsed_s": time.time() - t0, "output_dir": cfg.run.output_dir}
 
