@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 
-import torch
 
 from harness import _MMAP_ENV, VOCAB, _reset_peak_rss, _rss_bytes, add_jsonl_arg, emit, fmt_bytes, machine_info
 

@@ -145,6 +145,6 @@ def attach_retrieval(r: dict, out_dir: Optional[str], report: Optional[dict] = N
         md_path = os.path.join(out_dir, "report.md")
         md = open(md_path, encoding="utf-8").read() if os.path.isfile(md_path) else "# Evaluation report\n\n"
         png = plot_retrieval(r, out_dir)
-        md = md.rstrip("\n") + "\n\n" + retrieval_markdown(r) + (f"\n![retrieval](retrieval.png)\n" if png else "")
+        md = md.rstrip("\n") + "\n\n" + retrieval_markdown(r) + ("\n![retrieval](retrieval.png)\n" if png else "")
         atomic_write_text(md_path, md)
     return report

@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import queue
 import threading
-import time
 from typing import List, Optional
 
 import numpy as np

@@ -21,7 +21,6 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
-import socket
 import sys
 import threading
 import time

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict, Optional
+from typing import Dict
 
 
 class MetricsLogger:
