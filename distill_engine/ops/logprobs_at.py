@@ -49,11 +49,14 @@ class LogprobsAtOptions:
     backend: str = "auto"
     validate: bool = True
     chunk_rows: Optional[int] = None
+    logit_scale: Optional[float] = None  # z = s·l, then c·tanh(z/c) (ops/logit_transform.py), as the loss's
+    softcap: Optional[float] = None
 
     def __post_init__(self):
         check_positive("temperature", self.temperature)
         check_choice("backend", self.backend, _backend.BACKENDS)
         check_positive_int("chunk_rows", self.chunk_rows, optional=True)
+        check_transform(self.logit_scale, self.softcap)
 
 
 def _impl(backend: str, transform=(None, None)):
@@ -174,11 +177,12 @@ def logprobs_at(
     Returns:
         [N, m] float32 log-probabilities; differentiable with respect to hidden, weight and bias.
     """
-    opts = LogprobsAtOptions(temperature=temperature, backend=backend, validate=validate, chunk_rows=chunk_rows)
+    opts = LogprobsAtOptions(temperature=temperature, backend=backend, validate=validate, chunk_rows=chunk_rows,
+                             logit_scale=logit_scale, softcap=softcap)
     which = validate_inputs(hidden, weight, ids, bias, opts)
-    check_transform(logit_scale, softcap)
     if hidden.shape[0] == 0:
         z = (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
         return z.expand(0, ids.shape[1]).clone() if z.requires_grad else hidden.new_zeros(ids.shape, dtype=torch.float32)
     chunk = chunk_rows or _backend.chunk_rows(OP, None, 4 * weight.shape[0], hidden.device)  # fp32 [chunk, V]
-    return _LogprobsAtFn.apply(hidden, weight, bias, ids, float(temperature), chunk, which, (logit_scale, softcap))
+    return _LogprobsAtFn.apply(hidden, weight, bias, ids, float(temperature), chunk, which,
+                               (opts.logit_scale, opts.softcap))
