@@ -32,6 +32,7 @@ import torch
 from ..data.loader import IGNORE_INDEX, Batch
 from ..ops.logit_transform import active as transform_active, transform_
 from ..teacher.colocated import base_model_of, lm_head_of
+from .families import logit_transform
 from .student import FusedHeadLoss
 
 
@@ -89,7 +90,7 @@ def generate(model, prompts: List[torch.Tensor], *, max_new_tokens: int, tempera
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(1) - 1).clamp(min=0)  # [B, P]
     base, head = base_model_of(model), lm_head_of(model)
-    scale, cap = _family_transform(model, "student")
+    scale, cap = logit_transform(model.config, "student")  # the family's logits (trainer/families.py)
     # transformers renamed the KV-cache argument/output (past_key_values → cache); use what this version takes
     cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     was_training = model.training
@@ -127,13 +128,6 @@ def generate(model, prompts: List[torch.Tensor], *, max_new_tokens: int, tempera
             row = row[:int((row == eos_id).nonzero()[0, 0]) + 1]
         res.append(row)
     return res
-
-
-def _family_transform(model, key: str):
-    """(logit_scale, softcap) of the model's family (trainer/families.py), applied after its lm_head."""
-    from .families import logit_transform
-
-    return logit_transform(model.config, key)
 
 
 def build_batch(prompts: List[torch.Tensor], gens: List[torch.Tensor], template: Batch, pad_id: int) -> Batch:
